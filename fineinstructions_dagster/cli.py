@@ -1,0 +1,145 @@
+"""`fineinstructions` command line: build the offline sample and smoke models, run the graph,
+print the summary, trace a pair's lineage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+BUILD_SAMPLE_DEFAULTS = {"shards": "tutorial,howto,faq", "max_docs_per_shard": 40, "max_queries": 60}
+
+
+def _root(args: argparse.Namespace) -> str:
+    from fineinstructions_dagster.defs.resources import env_value
+
+    return args.root or env_value("FINEINSTRUCTIONS_ROOT")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.sample import build_sample
+
+    counts = build_sample(args.out, tuple(s for s in args.shards.split(",") if s),
+                          args.max_docs_per_shard or None, args.max_queries or None)
+    for name, n in counts.items():
+        print(f"  {name:<24} {n:>6} rows")
+    print(f"sample written under {args.out}")
+    return 0
+
+
+def cmd_smoke_models(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.llm.smoke import build_smoke_model, smoke_model_revision
+
+    path = build_smoke_model(args.out, force=args.force)
+    print(f"smoke model at {path} (revision {smoke_model_revision(path)}; random weights: its text is noise)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dagster import DagsterInstance
+
+    from fineinstructions_dagster.runner import run_pipeline
+
+    instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+    run_pipeline(instance)
+    cmd_summary(args)
+    if args.show_lineage:
+        return _show_first_lineage(args)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.config import profile_config
+    from fineinstructions_dagster.defs.resources import env_value
+    from fineinstructions_dagster.lib.storage import TableStore
+
+    store = TableStore(_root(args))
+    print("\n== FineInstructions summary ==")
+    print(f"storage root: {store.root}")
+    for table in ("user_queries", "templates", "template_bank", "documents", "matches", "instantiations",
+                  "judgements", "fineinstructions"):
+        parts = store.partitions(table)
+        rows = sum(store.read(table, p).height for p in parts)
+        q = sum(store.read(table, p, quarantine=True).height for p in store.partitions(table, quarantine=True))
+        print(f"  {table:<18} {rows:>7} rows  {q:>6} rejected/quarantined  ({len(parts)} partitions)")
+    report_path = store.root / "dataset_report" / "report.json"
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        print("rejections by stage and reason:")
+        for table, reasons in report.get("rejections", {}).items():
+            print(f"  {table:<18} " + ", ".join(f"{r}={n}" for r, n in reasons.items()))
+        keys = ("pairs", "documents", "templates", "top_template_share", "judge_score_histogram",
+                "mean_grounding")
+        print("dataset: " + json.dumps({k: report[k] for k in keys if k in report}))
+    cfg = profile_config(env_value("FINEINSTRUCTIONS_PROFILE"))
+    if cfg.relaxed:
+        print("\n!! " + cfg.describe_relaxations())
+    return 0
+
+
+def _show_first_lineage(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.lib.storage import TableStore
+
+    store = TableStore(_root(args))
+    scan = store.scan_all("fineinstructions")
+    first = scan.select("pair_id").sort("pair_id").head(1).collect() if scan is not None else None
+    if first is None or first.height == 0:
+        print("no final pairs to trace", file=sys.stderr)
+        return 1
+    print("\n== lineage of one generated pair ==")
+    args.pair_id, args.json = first["pair_id"][0], False
+    return cmd_lineage(args)
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.lib.storage import TableStore
+    from fineinstructions_dagster.stages.lineage import LineageError, format_lineage, trace_pair
+
+    try:
+        chain = trace_pair(TableStore(_root(args)), args.pair_id)
+    except LineageError as e:
+        print(f"lineage: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(chain, indent=2, ensure_ascii=False) if args.json else format_lineage(chain))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fineinstructions", description=__doc__)
+    parser.add_argument("--root", help="storage root (default: $FINEINSTRUCTIONS_ROOT or ./data)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("sample", help="build query and corpus inputs from Debian's python3-doc")
+    p.add_argument("--out", default="data/inputs", type=Path)
+    p.add_argument("--shards", default=BUILD_SAMPLE_DEFAULTS["shards"],
+                   help="comma-separated docs folders, one shard each (e.g. tutorial,howto,faq,library)")
+    p.add_argument("--max-docs-per-shard", type=int, default=BUILD_SAMPLE_DEFAULTS["max_docs_per_shard"],
+                   help="0 = all")
+    p.add_argument("--max-queries", type=int, default=BUILD_SAMPLE_DEFAULTS["max_queries"], help="0 = all")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("smoke-models", help="build the tiny random-weight smoke model (seconds, offline)")
+    p.add_argument("--out", default="models/smoke", type=Path)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_smoke_models)
+
+    p = sub.add_parser("run", help="materialize the whole asset graph on the configured inputs")
+    p.add_argument("--show-lineage", action="store_true", help="print the lineage of one final pair")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("summary", help="row counts, rejections and dataset statistics")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("lineage", help="the full chain behind one pair")
+    p.add_argument("pair_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lineage)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

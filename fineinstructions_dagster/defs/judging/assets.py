@@ -1,0 +1,33 @@
+"""`judgements`: the LLM judge's Likert score and feedback per instantiation."""
+
+from dagster import AssetExecutionContext, MaterializeResult, asset
+
+from fineinstructions_dagster.defs.instantiation.assets import instantiations
+from fineinstructions_dagster.defs.metadata import stage_metadata
+from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
+from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.stages.judging import judge_instantiations
+from fineinstructions_dagster.stages.llm_calls import LLMCall
+
+
+@asset(partitions_def=corpus_shard_partitions, deps=[instantiations], group_name="judging",
+       kinds={"vllm", "parquet"}, pool="gpu")
+def judgements(context: AssetExecutionContext, storage: StorageResource, judge_llm: LLMResource,
+               pipeline: PipelineResource) -> MaterializeResult:
+    """A 1-5 Likert score with feedback for each instantiated pair, judged against its document."""
+    cfg = pipeline.config()
+    store = storage.store()
+    shard = context.partition_key
+    pending = store.read("instantiations", shard).select("instantiation_id", "doc_id", "shard", "instruction",
+                                                         "answer").join(
+        store.read("documents", shard).select("doc_id", "text"), on="doc_id", how="inner")
+    cache = storage.generation_cache()
+    llm = LLMCall(judge_llm.engine(), cache, GenerationStats())
+    kept, quarantined, stats = judge_instantiations(pending, llm, cfg.judge_sampling, cfg.max_document_chars,
+                                                    cfg.max_feedback_chars, context.run_id)
+    cache.close()
+    store.write("judgements", kept, shard)
+    store.write("judgements", quarantined, shard, quarantine=True)
+    hist = {int(s): int(n) for s, n in kept.group_by("score").len().sort("score").iter_rows()}
+    return MaterializeResult(metadata=stage_metadata(stats, kept, ["score", "feedback"], score_histogram=hist))

@@ -1,0 +1,36 @@
+"""`user_queries`: one partition per query source."""
+
+import polars as pl
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
+
+from fineinstructions_dagster.defs.inputs import count_malformed, query_sources, read_partition_input
+from fineinstructions_dagster.defs.metadata import stage_metadata
+from fineinstructions_dagster.defs.partitions import query_source_partitions
+from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
+from fineinstructions_dagster.stages.queries import clean_queries
+
+QUERY_ID_UNIQUE = "query_id_unique"
+
+
+@asset(
+    partitions_def=query_source_partitions,
+    group_name="queries",
+    kinds={"polars", "parquet"},
+    check_specs=[AssetCheckSpec(QUERY_ID_UNIQUE, asset="user_queries")],
+)
+def user_queries(context: AssetExecutionContext, storage: StorageResource, inputs: InputsResource,
+                 pipeline: PipelineResource) -> MaterializeResult:
+    """Real user queries from one source: whitespace-normalised, filtered by length and a blocklist,
+    exact-deduplicated. Dropped rows go to quarantine with their reason."""
+    source = context.partition_key
+    raw, malformed = read_partition_input(query_sources(inputs.queries_dir), source, inputs.queries_dir,
+                                          "query source")
+    kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id)
+    count_malformed(stats, malformed)
+    store = storage.store()
+    store.write("user_queries", kept, source)
+    store.write("user_queries", pl.concat([rejected, malformed], how="diagonal_relaxed"), source, quarantine=True)
+    return MaterializeResult(
+        metadata=stage_metadata(stats, kept, ["query_id", "text"]),
+        check_results=[AssetCheckResult(check_name=QUERY_ID_UNIQUE, passed=kept["query_id"].is_unique().all())],
+    )

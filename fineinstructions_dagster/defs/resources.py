@@ -1,0 +1,139 @@
+"""Resources, configured in one place from the environment (EnvVar where a variable is set)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import ConfigurableResource, EnvVar
+
+from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profile_config
+from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.llm.cache import GenerationCache
+from fineinstructions_dagster.llm.engines import LLMEngine, get_engine
+from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
+
+DEFAULT_SMOKE_MODEL = "models/smoke"
+
+
+class StorageResource(ConfigurableResource):
+    """Storage root for every table (`FINEINSTRUCTIONS_ROOT`, default ./data)."""
+
+    root: str = "data"
+
+    def store(self) -> TableStore:
+        return TableStore(self.root)
+
+    def generation_cache(self) -> GenerationCache:
+        return GenerationCache(Path(self.store().root) / "_cache" / "generations.sqlite")
+
+
+class InputsResource(ConfigurableResource):
+    """Where new inputs arrive: one query source per file/subfolder, one corpus shard per file."""
+
+    queries_dir: str = "data/inputs/queries"
+    corpus_dir: str = "data/inputs/corpus"
+
+
+class LLMResource(ConfigurableResource):
+    """One generative model role. backend: vllm | openai | transformers | auto (vllm if installed)."""
+
+    backend: str = "auto"
+    model: str
+    revision: str = ""
+    base_url: str = ""  # openai backend: e.g. http://127.0.0.1:8000/v1
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    batch_size: int = 16  # transformers backend
+    concurrency: int = 16  # openai backend
+
+    def engine(self) -> LLMEngine:
+        backend = self.backend
+        if backend == "openai":
+            if not self.base_url:
+                raise ValueError("LLM backend 'openai' needs base_url (FINEINSTRUCTIONS_OPENAI_BASE_URL)")
+            return get_engine("openai", self.model, self.revision or None, base_url=self.base_url,
+                              concurrency=self.concurrency)
+        if backend == "auto":
+            from fineinstructions_dagster.llm.engines import vllm_available
+
+            backend = "vllm" if vllm_available() else "transformers"
+        if backend == "vllm":
+            return get_engine("vllm", self.model, self.revision or None, max_model_len=self.max_model_len,
+                              gpu_memory_utilization=self.gpu_memory_utilization,
+                              enforce_eager=self.enforce_eager)
+        return get_engine(backend, self.model, self.revision or None, batch_size=self.batch_size,
+                          max_model_len=self.max_model_len)
+
+
+class EmbedderResource(ConfigurableResource):
+    """Sentence-transformers model for templates and documents (default: packaged all-MiniLM-L6-v2)."""
+
+    model: str = ""
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def embedder(self) -> Embedder:
+        return get_embedder(self.model, self.batch_size, self.device)
+
+
+class PipelineResource(ConfigurableResource):
+    """Thresholds and k. `profile`: paper (default) or demo (relaxed gates for smoke models)."""
+
+    profile: str = "paper"
+    templates_per_document: int | None = None
+    judge_threshold: int | None = None
+    min_grounding: float | None = None
+
+    def config(self) -> PipelineConfig:
+        return profile_config(self.profile, templates_per_document=self.templates_per_document,
+                              judge_threshold=self.judge_threshold, min_grounding=self.min_grounding)
+
+
+# Every environment variable the platform reads, with its default: the one place they are named.
+ENV_DEFAULTS = {
+    "FINEINSTRUCTIONS_ROOT": "data",
+    "FINEINSTRUCTIONS_QUERIES": "data/inputs/queries",
+    "FINEINSTRUCTIONS_CORPUS": "data/inputs/corpus",
+    "FINEINSTRUCTIONS_PROFILE": "paper",
+    "FINEINSTRUCTIONS_LLM_BACKEND": "auto",
+    "FINEINSTRUCTIONS_OPENAI_BASE_URL": "",
+    "FINEINSTRUCTIONS_SMOKE_MODEL": DEFAULT_SMOKE_MODEL,
+    "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
+}
+
+
+def env_value(name: str) -> str:
+    """The variable's value now (for code outside a run, e.g. the command-line runner)."""
+    return os.environ.get(name) or ENV_DEFAULTS.get(name, "")
+
+
+def _env(name: str, default: str | None = None) -> str | EnvVar:
+    """EnvVar (resolved when a run starts) where the variable is set, else the default."""
+    if os.environ.get(name):
+        return EnvVar(name)
+    return ENV_DEFAULTS.get(name, "") if default is None else default
+
+
+def build_resources() -> dict[str, ConfigurableResource]:
+    profile = env_value("FINEINSTRUCTIONS_PROFILE")
+    backend = _env("FINEINSTRUCTIONS_LLM_BACKEND")
+    base_url = _env("FINEINSTRUCTIONS_OPENAI_BASE_URL")
+    smoke = env_value("FINEINSTRUCTIONS_SMOKE_MODEL")
+
+    def llm(role: str) -> LLMResource:
+        default = smoke if profile == "demo" else PAPER_MODELS[role]
+        return LLMResource(backend=backend, model=_env(f"FINEINSTRUCTIONS_{role.upper()}_MODEL", default),
+                           base_url=base_url)
+
+    return {
+        "storage": StorageResource(root=_env("FINEINSTRUCTIONS_ROOT")),
+        "inputs": InputsResource(queries_dir=_env("FINEINSTRUCTIONS_QUERIES"),
+                                 corpus_dir=_env("FINEINSTRUCTIONS_CORPUS")),
+        "genericizer_llm": llm("genericizer"),
+        "instantiator_llm": llm("instantiator"),
+        "judge_llm": llm("judge"),
+        "embedder": EmbedderResource(model=_env("FINEINSTRUCTIONS_EMBEDDER_MODEL")),
+        "pipeline": PipelineResource(profile=profile),
+    }

@@ -1,0 +1,1 @@
+"""Dagster wiring for the templates stage."""

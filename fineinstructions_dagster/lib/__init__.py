@@ -1,0 +1,1 @@
+"""Shared plain-Python helpers (no Dagster imports): ids, storage, statistics, input formats."""

@@ -1,0 +1,302 @@
+"""LLM engines behind one interface.
+
+* `vllm`: in-process `vllm.LLM`, batched, structured output through xgrammar, prefix caching.
+* `openai`: any OpenAI-compatible server (e.g. `vllm serve`), concurrent, with timeouts and retries.
+* `transformers`: CPU fallback; `model.generate` with xgrammar's logits processor for structured output.
+
+vLLM is imported lazily so the package imports and its tests run where vLLM is not installed.
+Every engine returns the exact prompt it sent, so lineage can show it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fineinstructions_dagster.llm.smoke import smoke_model_revision
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("vllm", "openai", "transformers")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 5.0:
+            raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
+    sampling: SamplingConfig
+    seed: int
+    json_schema: dict[str, Any] | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def sampling_dict(self) -> dict[str, Any]:
+        return {**asdict(self.sampling), "seed": self.seed}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    error: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class EngineInfo:
+    backend: str
+    model: str
+    revision: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class LLMEngine(Protocol):
+    info: EngineInfo
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
+
+
+def resolve_revision(model: str, revision: str | None) -> str:
+    """A revision that pins what was run: the given one, a smoke model's weight hash, or 'unpinned'."""
+    if revision:
+        return revision
+    if Path(model).is_dir():
+        return smoke_model_revision(model) or "local"
+    return "unpinned"
+
+
+class VLLMEngine:
+    def __init__(self, model: str, revision: str | None = None, *, max_model_len: int = 4096,
+                 gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
+                 dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0):
+        from vllm import LLM
+
+        self.info = EngineInfo("vllm", model, resolve_revision(model, revision),
+                               {"max_model_len": max_model_len, "dtype": dtype})
+        self._llm = LLM(
+            model=model,
+            revision=revision if revision and not Path(model).is_dir() else None,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True,  # k prompts per document share the document as a prefix
+            seed=seed,
+            # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        if not requests:
+            return []
+        prompts = [self._tokenizer.apply_chat_template(r.chat(), tokenize=False, add_generation_prompt=True)
+                   for r in requests]
+        params = [
+            SamplingParams(
+                max_tokens=r.sampling.max_tokens, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
+                seed=r.seed,
+                structured_outputs=StructuredOutputsParams(json=r.json_schema) if r.json_schema else None,
+            )
+            for r in requests
+        ]
+        outs = self._llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for prompt, o in zip(prompts, outs, strict=True):
+            c = o.outputs[0]
+            results.append(GenerationResult(
+                text=c.text, prompt=prompt, prompt_tokens=len(o.prompt_token_ids or []),
+                completion_tokens=len(c.token_ids), finish_reason=str(c.finish_reason or ""),
+            ))
+        return results
+
+
+class TransformersEngine:
+    """Plain `model.generate` on CPU; structured output through xgrammar's HF logits processor."""
+
+    def __init__(self, model: str, revision: str | None = None, *, batch_size: int = 16,
+                 max_model_len: int = 4096, dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.info = EngineInfo("transformers", model, resolve_revision(model, revision),
+                               {"batch_size": batch_size, "max_model_len": max_model_len})
+        rev = revision if revision and not Path(model).is_dir() else None
+        self._tok = AutoTokenizer.from_pretrained(model, revision=rev)
+        self._tok.padding_side = "left"
+        if self._tok.pad_token is None:
+            self._tok.pad_token = self._tok.eos_token
+        self._model = AutoModelForCausalLM.from_pretrained(model, revision=rev, dtype=getattr(torch, dtype))
+        self._model.eval()
+        self._batch_size = batch_size
+        self._max_len = max_model_len
+        self._grammars: dict[str, Any] = {}
+        self._compiler: Any = None
+
+    def _grammar(self, schema: dict[str, Any]) -> Any:
+        import xgrammar as xgr
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self._tok, vocab_size=self._model.config.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info)
+            self._grammars[key] = self._compiler.compile_json_schema(key, any_whitespace=False)
+        return self._grammars[key]
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        results: list[GenerationResult] = []
+        for start in range(0, len(requests), self._batch_size):
+            results.extend(self._generate_batch(requests[start:start + self._batch_size]))
+        return results
+
+    def _generate_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        import torch
+        import xgrammar as xgr
+
+        prompts = [self._tok.apply_chat_template(r.chat(), tokenize=False, add_generation_prompt=True)
+                   for r in batch]
+        enc = self._tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        sampling = batch[0].sampling  # a batch shares one sampling config (callers group by it)
+        processors = []
+        if all(r.json_schema for r in batch):
+            processors.append(xgr.contrib.hf.LogitsProcessor([self._grammar(r.json_schema) for r in batch]))
+        max_new = min(sampling.max_tokens, max(1, self._max_len - enc["input_ids"].shape[1]))
+        torch.manual_seed(batch[0].seed)  # reproducible for the same batch
+        with torch.no_grad():
+            out = self._model.generate(
+                **enc, max_new_tokens=max_new, do_sample=sampling.temperature > 0,
+                temperature=sampling.temperature if sampling.temperature > 0 else None,
+                top_p=sampling.top_p if sampling.temperature > 0 else None,
+                logits_processor=processors or None, pad_token_id=self._tok.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1]:]
+        results = []
+        for i, prompt in enumerate(prompts):
+            ids = new[i].tolist()
+            n = len(ids)
+            finish = "length"
+            if self._tok.eos_token_id in ids:
+                n = ids.index(self._tok.eos_token_id)
+                finish = "stop"
+            text = self._tok.decode(ids[:n], skip_special_tokens=True)
+            results.append(GenerationResult(
+                text=text, prompt=prompt, prompt_tokens=int(enc["attention_mask"][i].sum()),
+                completion_tokens=n, finish_reason=finish,
+            ))
+        return results
+
+
+class OpenAIEngine:
+    """OpenAI-compatible chat completions, e.g. `vllm serve MODEL`; JSON schema via `response_format`."""
+
+    def __init__(self, model: str, revision: str | None = None, *, base_url: str, api_key_env: str =
+                 "OPENAI_API_KEY", concurrency: int = 16, timeout_s: float = 120.0, max_retries: int = 5):
+        self.info = EngineInfo("openai", model, revision or "server", {"base_url": base_url})
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._key = os.environ.get(api_key_env, "")
+        self._concurrency = concurrency
+        self._timeout = timeout_s
+        self._retries = max_retries
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        req = urllib.request.Request(self._url, data=json.dumps(body).encode(), headers=headers)
+        with urllib.request.urlopen(req, timeout=self._timeout) as resp:  # noqa: S310 (configured URL)
+            return json.loads(resp.read())
+
+    def _one(self, r: GenerationRequest) -> GenerationResult:
+        body: dict[str, Any] = {
+            "model": self.info.model, "messages": r.chat(), "max_tokens": r.sampling.max_tokens,
+            "temperature": r.sampling.temperature, "top_p": r.sampling.top_p, "seed": r.seed,
+        }
+        if r.json_schema:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": r.json_schema}}
+        prompt = json.dumps(r.chat(), ensure_ascii=False)
+        delay, last = 1.0, ""
+        for attempt in range(self._retries + 1):
+            try:
+                data = self._post(body)
+                choice = data["choices"][0]
+                usage = data.get("usage") or {}
+                return GenerationResult(
+                    text=choice["message"].get("content") or "", prompt=prompt,
+                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                    completion_tokens=int(usage.get("completion_tokens", 0)),
+                    finish_reason=str(choice.get("finish_reason", "")),
+                )
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}: {e.read()[:200]!r}"
+                if e.code not in (408, 409, 429) and e.code < 500:
+                    break  # a client error will not fix itself
+            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, ValueError) as e:
+                last = f"{type(e).__name__}: {e}"
+            if attempt < self._retries:
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        return GenerationResult(text="", prompt=prompt, error=f"request failed: {last}")
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        with ThreadPoolExecutor(max_workers=self._concurrency) as pool:
+            return list(pool.map(self._one, requests))
+
+
+_ENGINES: dict[tuple[Any, ...], LLMEngine] = {}
+_LOCK = threading.Lock()
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # vLLM can fail at import for many platform reasons; treat all as absent
+        return False
+    return True
+
+
+def get_engine(backend: str, model: str, revision: str | None = None, **options: Any) -> LLMEngine:
+    """One engine per (backend, model, options) per process, reused across batches and partitions."""
+    if backend == "auto":
+        backend = "vllm" if vllm_available() else "transformers"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown LLM backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+    key = (backend, model, revision, tuple(sorted(options.items())))
+    with _LOCK:
+        if key not in _ENGINES:
+            log.info("starting %s engine for %s", backend, model)
+            cls = {"vllm": VLLMEngine, "openai": OpenAIEngine, "transformers": TransformersEngine}[backend]
+            _ENGINES[key] = cls(model, revision, **options)
+        return _ENGINES[key]

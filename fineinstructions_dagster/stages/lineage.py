@@ -1,0 +1,111 @@
+"""Per-pair lineage: from a final pair back through its judgement, instantiation, match, template,
+source query and document, with the Dagster run that produced each step. DuckDB over the Parquet."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import duckdb
+
+from fineinstructions_dagster.lib.storage import TableStore
+
+LINEAGE_KEYS = ("pair", "judgement", "instantiation", "match", "template", "query", "document", "runs")
+
+
+class LineageError(LookupError):
+    """A pair that is not found, or whose chain does not resolve."""
+
+
+def _one(con: duckdb.DuckDBPyConnection, store: TableStore, table: str, column: str, value: str,
+         partition: str | None = None) -> dict[str, Any] | None:
+    source = str(store.path(table, partition)) if partition else store.glob(table)
+    if not (store.path(table, partition).exists() if partition else store.partitions(table)):
+        return None
+    rel = con.execute(f"SELECT * FROM read_parquet(?, union_by_name=true) WHERE {column} = ? LIMIT 1",
+                      [source, value])
+    row = rel.fetchone()
+    if row is None:
+        return None
+    return dict(zip([d[0] for d in rel.description], row, strict=True))
+
+
+def trace_pair(store: TableStore, pair_id: str) -> dict[str, Any]:
+    """The whole chain for one pair; raises LineageError naming the first link that does not resolve."""
+    con = duckdb.connect()
+    pair = _one(con, store, "fineinstructions", "pair_id", pair_id)
+    if pair is None:
+        raise LineageError(f"pair {pair_id!r} not found under {store.root / 'fineinstructions'}")
+    shard = pair["shard"]
+    chain: dict[str, Any] = {"pair": pair}
+    links = [
+        ("judgement", "judgements", "judgement_id", pair["judgement_id"], shard),
+        ("instantiation", "instantiations", "instantiation_id", pair["instantiation_id"], shard),
+        ("match", "matches", "match_id", pair["match_id"], shard),
+        ("template", "template_bank", "template_id", pair["template_id"], "all"),
+        ("query", "user_queries", "query_id", pair["query_id"], None),
+        ("document", "documents", "doc_id", pair["doc_id"], shard),
+    ]
+    for key, table, column, value, partition in links:
+        row = _one(con, store, table, column, value, partition)
+        if row is None:
+            raise LineageError(f"pair {pair_id}: {key} {column}={value!r} not found in table {table!r}")
+        chain[key] = row
+    # The genericizer's record for this query -> template (prompt, raw output, model).
+    gen = con.execute(
+        "SELECT * FROM read_parquet(?, union_by_name=true) WHERE query_id = ? AND template_id = ? LIMIT 1",
+        [store.glob("templates"), pair["query_id"], pair["template_id"]],
+    )
+    row = gen.fetchone()
+    if row is None:
+        raise LineageError(f"pair {pair_id}: no genericizer record for query {pair['query_id']}")
+    chain["template"]["genericization"] = dict(zip([d[0] for d in gen.description], row, strict=True))
+    chain["runs"] = {
+        "user_queries": chain["query"]["run_id"],
+        "templates": chain["template"]["genericization"]["run_id"],
+        "template_bank": chain["template"]["run_id"],
+        "documents": chain["document"]["run_id"],
+        "matches": chain["match"]["run_id"],
+        "instantiations": chain["instantiation"]["run_id"],
+        "judgements": chain["judgement"]["run_id"],
+        "fineinstructions": pair["run_id"],
+    }
+    return json.loads(json.dumps(chain, default=str))  # plain JSON types (lists, no numpy)
+
+
+def _short(text: Any, n: int = 400) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= n else s[:n] + " ..."
+
+
+def format_lineage(chain: dict[str, Any]) -> str:
+    p, j, i, m, t, q, d = (chain[k] for k in LINEAGE_KEYS[:7])
+    g = t["genericization"]
+    lines = [
+        f"PAIR {p['pair_id']}  (shard {p['shard']}, judge score {p['judge_score']}, "
+        f"grounding {p['grounding']:.2f})",
+        f"  instruction: {_short(p['instruction'])}",
+        f"  answer:      {_short(p['answer'])}",
+        f"JUDGEMENT {j['judgement_id']}  score={j['score']}  model={j['model']}@{j['model_revision']} "
+        f"prompt={j['prompt_version']}",
+        f"  feedback: {_short(j['feedback'], 200)}",
+        f"INSTANTIATION {i['instantiation_id']}  model={i['model']}@{i['model_revision']} "
+        f"backend={i['backend']} prompt={i['prompt_version']}",
+        f"  sampling: {i['sampling_params']}",
+        f"  prompt:     {_short(i['prompt'], 300)}",
+        f"  raw output: {_short(i['raw_output'], 300)}",
+        f"MATCH {m['match_id']}  score={m['score']:.3f} rank={m['rank']} chunk={m['chunk']} index={m['index_id']}",
+        f"TEMPLATE {t['template_id']}  ({t['n_queries']} source queries)",
+        f"  template:    {_short(t['template'])}",
+        f"  compatible document: {_short(t['compatible_document_description'])}",
+        f"  genericizer: model={g['model']}@{g['model_revision']} prompt={g['prompt_version']}",
+        f"  raw output:  {_short(g['raw_output'], 300)}",
+        f"QUERY {q['query_id']}  source={q['source']} file={q['source_file']} row={q['source_row']}",
+        f"  text: {_short(q['text'])}",
+        f"DOCUMENT {d['doc_id']}  shard={d['shard']} file={d['source_file']} row={d['source_row']}",
+        f"  url:  {d['url']}",
+        f"  text: {_short(d['text'], 500)}",
+        "RUNS (Dagster run ids)",
+        *[f"  {k:<17} {v}" for k, v in chain["runs"].items()],
+    ]
+    return "\n".join(lines)

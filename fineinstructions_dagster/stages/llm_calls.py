@@ -1,0 +1,79 @@
+"""What the three LLM stages share: build requests, run them through the cache, parse JSON strictly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fineinstructions_dagster.llm.cache import GenerationCache, GenerationStats, generate_cached
+from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, LLMEngine, SamplingConfig
+
+
+import polars as pl
+
+# Columns every LLM stage records for each generation (lineage: prompt, raw output, model, sampling).
+GENERATION_SCHEMA: dict[str, pl.DataType] = {
+    "prompt": pl.String(), "raw_output": pl.String(), "finish_reason": pl.String(),
+    "prompt_tokens": pl.Int64(), "completion_tokens": pl.Int64(), "model": pl.String(),
+    "model_revision": pl.String(), "backend": pl.String(), "prompt_version": pl.String(),
+    "sampling_params": pl.String(), "run_id": pl.String(),
+}
+QUARANTINE_EXTRA: dict[str, pl.DataType] = {"reason": pl.String(), "detail": pl.String()}
+
+
+def frame(rows: list[dict[str, Any]], schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Rows as a frame with a fixed schema, so that empty partitions keep their columns."""
+    return pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
+
+
+@dataclass
+class LLMCall:
+    """What a stage needs to generate: the engine, its cache, and where to count."""
+
+    engine: LLMEngine
+    cache: GenerationCache | None
+    stats: GenerationStats
+
+    def run(self, requests: list[GenerationRequest], prompt_version: str) -> list[GenerationResult]:
+        return generate_cached(self.engine, requests, prompt_version, self.cache, self.stats)
+
+    def provenance(self, prompt_version: str, sampling: SamplingConfig) -> dict[str, str]:
+        return {
+            "model": self.engine.info.model,
+            "model_revision": self.engine.info.revision,
+            "backend": self.engine.info.backend,
+            "prompt_version": prompt_version,
+            "sampling_params": json.dumps(sampling.__dict__, sort_keys=True),
+        }
+
+
+def seed_for(*parts: str) -> int:
+    """A per-request seed derived from the row's id: sampling is reproducible row by row."""
+    return int(hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:8], 16)
+
+
+def parse_json_object(result: GenerationResult, required: tuple[str, ...]) -> tuple[dict[str, Any] | None, str]:
+    """Strictly parse a generation as one JSON object with the required keys: (object, '') or
+    (None, reason). Never trusts the model: structured decoding can still be cut off by max_tokens."""
+    if result.error:
+        return None, "generation_failed"
+    text = result.text.strip()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        # Repair the one common harmless case: prose or code fences around a single object.
+        start, end = text.find("{"), text.rfind("}")
+        try:
+            obj = json.loads(text[start:end + 1]) if 0 <= start < end else None
+        except json.JSONDecodeError:
+            obj = None
+        if obj is None:
+            return None, "truncated_output" if result.finish_reason == "length" else "unparseable_json"
+    if not isinstance(obj, dict):
+        return None, "not_an_object"
+    missing = [k for k in required if k not in obj]
+    if missing:
+        return None, "missing_field"
+    return obj, ""

@@ -1,0 +1,108 @@
+"""Stage 7, the dataset: pairs that pass every gate, each carrying the ids of every upstream row and
+the Dagster runs that produced them; plus the dataset report."""
+
+from __future__ import annotations
+
+import duckdb
+import polars as pl
+
+from fineinstructions_dagster.lib.ids import content_id_expr
+from fineinstructions_dagster.lib.stats import StageStats
+from fineinstructions_dagster.lib.storage import TableStore
+
+PAIR_COLUMNS = [
+    "pair_id", "instruction", "answer", "judge_score", "grounding",
+    "judgement_id", "instantiation_id", "match_id", "template_id", "query_id", "query_ids", "doc_id",
+    "shard", "url", "match_score", "match_rank",
+    "instantiator_model", "judge_model",
+    "documents_run_id", "matches_run_id", "instantiations_run_id", "judgements_run_id", "template_bank_run_id",
+    "run_id",
+]
+
+
+def select_pairs(
+    judgements: pl.DataFrame, instantiations: pl.DataFrame, matches: pl.DataFrame, documents: pl.DataFrame,
+    bank: pl.DataFrame, judge_threshold: int, min_grounding: float, run_id: str = "",
+) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
+    """Join every stage's row for each judged pair and apply the final gates. Returns (pairs, rejected
+    with reason, stats)."""
+    stats = StageStats(total=judgements.height)
+    if judgements.height == 0:
+        return pl.DataFrame(schema={c: pl.String for c in PAIR_COLUMNS}), pl.DataFrame(), stats
+    j = judgements.select("judgement_id", "instantiation_id", pl.col("score").alias("judge_score"),
+                          pl.col("model").alias("judge_model"), pl.col("run_id").alias("judgements_run_id"))
+    i = instantiations.select("instantiation_id", "match_id", "instruction", "answer", "grounding",
+                              pl.col("model").alias("instantiator_model"),
+                              pl.col("run_id").alias("instantiations_run_id"))
+    m = matches.select("match_id", "doc_id", "template_id", pl.col("score").alias("match_score"),
+                       pl.col("rank").alias("match_rank"), pl.col("run_id").alias("matches_run_id"))
+    d = documents.select("doc_id", "shard", "url", pl.col("run_id").alias("documents_run_id"))
+    b = bank.select("template_id", "template", pl.col("query_ids"),
+                    pl.col("query_ids").list.first().alias("query_id"),
+                    pl.col("run_id").alias("template_bank_run_id"))
+    df = (j.join(i, on="instantiation_id", how="left").join(m, on="match_id", how="left")
+          .join(d, on="doc_id", how="left").join(b, on="template_id", how="left"))
+    reason = (
+        pl.when(pl.col("instruction").is_null() | pl.col("match_id").is_null()).then(pl.lit("broken_lineage"))
+        .when(pl.col("url").is_null() & pl.col("shard").is_null()).then(pl.lit("broken_lineage"))
+        .when(pl.col("template").is_null()).then(pl.lit("broken_lineage"))
+        .when(pl.col("judge_score") < judge_threshold).then(pl.lit("below_judge_threshold"))
+        .when(pl.col("grounding") < min_grounding).then(pl.lit("below_grounding_threshold"))
+        .when(pl.col("instruction").str.contains("</?fi>")).then(pl.lit("unfilled_slot"))
+        .when(pl.col("answer").str.strip_chars() == "").then(pl.lit("empty_answer"))
+        .otherwise(pl.lit(None, pl.String))
+    )
+    df = df.with_columns(reason.alias("reason"))
+    rejected = df.filter(pl.col("reason").is_not_null())
+    pairs = (
+        df.filter(pl.col("reason").is_null())
+        .with_columns(content_id_expr("pair", "instantiation_id", "judgement_id").alias("pair_id"),
+                      pl.lit(run_id).alias("run_id"))
+        .select(PAIR_COLUMNS).sort("pair_id")
+    )
+    stats.drop_counts(rejected["reason"])
+    stats.kept = pairs.height
+    stats.check_balanced()
+    return pairs, rejected.select("judgement_id", "instantiation_id", "reason", "judge_score", "grounding"), stats
+
+
+def dataset_report(pairs: pl.DataFrame) -> dict[str, object]:
+    """Counts, template diversity and score histograms over all final pairs."""
+    if pairs.height == 0:
+        return {"pairs": 0, "documents": 0, "templates": 0, "shards": 0}
+    usage = pairs.group_by("template_id").len().sort("len", descending=True)
+    return {
+        "pairs": pairs.height,
+        "documents": pairs["doc_id"].n_unique(),
+        "templates": usage.height,
+        "shards": pairs["shard"].n_unique(),
+        "top_template_share": float(usage["len"][0] / pairs.height),
+        "pairs_per_document": float(pairs.height / pairs["doc_id"].n_unique()),
+        "judge_score_histogram": {int(s): int(n) for s, n in
+                                  pairs.group_by("judge_score").len().sort("judge_score").iter_rows()},
+        "grounding_histogram": {f"{lo:.1f}-{lo + 0.2:.1f}": int(n) for lo, n in
+                                pairs.select((pl.col("grounding") * 5).floor().clip(0, 4).alias("b") / 5)
+                                .group_by("b").len().sort("b").iter_rows()},
+        "mean_grounding": float(pairs["grounding"].mean()),  # type: ignore[arg-type]
+    }
+
+
+QUARANTINED_TABLES = ("user_queries", "templates", "documents", "instantiations", "judgements", "fineinstructions")
+
+
+def rejection_counts(store: TableStore) -> dict[str, dict[str, int]]:
+    """Quarantined rows by table and reason across every partition (DuckDB unions differing schemas)."""
+    out: dict[str, dict[str, int]] = {}
+    con = duckdb.connect()
+    for table in QUARANTINED_TABLES:
+        if not store.partitions(table, quarantine=True):
+            continue
+        rel = con.execute("SELECT * FROM read_parquet(?, union_by_name=true) LIMIT 0",
+                          [store.glob(table, quarantine=True)])
+        if "reason" not in [d[0] for d in rel.description]:
+            continue
+        rows = con.execute("SELECT reason, count(*) FROM read_parquet(?, union_by_name=true) "
+                           "GROUP BY reason ORDER BY reason", [store.glob(table, quarantine=True)]).fetchall()
+        if rows:
+            out[table] = {str(r): int(n) for r, n in rows}
+    return out

@@ -1,0 +1,129 @@
+"""Stage 2, instruction templates: the genericizer turns each query into a template with
+<fi>slot</fi> tags plus a compatible document description; the bank merges identical templates."""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+
+from fineinstructions_dagster.lib.ids import content_id
+from fineinstructions_dagster.lib.stats import StageStats
+from fineinstructions_dagster.llm.engines import GenerationRequest, SamplingConfig
+from fineinstructions_dagster.prompts import genericize
+from fineinstructions_dagster.stages.llm_calls import (
+    GENERATION_SCHEMA,
+    QUARANTINE_EXTRA,
+    LLMCall,
+    frame,
+    parse_json_object,
+    seed_for,
+)
+
+BASE_SCHEMA: dict[str, pl.DataType] = {
+    "query_id": pl.String(), "source": pl.String(), "query_text": pl.String(), "genericization_id": pl.String(),
+} | GENERATION_SCHEMA
+TEMPLATE_SCHEMA = BASE_SCHEMA | {"template_id": pl.String(), "template": pl.String(),
+                                 "compatible_document_description": pl.String(), "n_slots": pl.Int32()}
+
+_TAG = re.compile(r"</?fi>")
+_SLOT = re.compile(r"<fi>(.*?)</fi>", re.DOTALL)
+
+
+def validate_template(template: str, description: str, max_template_chars: int,
+                      max_description_chars: int) -> str | None:
+    """The reason a genericizer output is unusable, or None if it is a valid template."""
+    if not template.strip():
+        return "empty_template"
+    if len(template) > max_template_chars:
+        return "template_too_long"
+    depth = 0
+    for tag in _TAG.findall(template):
+        depth += 1 if tag == "<fi>" else -1
+        if depth < 0:
+            return "unbalanced_slot_tags"
+        if depth > 1:
+            return "nested_slot_tags"
+    if depth != 0:
+        return "unbalanced_slot_tags"
+    slots = _SLOT.findall(template)
+    if not slots:
+        return "no_slot"
+    if any(not s.strip() for s in slots):
+        return "empty_slot"
+    if not _SLOT.sub("", template).strip():
+        return "only_slots"
+    if not description.strip():
+        return "empty_description"
+    if len(description) > max_description_chars:
+        return "description_too_long"
+    return None
+
+
+def normalise_template(template: str) -> str:
+    return " ".join(template.split())
+
+
+def genericize_queries(
+    queries: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_template_chars: int,
+    max_description_chars: int, run_id: str = "",
+) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
+    """Return (valid templates, quarantined outputs with reason and raw output, stats)."""
+    stats = StageStats(total=queries.height)
+    schema = genericize.schema(max_template_chars, max_description_chars)
+    rows = queries.select("query_id", "source", "text").to_dicts()
+    requests = [
+        GenerationRequest(genericize.messages(r["text"]), sampling, seed_for(r["query_id"]), schema) for r in rows
+    ]
+    results = llm.run(requests, genericize.PROMPT_VERSION)
+    prov = llm.provenance(genericize.PROMPT_VERSION, sampling)
+    kept, quarantined = [], []
+    for r, res in zip(rows, results, strict=True):
+        record = {
+            "query_id": r["query_id"], "source": r["source"], "query_text": r["text"],
+            "genericization_id": content_id("genericization", r["query_id"], prov),
+            "prompt": res.prompt, "raw_output": res.text, "finish_reason": res.finish_reason,
+            "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+            **prov, "run_id": run_id,
+        }
+        obj, reason = parse_json_object(res, ("template", "compatible_document_description"))
+        if obj is not None:
+            template = normalise_template(str(obj["template"]))
+            description = " ".join(str(obj["compatible_document_description"]).split())
+            reason = validate_template(template, description, max_template_chars, max_description_chars) or ""
+        if reason:
+            quarantined.append({**record, "reason": reason, "detail": res.error or ""})
+            stats.drop(reason)
+            continue
+        kept.append({**record, "template_id": content_id("template", template), "template": template,
+                     "compatible_document_description": description,
+                     "n_slots": len(_SLOT.findall(template))})
+    stats.kept = len(kept)
+    stats.extra.update(llm.stats.as_dict())
+    stats.check_balanced()
+    return frame(kept, TEMPLATE_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats
+
+
+def build_template_bank(templates: pl.DataFrame, run_id: str = "") -> tuple[pl.DataFrame, StageStats]:
+    """Merge identical templates across sources. Each bank row keeps every source query's id;
+    its description comes from the lowest query_id, so the bank is the same whatever the order."""
+    stats = StageStats(total=templates.height)
+    if templates.height == 0:
+        raise ValueError("template bank is empty: no query source produced a valid template")
+    bank = (
+        templates.sort("query_id")
+        .group_by("template_id", maintain_order=True)
+        .agg(
+            pl.col("template").first(),
+            pl.col("compatible_document_description").first(),
+            pl.col("n_slots").first(),
+            pl.col("query_id").alias("query_ids"),
+            pl.col("source").unique().sort().alias("sources"),
+            pl.col("genericization_id").first(),
+        )
+        .with_columns(pl.col("query_ids").list.len().alias("n_queries"), pl.lit(run_id).alias("run_id"))
+        .sort("template_id")
+    )
+    stats.kept = bank.height
+    stats.drop("duplicate_template", templates.height - bank.height)
+    return bank, stats
