@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from dagster import (
-    AssetSelection,
+    AssetKey,
     DynamicPartitionsDefinition,
     RunRequest,
     SensorEvaluationContext,
@@ -17,7 +17,7 @@ corpus_shard_partitions = DynamicPartitionsDefinition(name="corpus_shard")
 
 def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[Path]],
                        partitions: DynamicPartitionsDefinition,
-                       selection: AssetSelection) -> SensorResult | SkipReason:
+                       assets: list[str]) -> SensorResult | SkipReason:
     """Add a partition for every input not yet known and request one run for each new key."""
     assert partitions.name is not None
     known = set(context.instance.get_dynamic_partitions(partitions.name))
@@ -25,7 +25,7 @@ def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[P
     if not new:
         return SkipReason(f"no new {partitions.name} ({len(found)} known)")
     return SensorResult(
-        run_requests=[RunRequest(run_key=f"{partitions.name}:{k}", partition_key=k, asset_selection=selection)
+        run_requests=[RunRequest(run_key=f"{partitions.name}:{k}", partition_key=k, asset_selection=[AssetKey(a) for a in assets])
                       for k in new],
         dynamic_partitions_requests=[partitions.build_add_request(new)],
     )

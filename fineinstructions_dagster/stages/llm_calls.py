@@ -61,12 +61,12 @@ def parse_json_object(result: GenerationResult, required: tuple[str, ...]) -> tu
         return None, "generation_failed"
     text = result.text.strip()
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, strict=False)  # strict=False: raw control characters inside strings
     except json.JSONDecodeError:
         # Repair the one common harmless case: prose or code fences around a single object.
         start, end = text.find("{"), text.rfind("}")
         try:
-            obj = json.loads(text[start:end + 1]) if 0 <= start < end else None
+            obj = json.loads(text[start:end + 1], strict=False) if 0 <= start < end else None
         except json.JSONDecodeError:
             obj = None
         if obj is None:

@@ -8,12 +8,12 @@ from fineinstructions_dagster.defs.inputs import corpus_shards
 from fineinstructions_dagster.defs.partitions import add_new_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
-SELECTION = AssetSelection.assets("documents")
+ASSETS = ["documents"]
 
 
-@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING, asset_selection=SELECTION)
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING, asset_selection=AssetSelection.assets(*ASSETS))
 def corpus_shard_sensor(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult | SkipReason:
     """One partition per shard file (Parquet or JSON Lines) in the corpus folder."""
     if not Path(inputs.corpus_dir).is_dir():
         return SkipReason(f"corpus folder {inputs.corpus_dir} does not exist")
-    return add_new_partitions(context, corpus_shards(inputs.corpus_dir), corpus_shard_partitions, SELECTION)
+    return add_new_partitions(context, corpus_shards(inputs.corpus_dir), corpus_shard_partitions, ASSETS)

@@ -8,12 +8,12 @@ from fineinstructions_dagster.defs.inputs import query_sources
 from fineinstructions_dagster.defs.partitions import add_new_partitions, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
-SELECTION = AssetSelection.assets("user_queries", "templates")
+ASSETS = ["user_queries", "templates"]
 
 
-@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING, asset_selection=SELECTION)
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING, asset_selection=AssetSelection.assets(*ASSETS))
 def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult | SkipReason:
     """One partition per query file, or per subfolder of query files, in the queries folder."""
     if not Path(inputs.queries_dir).is_dir():
         return SkipReason(f"queries folder {inputs.queries_dir} does not exist")
-    return add_new_partitions(context, query_sources(inputs.queries_dir), query_source_partitions, SELECTION)
+    return add_new_partitions(context, query_sources(inputs.queries_dir), query_source_partitions, ASSETS)

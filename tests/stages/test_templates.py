@@ -1,0 +1,80 @@
+import json
+
+import polars as pl
+import pytest
+
+from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.llm.engines import SamplingConfig
+from fineinstructions_dagster.stages.llm_calls import LLMCall
+from fineinstructions_dagster.stages.templates import build_template_bank, genericize_queries, validate_template
+
+
+@pytest.mark.parametrize("template,description,reason", [
+    ("", "d", "empty_template"),
+    ("x" * 500, "d", "template_too_long"),
+    ("How do I <fi>thing</fi></fi>?", "d", "unbalanced_slot_tags"),
+    ("How do I <fi>thing?", "d", "unbalanced_slot_tags"),
+    ("How <fi>a <fi>b</fi></fi>?", "d", "nested_slot_tags"),
+    ("How do I sort a list?", "d", "no_slot"),
+    ("How do I <fi> </fi>?", "d", "empty_slot"),
+    ("<fi>anything</fi>", "d", "only_slots"),
+    ("How do I <fi>task</fi>?", " ", "empty_description"),
+])
+def test_each_validation_reason(template, description, reason):
+    assert validate_template(template, description, 400, 400) == reason
+
+
+def test_valid_template_passes():
+    assert validate_template("How do I keep my <fi>plant</fi> alive for <fi>duration</fi>?", "Plant care.",
+                             400, 400) is None
+
+
+def queries(texts):
+    return pl.DataFrame({"query_id": [f"q{i}" for i in range(len(texts))], "source": "s", "text": texts})
+
+
+def test_bad_llm_output_goes_to_quarantine_with_raw_output(fake_engine):
+    outputs = {
+        "good": json.dumps({"template": "How to <fi>x</fi>?", "compatible_document_description": "Docs on x."}),
+        "notjson": "Sure! Here is your template: How to <fi>x</fi>",
+        "noslot": json.dumps({"template": "How to cook?", "compatible_document_description": "Cooking."}),
+        "missing": json.dumps({"template": "How to <fi>x</fi>?"}),
+        "array": "[1, 2]",
+    }
+    engine = fake_engine(lambda r: outputs[r.messages[-1][1].split("\n")[1]])
+    kept, quarantined, stats = genericize_queries(queries(list(outputs)), LLMCall(engine, None, GenerationStats()),
+                                                  SamplingConfig(), 400, 400, run_id="r")
+    assert kept["query_text"].to_list() == ["good"]
+    assert kept["template_id"][0].startswith("t")
+    reasons = dict(zip(quarantined["query_text"], quarantined["reason"], strict=True))
+    assert reasons == {"notjson": "unparseable_json", "noslot": "no_slot", "missing": "missing_field",
+                       "array": "not_an_object"}
+    assert quarantined.filter(pl.col("query_text") == "notjson")["raw_output"][0].startswith("Sure!")
+    assert stats.total == 5 and stats.kept == 1
+
+
+def test_truncated_output_is_named_as_such(fake_engine):
+    engine = fake_engine(lambda r: '{"template": "How to <fi>x', finish_reason="length")
+    _, quarantined, _ = genericize_queries(queries(["q"]), LLMCall(engine, None, GenerationStats()),
+                                           SamplingConfig(), 400, 400)
+    assert quarantined["reason"].to_list() == ["truncated_output"]
+
+
+def test_bank_merges_identical_templates_keeping_every_query_and_is_order_independent():
+    rows = pl.DataFrame({
+        "query_id": ["q2", "q1", "q3"], "source": ["b", "a", "a"], "template_id": ["t1", "t1", "t2"],
+        "template": ["T1", "T1", "T2"], "compatible_document_description": ["desc from q2", "desc from q1", "d3"],
+        "n_slots": [1, 1, 2], "genericization_id": ["g2", "g1", "g3"],
+    })
+    bank, stats = build_template_bank(rows)
+    again, _ = build_template_bank(rows.reverse())
+    assert bank.drop("run_id").equals(again.drop("run_id"))
+    t1 = bank.filter(pl.col("template_id") == "t1").row(0, named=True)
+    assert t1["query_ids"] == ["q1", "q2"] and t1["sources"] == ["a", "b"]
+    assert t1["compatible_document_description"] == "desc from q1"
+    assert stats.dropped["duplicate_template"] == 1
+
+
+def test_empty_bank_is_a_clear_error():
+    with pytest.raises(ValueError, match="template bank is empty"):
+        build_template_bank(pl.DataFrame(schema={"query_id": pl.String, "template_id": pl.String}))
