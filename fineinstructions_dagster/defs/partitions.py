@@ -25,7 +25,10 @@ def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[P
     if not new:
         return SkipReason(f"no new {partitions.name} ({len(found)} known)")
     return SensorResult(
-        run_requests=[RunRequest(run_key=f"{partitions.name}:{k}", partition_key=k, asset_selection=[AssetKey(a) for a in assets])
-                      for k in new],
+        run_requests=[
+            RunRequest(run_key=f"{partitions.name}:{k}", partition_key=k,
+                       asset_selection=[AssetKey(a) for a in assets])
+            for k in new
+        ],
         dynamic_partitions_requests=[partitions.build_add_request(new)],
     )

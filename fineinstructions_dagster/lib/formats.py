@@ -85,7 +85,8 @@ def _read_jsonl(path: Path, report: ReadReport) -> pl.DataFrame:
                     report.malformed_lines.append((path.name, lineno, f"invalid JSON: {e.msg}"))
                     continue
                 if not isinstance(obj, dict):
-                    report.malformed_lines.append((path.name, lineno, f"expected a JSON object, got {type(obj).__name__}"))
+                    got = type(obj).__name__
+                    report.malformed_lines.append((path.name, lineno, f"expected a JSON object, got {got}"))
                     continue
                 rows.append(obj)
     except (OSError, EOFError) as e:

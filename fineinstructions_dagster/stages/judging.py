@@ -19,7 +19,6 @@ from fineinstructions_dagster.stages.llm_calls import (
     seed_for,
 )
 
-
 BASE_SCHEMA: dict[str, pl.DataType] = {
     "judgement_id": pl.String(), "instantiation_id": pl.String(), "doc_id": pl.String(), "shard": pl.String(),
 } | GENERATION_SCHEMA

@@ -7,11 +7,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
+
 from fineinstructions_dagster.llm.cache import GenerationCache, GenerationStats, generate_cached
 from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, LLMEngine, SamplingConfig
-
-
-import polars as pl
 
 # Columns every LLM stage records for each generation (lineage: prompt, raw output, model, sampling).
 GENERATION_SCHEMA: dict[str, pl.DataType] = {

@@ -11,7 +11,8 @@ from fineinstructions_dagster.defs.resources import InputsResource
 ASSETS = ["documents"]
 
 
-@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING, asset_selection=AssetSelection.assets(*ASSETS))
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
+        asset_selection=AssetSelection.assets(*ASSETS))
 def corpus_shard_sensor(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult | SkipReason:
     """One partition per shard file (Parquet or JSON Lines) in the corpus folder."""
     if not Path(inputs.corpus_dir).is_dir():

@@ -11,7 +11,8 @@ from fineinstructions_dagster.defs.resources import InputsResource
 ASSETS = ["user_queries", "templates"]
 
 
-@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING, asset_selection=AssetSelection.assets(*ASSETS))
+@sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
+        asset_selection=AssetSelection.assets(*ASSETS))
 def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult | SkipReason:
     """One partition per query file, or per subfolder of query files, in the queries folder."""
     if not Path(inputs.queries_dir).is_dir():
