@@ -7,7 +7,7 @@ export FINEINSTRUCTIONS_ROOT ?= $(CURDIR)/data
 export FINEINSTRUCTIONS_SMOKE_MODEL ?= $(CURDIR)/models/smoke
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
-export VLLM_CONFIGURE_LOGGING ?= 0
+export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
 .PHONY: setup sample smoke-models demo run test lint dev clean

@@ -40,10 +40,14 @@ def cmd_smoke_models(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
+    from fineinstructions_dagster.llm.engines import close_engines
     from fineinstructions_dagster.runner import run_pipeline
 
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
-    run_pipeline(instance)
+    try:
+        run_pipeline(instance)
+    finally:
+        close_engines()
     cmd_summary(args)
     if args.show_lineage:
         return _show_first_lineage(args)

@@ -29,7 +29,10 @@ class PipelineRun:
     run_ids: dict[str, str] = field(default_factory=dict)
 
 
-def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print) -> PipelineRun:
+def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
+                 console_level: str = "WARNING") -> PipelineRun:
+    """Materialize every asset for every input. Dagster's step events stay in the instance (and the
+    UI); the console shows warnings and errors only unless `console_level` says otherwise."""
     from fineinstructions_dagster.definitions import STAGE_MODULES
 
     assets = load_assets_from_modules(STAGE_MODULES)
@@ -48,7 +51,8 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print) 
     def step(name: str, selection: list[str], partition: str | None = None) -> None:
         log(f"-> {name}" + (f" [{partition}]" if partition else ""))
         result = materialize(assets, selection=selection, partition_key=partition, instance=instance,
-                             resources=resources, tags={"fineinstructions/step": name})
+                             resources=resources, tags={"fineinstructions/step": name},
+                             run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
         out.run_ids[f"{name}:{partition}" if partition else name] = result.run_id
 
     for source in sources:

