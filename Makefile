@@ -24,7 +24,7 @@ smoke-models: setup
 # The whole graph on the offline sample with smoke models (demo profile: relaxed gates, said so).
 demo: sample smoke-models
 	FINEINSTRUCTIONS_PROFILE=demo FINEINSTRUCTIONS_QUERIES=$(SAMPLE)/queries FINEINSTRUCTIONS_CORPUS=$(SAMPLE)/corpus \
-	  $(BIN)/fineinstructions run --show-lineage
+	  $(BIN)/fineinstructions run --show-lineage --require-pairs
 
 # The whole graph on your inputs: FINEINSTRUCTIONS_QUERIES and FINEINSTRUCTIONS_CORPUS must be set.
 # Models default to the smoke model; set FINEINSTRUCTIONS_{GENERICIZER,INSTANTIATOR,JUDGE}_MODEL for real ones.

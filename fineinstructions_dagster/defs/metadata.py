@@ -36,3 +36,13 @@ def stage_metadata(stats: StageStats, preview: pl.DataFrame | None = None, colum
     for k, v in extra.items():
         meta[k] = MetadataValue.md(v) if isinstance(v, str) and "\n" in v else v
     return meta
+
+
+def require_all_joined(left: pl.DataFrame, joined: pl.DataFrame, what: str) -> pl.DataFrame:
+    """An inner join that must keep every row: upstream tables out of step are an error, not a drop."""
+    if joined.height != left.height:
+        raise ValueError(
+            f"{what}: {left.height - joined.height} of {left.height} rows reference ids missing upstream; "
+            "the upstream partitions changed since this one's inputs were built: re-materialize them in order"
+        )
+    return joined

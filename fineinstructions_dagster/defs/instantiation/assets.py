@@ -3,7 +3,7 @@
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
 from fineinstructions_dagster.defs.matching.assets import matches
-from fineinstructions_dagster.defs.metadata import stage_metadata
+from fineinstructions_dagster.defs.metadata import require_all_joined, stage_metadata
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.llm.cache import GenerationStats
@@ -23,10 +23,12 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     cfg = pipeline.config()
     store = storage.store()
     shard = context.partition_key
-    pending = (
-        store.read("matches", shard).select("match_id", "doc_id", "template_id", "shard")
-        .join(store.read("documents", shard).select("doc_id", "text"), on="doc_id", how="inner")
-        .join(store.read("template_bank").select("template_id", "template"), on="template_id", how="inner")
+    found = store.read("matches", shard).select("match_id", "doc_id", "template_id", "shard")
+    pending = require_all_joined(
+        found,
+        found.join(store.read("documents", shard).select("doc_id", "text"), on="doc_id", how="inner")
+        .join(store.read("template_bank").select("template_id", "template"), on="template_id", how="inner"),
+        f"matches[{shard}] -> documents/template_bank",
     )
     cache = storage.generation_cache()
     llm = LLMCall(instantiator_llm.engine(), cache, GenerationStats())

@@ -3,7 +3,7 @@
 from dagster import AssetExecutionContext, MaterializeResult, asset
 
 from fineinstructions_dagster.defs.instantiation.assets import instantiations
-from fineinstructions_dagster.defs.metadata import stage_metadata
+from fineinstructions_dagster.defs.metadata import require_all_joined, stage_metadata
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.llm.cache import GenerationStats
@@ -19,9 +19,11 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     cfg = pipeline.config()
     store = storage.store()
     shard = context.partition_key
-    pending = store.read("instantiations", shard).select("instantiation_id", "doc_id", "shard", "instruction",
-                                                         "answer").join(
-        store.read("documents", shard).select("doc_id", "text"), on="doc_id", how="inner")
+    found = store.read("instantiations", shard).select("instantiation_id", "doc_id", "shard", "instruction",
+                                                       "answer")
+    pending = require_all_joined(
+        found, found.join(store.read("documents", shard).select("doc_id", "text"), on="doc_id", how="inner"),
+        f"instantiations[{shard}] -> documents")
     cache = storage.generation_cache()
     llm = LLMCall(judge_llm.engine(), cache, GenerationStats())
     kept, quarantined, stats = judge_instantiations(pending, llm, cfg.judge_sampling, cfg.max_document_chars,
