@@ -289,7 +289,7 @@ class OpenAIEngine:
             return list(pool.map(self._one, requests))
 
 
-_ENGINES: dict[tuple[Any, ...], LLMEngine] = {}
+_ENGINES: dict[tuple[Any, ...], LazyEngine] = {}
 _LOCK = threading.Lock()
 
 
@@ -301,7 +301,37 @@ def vllm_available() -> bool:
     return True
 
 
-def get_engine(backend: str, model: str, revision: str | None = None, **options: Any) -> LLMEngine:
+class LazyEngine:
+    """Knows its identity (for cache keys and lineage) at once, loads the model on first real use:
+    a partition served entirely from the generation cache never starts an engine."""
+
+    def __init__(self, backend: str, model: str, revision: str | None, options: dict[str, Any]):
+        resolved = (revision or "server") if backend == "openai" else resolve_revision(model, revision)
+        self.info = EngineInfo(backend, model, resolved, dict(options))
+        self._args = (model, revision)
+        self._engine: LLMEngine | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        if self._engine is None:
+            log.info("starting %s engine for %s", self.info.backend, self.info.model)
+            cls = {"vllm": VLLMEngine, "openai": OpenAIEngine, "transformers": TransformersEngine}[self.info.backend]
+            self._engine = cls(*self._args, **self.info.options)
+        return self._engine.generate(requests)
+
+    def close(self) -> None:
+        close = getattr(self._engine, "close", None)
+        if close is not None:
+            close()
+        self._engine = None
+
+
+def get_engine(backend: str, model: str, revision: str | None = None, **options: Any) -> LazyEngine:
     """One engine per (backend, model, options) per process, reused across batches and partitions."""
     if backend == "auto":
         backend = "vllm" if vllm_available() else "transformers"
@@ -310,9 +340,7 @@ def get_engine(backend: str, model: str, revision: str | None = None, **options:
     key = (backend, model, revision, tuple(sorted(options.items())))
     with _LOCK:
         if key not in _ENGINES:
-            log.info("starting %s engine for %s", backend, model)
-            cls = {"vllm": VLLMEngine, "openai": OpenAIEngine, "transformers": TransformersEngine}[backend]
-            _ENGINES[key] = cls(model, revision, **options)
+            _ENGINES[key] = LazyEngine(backend, model, revision, options)
         return _ENGINES[key]
 
 
@@ -322,9 +350,7 @@ def close_engines() -> None:
         engines = list(_ENGINES.values())
         _ENGINES.clear()
     for engine in engines:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            try:
-                close()
-            except Exception as e:  # shutting down must not mask the caller's own result
-                log.warning("engine shutdown failed: %s", e)
+        try:
+            engine.close()
+        except Exception as e:  # shutting down must not mask the caller's own result
+            log.warning("engine shutdown failed: %s", e)

@@ -47,3 +47,17 @@ def test_duplicate_requests_in_one_batch_are_sent_once_and_failures_not_cached(t
     generate_cached(failing, reqs(3)[2:], "v9", cache)
     generate_cached(failing, reqs(3)[2:], "v9", cache)
     assert failing.calls == 2  # a failed request is retried next time, not served from cache
+
+
+def test_fully_cached_partition_never_starts_the_engine(tmp_path, fake_engine):
+    from fineinstructions_dagster.llm.engines import LazyEngine
+
+    lazy = LazyEngine("transformers", str(tmp_path / "no-such-model"), "r1", {})
+    cache = GenerationCache(tmp_path / "c.sqlite")
+    # fill the cache under the same identity with a stand-in engine
+    stand_in = fake_engine(lambda r: "cached text")
+    stand_in.info = lazy.info
+    generate_cached(stand_in, reqs(3), "v1", cache)
+    out = generate_cached(lazy, reqs(3), "v1", cache)
+    assert [r.text for r in out] == ["cached text"] * 3
+    assert not lazy.loaded  # loading would have failed: the model folder does not exist
