@@ -4,12 +4,13 @@ document; measure how much of the answer is copied from the document (grounding)
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import polars as pl
 
 from fineinstructions_dagster.lib.ids import content_id
 from fineinstructions_dagster.lib.stats import StageStats
-from fineinstructions_dagster.llm.engines import GenerationRequest, SamplingConfig
+from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, SamplingConfig
 from fineinstructions_dagster.prompts import instantiate
 from fineinstructions_dagster.prompts.common import truncate
 from fineinstructions_dagster.stages.llm_calls import (
@@ -18,6 +19,7 @@ from fineinstructions_dagster.stages.llm_calls import (
     LLMCall,
     frame,
     parse_json_object,
+    run_generation_stage,
     seed_for,
 )
 
@@ -77,28 +79,19 @@ def instantiate_matches(
                           sampling, seed_for(r["match_id"]), schema)
         for r in rows
     ]
-    results = llm.run(requests, instantiate.PROMPT_VERSION)
-    prov = llm.provenance(instantiate.PROMPT_VERSION, sampling)
-    kept, quarantined = [], []
-    for r, res in zip(rows, results, strict=True):
-        record = {
-            "instantiation_id": content_id("instantiation", r["match_id"], prov),
-            "match_id": r["match_id"], "doc_id": r["doc_id"], "template_id": r["template_id"],
-            "shard": r["shard"], "prompt": res.prompt, "raw_output": res.text,
-            "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
-            "completion_tokens": res.completion_tokens, **prov, "run_id": run_id,
-        }
+
+    def identify(r: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
+        return {"instantiation_id": content_id("instantiation", r["match_id"], prov), "match_id": r["match_id"],
+                "doc_id": r["doc_id"], "template_id": r["template_id"], "shard": r["shard"], "run_id": run_id}
+
+    def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
         obj, reason = parse_json_object(res, ("instruction", "answer"))
-        if obj is not None:
-            instruction, answer = str(obj["instruction"]).strip(), str(obj["answer"]).strip()
-            reason = gate_instantiation(instruction, answer, r["template"]) or ""
-        if reason:
-            quarantined.append({**record, "reason": reason, "detail": res.error or ""})
-            stats.drop(reason)
-            continue
-        kept.append({**record, "instruction": instruction, "answer": answer,
-                     "grounding": grounding(answer, r["text"])})
-    stats.kept = len(kept)
-    stats.extra.update(llm.stats.as_dict())
-    stats.check_balanced()
+        if obj is None:
+            return {}, reason
+        instruction, answer = str(obj["instruction"]).strip(), str(obj["answer"]).strip()
+        reason = gate_instantiation(instruction, answer, r["template"]) or ""
+        return {"instruction": instruction, "answer": answer, "grounding": grounding(answer, r["text"])}, reason
+
+    kept, quarantined = run_generation_stage(rows, requests, llm, instantiate.PROMPT_VERSION, sampling, identify,
+                                             interpret, stats)
     return frame(kept, INSTANTIATION_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats

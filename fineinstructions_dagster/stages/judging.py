@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import polars as pl
 
 from fineinstructions_dagster.lib.ids import content_id
 from fineinstructions_dagster.lib.stats import StageStats
-from fineinstructions_dagster.llm.engines import GenerationRequest, SamplingConfig
+from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, SamplingConfig
 from fineinstructions_dagster.prompts import judge
 from fineinstructions_dagster.prompts.common import truncate
 from fineinstructions_dagster.stages.llm_calls import (
@@ -16,6 +18,7 @@ from fineinstructions_dagster.stages.llm_calls import (
     LLMCall,
     frame,
     parse_json_object,
+    run_generation_stage,
     seed_for,
 )
 
@@ -49,28 +52,21 @@ def judge_instantiations(
                           sampling, seed_for(r["instantiation_id"]), schema)
         for r in rows
     ]
-    results = llm.run(requests, judge.PROMPT_VERSION)
-    prov = llm.provenance(judge.PROMPT_VERSION, sampling)
-    kept, quarantined = [], []
-    for r, res in zip(rows, results, strict=True):
-        record = {
-            "judgement_id": content_id("judgement", r["instantiation_id"], prov),
-            "instantiation_id": r["instantiation_id"], "doc_id": r["doc_id"], "shard": r["shard"],
-            "prompt": res.prompt, "raw_output": res.text, "finish_reason": res.finish_reason,
-            "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens, **prov,
-            "run_id": run_id,
-        }
+
+    def identify(r: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
+        return {"judgement_id": content_id("judgement", r["instantiation_id"], prov),
+                "instantiation_id": r["instantiation_id"], "doc_id": r["doc_id"], "shard": r["shard"],
+                "run_id": run_id}
+
+    def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
         obj, reason = parse_json_object(res, ("feedback", "score"))
-        score = None
-        if obj is not None:
-            score = parse_score(obj["score"])
-            reason = "" if score is not None else "score_out_of_range"
-        if reason:
-            quarantined.append({**record, "reason": reason, "detail": res.error or ""})
-            stats.drop(reason)
-            continue
-        kept.append({**record, "score": score, "feedback": str(obj["feedback"]).strip()})  # type: ignore[index]
-    stats.kept = len(kept)
-    stats.extra.update(llm.stats.as_dict())
-    stats.check_balanced()
+        if obj is None:
+            return {}, reason
+        score = parse_score(obj["score"])
+        if score is None:
+            return {}, "score_out_of_range"
+        return {"score": score, "feedback": str(obj["feedback"]).strip()}, ""
+
+    kept, quarantined = run_generation_stage(rows, requests, llm, judge.PROMPT_VERSION, sampling, identify,
+                                             interpret, stats)
     return frame(kept, JUDGEMENT_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 
+from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.llm.cache import GenerationCache, GenerationStats, generate_cached
 from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, LLMEngine, SamplingConfig
 
@@ -76,3 +78,34 @@ def parse_json_object(result: GenerationResult, required: tuple[str, ...]) -> tu
     if missing:
         return None, "missing_field"
     return obj, ""
+
+
+# interpret(row, result) -> (columns to add to a kept row, "") or ({}, reason to quarantine it)
+Interpret = Callable[[dict[str, Any], GenerationResult], tuple[dict[str, Any], str]]
+
+
+def run_generation_stage(
+    rows: list[dict[str, Any]], requests: list[GenerationRequest], llm: LLMCall, prompt_version: str,
+    sampling: SamplingConfig, identify: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]],
+    interpret: Interpret, stats: StageStats,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The loop the three LLM stages share: generate (through the cache), record prompt, raw output and
+    provenance for every row, then keep it or quarantine it with the reason `interpret` gives."""
+    results = llm.run(requests, prompt_version)
+    prov = llm.provenance(prompt_version, sampling)
+    kept: list[dict[str, Any]] = []
+    quarantined: list[dict[str, Any]] = []
+    for row, res in zip(rows, results, strict=True):
+        record = {**identify(row, prov), "prompt": res.prompt, "raw_output": res.text,
+                  "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
+                  "completion_tokens": res.completion_tokens, **prov}
+        fields, reason = interpret(row, res)
+        if reason:
+            quarantined.append({**record, "reason": reason, "detail": res.error or ""})
+            stats.drop(reason)
+        else:
+            kept.append({**record, **fields})
+    stats.kept = len(kept)
+    stats.extra.update(llm.stats.as_dict())
+    stats.check_balanced()
+    return kept, quarantined

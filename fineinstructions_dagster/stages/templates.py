@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import polars as pl
 
 from fineinstructions_dagster.lib.ids import content_id
 from fineinstructions_dagster.lib.stats import StageStats
-from fineinstructions_dagster.llm.engines import GenerationRequest, SamplingConfig
+from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, SamplingConfig
 from fineinstructions_dagster.prompts import genericize
 from fineinstructions_dagster.stages.llm_calls import (
     GENERATION_SCHEMA,
@@ -17,6 +18,7 @@ from fineinstructions_dagster.stages.llm_calls import (
     LLMCall,
     frame,
     parse_json_object,
+    run_generation_stage,
     seed_for,
 )
 
@@ -75,32 +77,23 @@ def genericize_queries(
     requests = [
         GenerationRequest(genericize.messages(r["text"]), sampling, seed_for(r["query_id"]), schema) for r in rows
     ]
-    results = llm.run(requests, genericize.PROMPT_VERSION)
-    prov = llm.provenance(genericize.PROMPT_VERSION, sampling)
-    kept, quarantined = [], []
-    for r, res in zip(rows, results, strict=True):
-        record = {
-            "query_id": r["query_id"], "source": r["source"], "query_text": r["text"],
-            "genericization_id": content_id("genericization", r["query_id"], prov),
-            "prompt": res.prompt, "raw_output": res.text, "finish_reason": res.finish_reason,
-            "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-            **prov, "run_id": run_id,
-        }
+
+    def identify(r: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
+        return {"query_id": r["query_id"], "source": r["source"], "query_text": r["text"],
+                "genericization_id": content_id("genericization", r["query_id"], prov), "run_id": run_id}
+
+    def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
         obj, reason = parse_json_object(res, ("template", "compatible_document_description"))
-        if obj is not None:
-            template = normalise_template(str(obj["template"]))
-            description = " ".join(str(obj["compatible_document_description"]).split())
-            reason = validate_template(template, description, max_template_chars, max_description_chars) or ""
-        if reason:
-            quarantined.append({**record, "reason": reason, "detail": res.error or ""})
-            stats.drop(reason)
-            continue
-        kept.append({**record, "template_id": content_id("template", template), "template": template,
-                     "compatible_document_description": description,
-                     "n_slots": len(_SLOT.findall(template))})
-    stats.kept = len(kept)
-    stats.extra.update(llm.stats.as_dict())
-    stats.check_balanced()
+        if obj is None:
+            return {}, reason
+        template = normalise_template(str(obj["template"]))
+        description = " ".join(str(obj["compatible_document_description"]).split())
+        reason = validate_template(template, description, max_template_chars, max_description_chars) or ""
+        return {"template_id": content_id("template", template), "template": template,
+                "compatible_document_description": description, "n_slots": len(_SLOT.findall(template))}, reason
+
+    kept, quarantined = run_generation_stage(rows, requests, llm, genericize.PROMPT_VERSION, sampling, identify,
+                                             interpret, stats)
     return frame(kept, TEMPLATE_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats
 
 
