@@ -40,19 +40,49 @@ class QueryFilterConfig:
         _check(self.min_words >= 0, "query min_words must be >= 0")
 
 
+BOILERPLATE_LINE_PATTERN = (
+    r"(?i)(cookie|javascript|privacy policy|terms of (use|service)|all rights reserved|lorem ipsum|"
+    r"subscribe to our|sign up for|log ?in to|click here|skip to (main )?content|share on (facebook|twitter))"
+)
+
+
 @dataclass(frozen=True)
 class DocumentFilterConfig:
+    """Defaults: Gopher quality and repetition rules (Rae et al. 2021) as datatrove sets them, C4/FineWeb-style
+    boilerplate lines, and CLD2 language ID. Set a threshold to None to switch its rule off."""
+
     min_words: int = 50
     max_words: int = 100_000
-    # Gopher-style rules (Rae et al. 2021): mean word length and the share of words with a letter.
     min_mean_word_length: float = 3.0
     max_mean_word_length: float = 10.0
-    min_alpha_word_ratio: float = 0.7
-    max_symbol_word_ratio: float = 0.1  # '#' and '...' per word
+    min_alpha_word_ratio: float | None = 0.8
+    max_symbol_word_ratio: float | None = 0.1  # '#' and '...' per word
+    max_bullet_line_ratio: float | None = 0.9
+    max_ellipsis_line_ratio: float | None = 0.3
+    min_stop_words: int | None = 2
+    max_dup_line_fraction: float | None = 0.3
+    max_dup_para_fraction: float | None = 0.3
+    max_dup_line_char_fraction: float | None = 0.2
+    max_dup_para_char_fraction: float | None = 0.2
+    boilerplate_line_pattern: str | None = BOILERPLATE_LINE_PATTERN
+    max_boilerplate_line_fraction: float = 0.5  # more boilerplate lines than this: drop the document
+    languages: tuple[str, ...] | None = ("en",)
+    min_language_score: float = 0.65
+    blocked_domains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(0 < self.min_words <= self.max_words, f"document min_words/max_words invalid: {self}")
-        _check(0 <= self.min_alpha_word_ratio <= 1, "min_alpha_word_ratio must be in [0, 1]")
+        for name in ("min_alpha_word_ratio", "max_dup_line_fraction", "max_dup_para_fraction",
+                     "max_boilerplate_line_fraction", "min_language_score"):
+            v = getattr(self, name)
+            _check(v is None or 0 <= v <= 1, f"{name} must be in [0, 1], got {v}")
+        if self.boilerplate_line_pattern:
+            import re
+
+            try:
+                re.compile(self.boilerplate_line_pattern)
+            except re.error as e:
+                raise ValueError(f"boilerplate_line_pattern is not a valid regex: {e}") from e
 
 
 @dataclass(frozen=True)

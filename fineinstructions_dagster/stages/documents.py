@@ -1,10 +1,14 @@
-"""Corpus documents: quality filters and exact dedup for one corpus shard.
+"""Corpus documents: line-level boilerplate removal, Gopher quality and repetition filters, language ID
+and a domain blocklist, one batch of a corpus shard at a time. Dedup (exact and near, across shards)
+happens afterwards over every shard's signatures: see `dedup.py`.
 
-Today: length bounds, Gopher-style word statistics, exact dedup of whitespace/case-normalised text
-within the shard. Every dropped document is kept in the rejected table with its reason.
+Every rule is a Polars expression over the batch except language ID (CLD2, one C call per document).
+Every dropped document gets a reason; the first failing rule names it.
 """
 
 from __future__ import annotations
+
+import re
 
 import polars as pl
 
@@ -13,60 +17,155 @@ from fineinstructions_dagster.lib.ids import content_id_expr
 from fineinstructions_dagster.lib.stats import StageStats
 
 DOCUMENT_COLUMNS = ["doc_id", "shard", "source_file", "source_row", "source_id", "url", "text", "n_words",
-                    "text_hash", "metadata", "run_id"]
+                    "text_hash", "language", "language_score", "metadata", "run_id"]
+STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]  # Gopher's stop-word rule
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def remove_boilerplate_lines(df: pl.DataFrame, pattern: str | None) -> pl.DataFrame:
+    """Drop lines that match the boilerplate pattern (cookie banners, 'all rights reserved', ...);
+    records the share of non-empty lines removed."""
+    lines = pl.col("text").fill_null("").str.split("\n")
+    nonempty = lines.list.eval(pl.element().filter(pl.element().str.strip_chars() != ""))
+    if not pattern:
+        return df.with_columns(pl.lit(0.0).alias("boilerplate_line_fraction"))
+    kept = lines.list.eval(pl.element().filter(~pl.element().str.contains(pattern)))
+    n_lines = nonempty.list.len()
+    n_bad = nonempty.list.eval(pl.element().str.contains(pattern)).list.sum()
+    return df.with_columns(
+        kept.list.join("\n").str.strip_chars().alias("text"),
+        (n_bad / pl.max_horizontal(n_lines, 1)).cast(pl.Float64).alias("boilerplate_line_fraction"),
+    )
+
+
+def _dup_fractions(parts: pl.Expr, prefix: str) -> list[pl.Expr]:
+    """Gopher repetition: share of repeated items, and share of characters in repeated items."""
+    items = parts.list.eval(pl.element().str.strip_chars()).list.eval(pl.element().filter(pl.element() != ""))
+    repeated = items.list.eval(pl.element().filter(~pl.element().is_first_distinct()))
+    total_chars = items.list.eval(pl.element().str.len_chars()).list.sum()
+    return [
+        (repeated.list.len() / pl.max_horizontal(items.list.len(), 1)).alias(f"dup_{prefix}_fraction"),
+        (repeated.list.eval(pl.element().str.len_chars()).list.sum() / pl.max_horizontal(total_chars, 1))
+        .alias(f"dup_{prefix}_char_fraction"),
+    ]
 
 
 def document_features(df: pl.DataFrame) -> pl.DataFrame:
     words = pl.col("text").str.extract_all(r"\S+")
+    n_words = pl.max_horizontal(words.list.len(), 1)
+    lines = pl.col("text").str.split("\n").list.eval(pl.element().filter(pl.element().str.strip_chars() != ""))
+    n_lines = pl.max_horizontal(lines.list.len(), 1)
+    lower = pl.col("text").str.to_lowercase()
     return df.with_columns(
-        pl.col("text").fill_null("").str.strip_chars().alias("text"),
-    ).with_columns(
         words.list.len().alias("n_words"),
         words.list.eval(pl.element().str.len_chars()).list.mean().fill_null(0).alias("mean_word_length"),
-        (words.list.eval(pl.element().str.contains(r"[^\W\d_]")).list.sum()
-         / pl.max_horizontal(words.list.len(), 1)).alias("alpha_word_ratio"),
-        ((pl.col("text").str.count_matches("#") + pl.col("text").str.count_matches(r"\.\.\.|…"))
-         / pl.max_horizontal(words.list.len(), 1)).alias("symbol_word_ratio"),
+        (words.list.eval(pl.element().str.contains(r"[^\W\d_]")).list.sum() / n_words).alias("alpha_word_ratio"),
+        ((pl.col("text").str.count_matches("#") + pl.col("text").str.count_matches(r"\.\.\.|…")) / n_words)
+        .alias("symbol_word_ratio"),
+        (lines.list.eval(pl.element().str.contains(r"^\s*[•●‣◦▪\-\*]")).list.sum() / n_lines)
+        .alias("bullet_line_ratio"),
+        (lines.list.eval(pl.element().str.contains(r"(\.\.\.|…)\s*$")).list.sum() / n_lines)
+        .alias("ellipsis_line_ratio"),
+        lower.str.extract_all(r"\b(" + "|".join(STOP_WORDS) + r")\b").list.len().alias("stop_words"),
+        *_dup_fractions(pl.col("text").str.split("\n"), "line"),
+        *_dup_fractions(pl.col("text").str.split("\n\n"), "para"),
     )
+
+
+def detect_languages(texts: list[str]) -> tuple[list[str], list[float]]:
+    """(ISO code or 'un', share of the text in that language) per text, with CLD2 (compiled-in model)."""
+    import pycld2
+
+    langs, scores = [], []
+    for t in texts:
+        try:
+            clean = _CONTROL.sub(" ", t[:20_000]).encode("utf-8", "replace").decode("utf-8")
+            reliable, _, found = pycld2.detect(clean)
+        except pycld2.error:  # text CLD2 cannot read: unknown language, not a crash
+            reliable, found = False, ()
+        code, percent = (found[0][1], found[0][2]) if found else ("un", 0)
+        langs.append(code if reliable and code != "un" else "un")
+        scores.append(percent / 100.0)
+    return langs, scores
+
+
+def _url_domain() -> pl.Expr:
+    return pl.col("url").fill_null("").str.extract(r"^[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)", 1) \
+        .str.to_lowercase().str.strip_prefix("www.")
+
+
+def rejection_reason(cfg: DocumentFilterConfig) -> pl.Expr:
+    rules: list[tuple[pl.Expr, str]] = []
+    if cfg.blocked_domains:
+        blocked = [d.lower().removeprefix("www.") for d in cfg.blocked_domains]
+        rules.append((_url_domain().is_in(blocked), "blocked_domain"))
+    rules += [
+        (pl.col("boilerplate_line_fraction") > cfg.max_boilerplate_line_fraction, "boilerplate"),
+        (pl.col("text") == "", "empty"),
+        (pl.col("n_words") < cfg.min_words, "too_short"),
+        (pl.col("n_words") > cfg.max_words, "too_long"),
+        (pl.col("mean_word_length") < cfg.min_mean_word_length, "short_words"),
+        (pl.col("mean_word_length") > cfg.max_mean_word_length, "long_words"),
+    ]
+    optional = [
+        (cfg.min_alpha_word_ratio, pl.col("alpha_word_ratio") < (cfg.min_alpha_word_ratio or 0), "few_alpha_words"),
+        (cfg.max_symbol_word_ratio, pl.col("symbol_word_ratio") > (cfg.max_symbol_word_ratio or 0), "symbol_heavy"),
+        (cfg.max_bullet_line_ratio, pl.col("bullet_line_ratio") > (cfg.max_bullet_line_ratio or 0), "bullet_lines"),
+        (cfg.max_ellipsis_line_ratio, pl.col("ellipsis_line_ratio") > (cfg.max_ellipsis_line_ratio or 0),
+         "ellipsis_lines"),
+        (cfg.min_stop_words, pl.col("stop_words") < (cfg.min_stop_words or 0), "few_stop_words"),
+        (cfg.max_dup_para_fraction, pl.col("dup_para_fraction") > (cfg.max_dup_para_fraction or 0),
+         "repeated_paragraphs"),
+        (cfg.max_dup_line_fraction, pl.col("dup_line_fraction") > (cfg.max_dup_line_fraction or 0),
+         "repeated_lines"),
+        (cfg.max_dup_para_char_fraction,
+         pl.col("dup_para_char_fraction") > (cfg.max_dup_para_char_fraction or 0), "repeated_paragraph_chars"),
+        (cfg.max_dup_line_char_fraction,
+         pl.col("dup_line_char_fraction") > (cfg.max_dup_line_char_fraction or 0), "repeated_line_chars"),
+    ]
+    rules += [(cond, reason) for threshold, cond, reason in optional if threshold is not None]
+    if cfg.languages:
+        rules.append((~pl.col("language").is_in(list(cfg.languages))
+                      | (pl.col("language_score") < cfg.min_language_score), "language"))
+    expr = pl.when(rules[0][0]).then(pl.lit(rules[0][1]))
+    for cond, reason in rules[1:]:
+        expr = expr.when(cond).then(pl.lit(reason))
+    return expr.otherwise(pl.lit(None, pl.String))
 
 
 def filter_documents(
     raw: pl.DataFrame, shard: str, cfg: DocumentFilterConfig, run_id: str = ""
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
-    """Return (kept documents, rejected documents with `reason`, stats)."""
+    """One batch of a shard -> (kept documents, rejected documents with `reason`, stats)."""
     stats = StageStats(total=raw.height)
-    df = document_features(raw)
-    reason = (
-        pl.when(pl.col("text") == "").then(pl.lit("empty"))
-        .when(pl.col("n_words") < cfg.min_words).then(pl.lit("too_short"))
-        .when(pl.col("n_words") > cfg.max_words).then(pl.lit("too_long"))
-        .when(pl.col("mean_word_length") < cfg.min_mean_word_length).then(pl.lit("short_words"))
-        .when(pl.col("mean_word_length") > cfg.max_mean_word_length).then(pl.lit("long_words"))
-        .when(pl.col("alpha_word_ratio") < cfg.min_alpha_word_ratio).then(pl.lit("few_alpha_words"))
-        .when(pl.col("symbol_word_ratio") > cfg.max_symbol_word_ratio).then(pl.lit("symbol_heavy"))
-        .otherwise(pl.lit(None, pl.String))
-    )
+    df = document_features(remove_boilerplate_lines(raw.with_columns(pl.col("text").fill_null("")),
+                                                    cfg.boilerplate_line_pattern))
+    if cfg.languages:
+        # Language ID only for documents that pass the cheap rules (CLD2 is the costliest rule).
+        cheap = rejection_reason(DocumentFilterConfig(**{**cfg.__dict__, "languages": None}))
+        pending = df.with_columns(cheap.alias("_r"))["_r"].is_null()
+        texts = df["text"].to_list()
+        langs, scores = detect_languages([t for t, p in zip(texts, pending, strict=True) if p])
+        it_l, it_s = iter(langs), iter(scores)
+        df = df.with_columns(
+            pl.Series("language", [next(it_l) if p else None for p in pending], dtype=pl.String),
+            pl.Series("language_score", [next(it_s) if p else None for p in pending], dtype=pl.Float64),
+        )
+    else:
+        df = df.with_columns(pl.lit(None, pl.String).alias("language"),
+                             pl.lit(None, pl.Float64).alias("language_score"))
     df = df.with_columns(
-        reason.alias("reason"),
+        rejection_reason(cfg).alias("reason"),
         pl.lit(shard).alias("shard"),
         pl.lit(run_id).alias("run_id"),
-        pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").alias("_norm"),
+        pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().alias("_norm"),
     ).with_columns(content_id_expr("hash", "_norm").alias("text_hash")).drop("_norm")
-    passed = df.filter(pl.col("reason").is_null())
-    first = passed.select(pl.col("text_hash").is_first_distinct()).to_series()
-    dup_of = passed.group_by("text_hash", maintain_order=True).agg(pl.col("source_row").first().alias("_first"))
-    dups = passed.filter(~first).join(dup_of, on="text_hash", how="left").with_columns(
-        pl.lit("exact_duplicate").alias("reason"),
-        pl.concat_str(pl.lit("source_row "), pl.col("_first").cast(pl.String)).alias("duplicate_of"),
-    ).drop("_first")
-    kept = passed.filter(first).with_columns(
+    kept = df.filter(pl.col("reason").is_null()).with_columns(
         content_id_expr("doc", "shard", "source_file", "source_id", "url", "text").alias("doc_id")
     ).select(DOCUMENT_COLUMNS)
-    rejected = pl.concat(
-        [df.filter(pl.col("reason").is_not_null()).with_columns(pl.lit(None, pl.String).alias("duplicate_of")),
-         dups], how="vertical_relaxed",
-    )
+    rejected = df.filter(pl.col("reason").is_not_null())
     stats.drop_counts(rejected["reason"])
     stats.kept = kept.height
+    stats.extra["boilerplate_lines_removed_docs"] = int((df["boilerplate_line_fraction"] > 0).sum())
     stats.check_balanced()
     return kept, rejected, stats
