@@ -62,12 +62,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     store = TableStore(_root(args))
     print("\n== FineInstructions summary ==")
     print(f"storage root: {store.root}")
-    for table in ("user_queries", "templates", "template_bank", "documents", "matches", "instantiations",
-                  "judgements", "fineinstructions"):
+    for table in ("user_queries", "templates", "template_bank", "filtered_documents", "documents", "matches",
+                  "instantiations", "judgements", "fineinstructions"):
         parts = store.partitions(table)
         rows = sum(store.read(table, p).height for p in parts)
         q = sum(store.read(table, p, quarantine=True).height for p in store.partitions(table, quarantine=True))
-        print(f"  {table:<18} {rows:>7} rows  {q:>6} rejected/quarantined  ({len(parts)} partitions)")
+        print(f"  {table:<19} {rows:>7} rows  {q:>6} rejected/quarantined  ({len(parts)} partitions)")
     report_path = store.root / "dataset_report" / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from fineinstructions_dagster.llm.engines import SamplingConfig
+from fineinstructions_dagster.stages.dedup import MinhashConfig
 
 PROFILES = ("paper", "demo")
 
@@ -90,6 +91,8 @@ class PipelineConfig:
     profile: str = "paper"
     queries: QueryFilterConfig = field(default_factory=QueryFilterConfig)
     documents: DocumentFilterConfig = field(default_factory=DocumentFilterConfig)
+    minhash: MinhashConfig = field(default_factory=MinhashConfig)
+    document_batch_rows: int = 20_000  # rows per streamed batch of a corpus shard
     max_template_chars: int = 400
     max_description_chars: int = 400
     templates_per_document: int = 5  # k

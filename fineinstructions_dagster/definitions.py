@@ -16,12 +16,16 @@ from fineinstructions_dagster.defs.templates import assets as templates
 
 STAGE_MODULES = [queries, templates, documents, matching, instantiation, judging, pairs]
 
-# The graph in four jobs, in the order they must first run; each re-runs one slice.
+# The graph in six jobs, in the order they must first run; each re-runs one slice.
 queries_job = define_asset_job("queries_job", selection=["user_queries", "templates"],
                                partitions_def=query_source_partitions,
                                description="Clean one query source and genericize it into templates.")
 template_index_job = define_asset_job("template_index_job", selection=["template_bank", "template_index"],
                                       description="Merge all templates into the bank and index it.")
+filter_job = define_asset_job("filter_job", selection=["filtered_documents"], partitions_def=corpus_shard_partitions,
+                              description="Stream one corpus shard through the quality filters and sign it.")
+dedup_job = define_asset_job("dedup_job", selection=["document_clusters"],
+                             description="Exact and near-duplicate clusters across every filtered shard.")
 shard_job = define_asset_job("shard_job", partitions_def=corpus_shard_partitions,
                              selection=["documents", "matches", "instantiations", "judgements", "fineinstructions"],
                              description="Documents -> matches -> instantiations -> judgements -> pairs for a shard.")
@@ -29,7 +33,7 @@ report_job = define_asset_job("report_job", selection=["dataset_report"], descri
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
-    jobs=[queries_job, template_index_job, shard_job, report_job],
+    jobs=[queries_job, template_index_job, filter_job, dedup_job, shard_job, report_job],
     sensors=[corpus_shard_sensor, query_source_sensor],
     resources=build_resources(),
 )

@@ -18,6 +18,8 @@ from fineinstructions_dagster.defs.resources import build_resources, env_value
 
 QUERY_STEP = ["user_queries", "templates"]
 BANK_STEP = ["template_bank", "template_index"]
+FILTER_STEP = ["filtered_documents"]
+DEDUP_STEP = ["document_clusters"]
 SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
 REPORT_STEP = ["dataset_report"]
 
@@ -58,6 +60,9 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     for source in sources:
         step("queries", QUERY_STEP, source)
     step("template_index", BANK_STEP)
+    for shard in shards:
+        step("filter", FILTER_STEP, shard)
+    step("dedup", DEDUP_STEP)
     for shard in shards:
         step("shard", SHARD_STEP, shard)
     step("report", REPORT_STEP)

@@ -6,8 +6,9 @@ from fineinstructions_dagster.definitions import defs
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.resources import InputsResource
 
-ASSETS = {"user_queries", "templates", "template_bank", "template_index", "documents", "matches",
-          "instantiations", "judgements", "fineinstructions", "dataset_report"}
+ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
+          "document_clusters", "documents", "matches", "instantiations", "judgements", "fineinstructions",
+          "dataset_report"}
 
 
 def test_every_asset_is_defined_with_its_partitions_and_pool():
@@ -16,14 +17,15 @@ def test_every_asset_is_defined_with_its_partitions_and_pool():
     assert keys == ASSETS
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     assert {k for k, s in specs.items() if s.partitions_def is not None} == {
-        "user_queries", "templates", "documents", "matches", "instantiations", "judgements", "fineinstructions"}
+        "user_queries", "templates", "filtered_documents", "documents", "matches", "instantiations", "judgements",
+        "fineinstructions"}
     pooled = {k for k in ASSETS if defs.resolve_assets_def(k).op.pool == "gpu"}
     assert pooled == {"templates", "instantiations", "judgements"}
     assert all(s.description for s in specs.values())
 
 
 def test_jobs_and_sensors_load():
-    for job in ("queries_job", "template_index_job", "shard_job", "report_job"):
+    for job in ("queries_job", "template_index_job", "filter_job", "dedup_job", "shard_job", "report_job"):
         assert defs.resolve_job_def(job)
     assert {s.name for s in defs.sensors} == {"corpus_shard_sensor", "query_source_sensor"}
 

@@ -98,7 +98,9 @@ def test_a_shard_partition_materializes_through_the_webserver(dagster_dev):
 
     _, port, root = dagster_dev
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
-    for job, partition in (("queries_job", "python_faq"), ("template_index_job", None), ("shard_job", "faq")):
+    steps = (("queries_job", "python_faq"), ("template_index_job", None), ("filter_job", "faq"), ("dedup_job", None),
+             ("shard_job", "faq"))
+    for job, partition in steps:
         tags = {"dagster/partition": partition} if partition else {}
         run_id = client.submit_job_execution(job, repository_location_name=LOCATION, tags=tags)
         assert wait_for_run(client, run_id) == "SUCCESS", f"{job} run {run_id} did not succeed"

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import polars as pl
 
 from fineinstructions_dagster.lib.formats import discover_sources, malformed_frame, read_texts
 from fineinstructions_dagster.lib.stats import StageStats
 
 
-def query_sources(queries_dir: str) -> dict[str, list[Path]]:
+def query_sources(queries_dir: str) -> dict[str, list[str]]:
     return discover_sources(queries_dir, subfolders_are_sources=True)
 
 
-def corpus_shards(corpus_dir: str) -> dict[str, list[Path]]:
+def corpus_shards(corpus_dir: str) -> dict[str, list[str]]:
     return discover_sources(corpus_dir, subfolders_are_sources=False)
 
 
-def read_partition_input(found: dict[str, list[Path]], key: str, folder: str,
+def read_partition_input(found: dict[str, list[str]], key: str, folder: str,
                          what: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(normalised rows, malformed-line quarantine rows) for one partition's input files."""
     if key not in found:

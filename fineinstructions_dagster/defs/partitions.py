@@ -1,6 +1,5 @@
 """Partitions definitions, defined once and imported everywhere, and the scan that adds new keys."""
 
-from pathlib import Path
 
 from dagster import (
     AssetKey,
@@ -15,7 +14,7 @@ query_source_partitions = DynamicPartitionsDefinition(name="query_source")
 corpus_shard_partitions = DynamicPartitionsDefinition(name="corpus_shard")
 
 
-def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[Path]],
+def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[str]],
                        partitions: DynamicPartitionsDefinition,
                        assets: list[str]) -> SensorResult | SkipReason:
     """Add a partition for every input not yet known and request one run for each new key."""

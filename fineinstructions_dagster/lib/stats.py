@@ -19,6 +19,14 @@ class StageStats:
         if n:
             self.dropped[reason] += n
 
+    def merge(self, other: StageStats) -> None:
+        """Add another batch's counts (extra values are summed)."""
+        self.total += other.total
+        self.kept += other.kept
+        self.dropped.update(other.dropped)
+        for k, v in other.extra.items():
+            self.extra[k] = self.extra.get(k, 0) + v
+
     def drop_counts(self, reasons: pl.Series) -> None:
         """Count a column of reasons (one per rejected row)."""
         for reason, n in Counter(reasons.to_list()).items():

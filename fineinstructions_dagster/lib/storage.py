@@ -92,6 +92,35 @@ class TableStore:
             return None
         return pl.scan_parquet(self.glob(table, quarantine))
 
+    def write_parts(self, table: str, parts: list[Path], empty: pl.DataFrame, partition: str = UNPARTITIONED,
+                    quarantine: bool = False) -> Path:
+        """Stream part files (written batch by batch) into one partition file, atomically."""
+        target = self.path(table, partition, quarantine)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            if parts:
+                pl.scan_parquet(parts).sink_parquet(tmp, compression="zstd")
+            else:
+                empty.write_parquet(tmp, compression="zstd")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @contextmanager
+    def scratch(self, name: str) -> Iterator[Path]:
+        """A private folder for one run's intermediate files, removed afterwards whatever happens."""
+        base = self.root / ".scratch"
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=base))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     @contextmanager
     def staged_dir(self, name: str) -> Iterator[Path]:
         """Build a folder (e.g. an index and its id map) aside, then swap it into place whole."""

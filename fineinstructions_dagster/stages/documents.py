@@ -9,12 +9,17 @@ Every dropped document gets a reason; the first failing rule names it.
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 
 from fineinstructions_dagster.config import DocumentFilterConfig
+from fineinstructions_dagster.lib.formats import ReadReport, iter_text_batches, malformed_frame
 from fineinstructions_dagster.lib.ids import content_id_expr
 from fineinstructions_dagster.lib.stats import StageStats
+from fineinstructions_dagster.stages.dedup import MinhashConfig, signature_frame
 
 DOCUMENT_COLUMNS = ["doc_id", "shard", "source_file", "source_row", "source_id", "url", "text", "n_words",
                     "text_hash", "language", "language_score", "metadata", "run_id"]
@@ -169,3 +174,79 @@ def filter_documents(
     stats.extra["boilerplate_lines_removed_docs"] = int((df["boilerplate_line_fraction"] > 0).sum())
     stats.check_balanced()
     return kept, rejected, stats
+
+
+@dataclass
+class PreparedShard:
+    """Part files written batch by batch for one shard, and what happened to its rows."""
+
+    kept: list[Path] = field(default_factory=list)
+    signatures: list[Path] = field(default_factory=list)
+    rejected: list[Path] = field(default_factory=list)
+    stats: StageStats = field(default_factory=StageStats)
+    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "filter": 0.0, "signatures": 0.0})
+    malformed: pl.DataFrame = field(default_factory=pl.DataFrame)
+
+
+def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minhash: MinhashConfig,
+                  scratch: Path, run_id: str = "", batch_rows: int = 20_000) -> PreparedShard:
+    """Stream a shard's files batch by batch: filter, compute MinHash signatures of the survivors, write
+    each batch's kept / signature / rejected rows as part files under `scratch` (memory stays at one
+    batch). Malformed JSON lines are counted and returned for quarantine."""
+    out = PreparedShard()
+    report = ReadReport()
+    batches = iter_text_batches(files, batch_rows, report)
+    i = 0
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        out.seconds["read"] += time.perf_counter() - t0
+        if batch is None:
+            break
+        t0 = time.perf_counter()
+        kept, rejected, stats = filter_documents(batch, shard, cfg, run_id)
+        out.seconds["filter"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sig = signature_frame(kept["doc_id"].to_list(), kept["text"].to_list(), minhash).with_columns(
+            kept["shard"], kept["text_hash"])
+        out.seconds["signatures"] += time.perf_counter() - t0
+        for name, frame, parts in (("kept", kept, out.kept), ("sig", sig, out.signatures),
+                                   ("rejected", rejected, out.rejected)):
+            if frame.height:
+                path = scratch / f"{name}-{i:06d}.parquet"
+                frame.write_parquet(path)
+                parts.append(path)
+        out.stats.merge(stats)
+        i += 1
+    out.malformed = malformed_frame(report)
+    out.stats.total += out.malformed.height
+    out.stats.drop("malformed_json", out.malformed.height)
+    out.stats.check_balanced()
+    return out
+
+
+def empty_documents() -> pl.DataFrame:
+    return pl.DataFrame(schema={"doc_id": pl.String, "shard": pl.String, "source_file": pl.String,
+                                "source_row": pl.Int64, "source_id": pl.String, "url": pl.String,
+                                "text": pl.String, "n_words": pl.UInt32, "text_hash": pl.String,
+                                "language": pl.String, "language_score": pl.Float64, "metadata": pl.String,
+                                "run_id": pl.String})
+
+
+def apply_duplicate_decisions(filtered: pl.DataFrame, decisions: pl.DataFrame,
+                              run_id: str = "") -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
+    """Keep the shard's documents that the cross-shard clusters keep; the others become rejected rows
+    that name the document they duplicate."""
+    stats = StageStats(total=filtered.height)
+    joined = filtered.join(decisions.select("doc_id", "kept", "duplicate_of", "reason", "similarity", "cluster"),
+                           on="doc_id", how="left")
+    missing = joined.filter(pl.col("kept").is_null()).height
+    if missing:
+        raise ValueError(f"{missing} documents of this shard have no dedup decision: document_clusters is older "
+                         "than this shard's filtered_documents; re-materialize document_clusters")
+    kept = joined.filter(pl.col("kept")).select(filtered.columns).with_columns(pl.lit(run_id).alias("run_id"))
+    removed = joined.filter(~pl.col("kept")).drop("text", "kept")
+    stats.drop_counts(removed["reason"])
+    stats.kept = kept.height
+    stats.check_balanced()
+    return kept, removed, stats

@@ -87,7 +87,8 @@ def dataset_report(pairs: pl.DataFrame) -> dict[str, object]:
     }
 
 
-QUARANTINED_TABLES = ("user_queries", "templates", "documents", "instantiations", "judgements", "fineinstructions")
+QUARANTINED_TABLES = ("user_queries", "templates", "filtered_documents", "documents", "instantiations", "judgements",
+                      "fineinstructions")
 
 
 def rejection_counts(store: TableStore) -> dict[str, dict[str, int]]:

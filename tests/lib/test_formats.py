@@ -58,3 +58,23 @@ def test_discovery_maps_files_and_subfolders_to_safe_keys(tmp_path):
     assert sorted(discover_sources(tmp_path, subfolders_are_sources=True)) == ["My-Source", "reddit"]
     assert sorted(discover_sources(tmp_path, subfolders_are_sources=False)) == ["My-Source"]
     assert partition_key_for("CC-MAIN 2024/10.jsonl.gz") == "CC-MAIN-2024-10"
+
+
+def test_streaming_batches_keep_row_numbers_and_read_zstd(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fineinstructions_dagster.lib.formats import ReadReport, iter_text_batches
+
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(5)]}), tmp_path / "s.parquet", row_group_size=2)
+    batches = list(iter_text_batches([str(tmp_path / "s.parquet")], batch_rows=2))
+    assert [b.height for b in batches] == [2, 2, 1]
+    assert pl.concat(batches)["source_row"].to_list() == [1, 2, 3, 4, 5]
+    import pyarrow.fs as pafs
+
+    with pafs.LocalFileSystem().open_output_stream(str(tmp_path / "z.jsonl.zst"), compression="zstd") as out:
+        out.write(b'{"content": "zstd line one"}\nnot json\n{"content": "zstd line three"}\n')
+    report = ReadReport()
+    rows = pl.concat(list(iter_text_batches([str(tmp_path / "z.jsonl.zst")], batch_rows=1, report=report)))
+    assert rows["text"].to_list() == ["zstd line one", "zstd line three"] and rows["source_row"].to_list() == [1, 3]
+    assert report.malformed_lines == [("z.jsonl.zst", 2, "invalid JSON: Expecting value")]

@@ -1,4 +1,4 @@
-"""`corpus_shard_sensor`: new shard files become `corpus_shard` partitions and `documents` runs."""
+"""`corpus_shard_sensor`: new shard files become `corpus_shard` partitions and `filtered_documents` runs."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ from fineinstructions_dagster.defs.inputs import corpus_shards
 from fineinstructions_dagster.defs.partitions import add_new_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
-ASSETS = ["documents"]
+ASSETS = ["filtered_documents"]
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
