@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents
 
 setup:
 	@scripts/setup.sh
@@ -38,6 +38,11 @@ run: smoke-models
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Documents stage vs datatrove on 100k documents with injected near-duplicates (about 10 minutes here).
+bench-documents: setup
+	@benchmarks/setup_datatrove.sh
+	$(BIN)/python benchmarks/documents.py
 
 lint: setup
 	$(BIN)/ruff check fineinstructions_dagster tests

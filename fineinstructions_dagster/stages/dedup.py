@@ -32,7 +32,7 @@ class MinhashConfig:
     seed: int = 1
     # Candidates from a shared bucket are confirmed only if their estimated Jaccard similarity
     # (share of equal signature values) reaches this; keeps precision high at no extra pass.
-    min_similarity: float = 0.7
+    min_similarity: float = 0.25
 
     def __post_init__(self) -> None:
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:

@@ -1,0 +1,93 @@
+"""Benchmark corpus: documents assembled from real paragraphs of the Python documentation (python3-doc),
+plus near-duplicates injected at known edit rates, with the ground truth written beside it."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+EDIT_RATES = (0.01, 0.03, 0.05, 0.10, 0.20)
+
+
+def paragraphs() -> list[str]:
+    from fineinstructions_dagster.sample import corpus_sections, find_doc_sources
+
+    src = find_doc_sources()
+    out: list[str] = []
+    for folder in sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        for row in corpus_sections(src, folder):
+            out.extend(p for p in row["text"].split("\n\n") if len(p.split()) >= 12)
+    return out
+
+
+def edit(text: str, rate: float, rng: random.Random, vocab: list[str]) -> str:
+    """Substitute, delete or insert words, each with probability rate / 3 per word."""
+    out: list[str] = []
+    for w in text.split(" "):
+        r = rng.random()
+        if r < rate / 3:
+            out.append(rng.choice(vocab))
+        elif r < 2 * rate / 3:
+            continue
+        elif r < rate:
+            out.extend([w, rng.choice(vocab)])
+        else:
+            out.append(w)
+    return " ".join(out)
+
+
+FILES = 2  # two files so that datatrove can use both cores
+
+
+def corpus_files(folder: Path) -> list[Path]:
+    return [folder / f"corpus-{k}.jsonl" for k in range(FILES)]
+
+
+def build(folder: Path, n_docs: int, dup_share: float = 0.1, seed: int = 0) -> Path:
+    """Write folder/corpus-{0,1}.jsonl (n_docs rows in all) and folder/truth.json; reuse them if built."""
+    truth_path = folder / "truth.json"
+    if truth_path.exists() and json.loads(truth_path.read_text())["n_docs"] == n_docs:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paras = paragraphs()
+    vocab = sorted({w for p in paras[:2000] for w in p.split()})
+    n_dups = int(n_docs * dup_share)
+    originals = [f"doc{i:07d}" for i in range(n_docs - n_dups)]
+    texts: dict[str, str] = {d: "\n\n".join(rng.sample(paras, rng.randint(3, 8))) for d in originals}
+    pairs = []
+    for j in range(n_dups):
+        orig = rng.choice(originals)
+        rate = EDIT_RATES[j % len(EDIT_RATES)]
+        copy = f"dup{j:07d}"
+        texts[copy] = edit(texts[orig], rate, rng, vocab)
+        pairs.append({"copy": copy, "original": orig, "rate": rate})
+    ids = list(texts)
+    rng.shuffle(ids)
+    handles = [open(f, "w", encoding="utf-8") for f in corpus_files(folder)]  # noqa: SIM115
+    for i, d in enumerate(ids):
+        handles[i % FILES].write(json.dumps({"id": d, "text": texts[d], "url": f"https://bench.example/{d}"}) + "\n")
+    for fh in handles:
+        fh.close()
+    truth_path.write_text(json.dumps({"n_docs": n_docs, "pairs": pairs}))
+    return folder
+
+
+def score(removed: set[str], truth: dict) -> dict[str, float]:
+    """Pair-level recall (one of the two removed, the other kept), precision over every removed doc, and
+    recall per edit rate."""
+    found, per_rate = 0, {}
+    correct: set[str] = set()
+    for p in truth["pairs"]:
+        a, b = p["copy"] in removed, p["original"] in removed
+        hit = a != b
+        found += hit
+        per_rate.setdefault(p["rate"], []).append(hit)
+        if hit:
+            correct.add(p["copy"] if a else p["original"])
+    return {
+        "recall": found / max(len(truth["pairs"]), 1),
+        "precision": len(correct) / max(len(removed), 1),
+        "recall_by_edit_rate": {str(r): sum(v) / len(v) for r, v in sorted(per_rate.items())},
+    }
