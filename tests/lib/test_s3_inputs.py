@@ -1,0 +1,55 @@
+"""Corpus shards under an s3:// prefix, read through pyarrow's S3 filesystem against a local moto server."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fineinstructions_dagster.config import DocumentFilterConfig
+from fineinstructions_dagster.lib.formats import discover_sources, iter_text_batches
+from fineinstructions_dagster.stages.dedup import MinhashConfig
+from fineinstructions_dagster.stages.documents import prepare_shard
+
+TEXT = ("The quick brown fox jumps over the lazy dog near the quiet river bank, and that is the end of it. "
+        "Then it went home to rest with the other foxes of the forest and the dog went to the farm.")
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    boto3 = pytest.importorskip("boto3")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+    client.create_bucket(Bucket="corpus")
+    yield client
+    server.stop()
+
+
+def test_shards_under_an_s3_prefix_are_discovered_and_streamed(s3, tmp_path):
+    lines = [json.dumps({"id": f"j{i}", "text": f"{TEXT} Variant {i}.", "url": f"https://x/{i}"}) for i in range(3)]
+    s3.put_object(Bucket="corpus", Key="cc/shard-1.jsonl.gz", Body=gzip.compress(("\n".join(lines) + "\n").encode()))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": [TEXT], "id": ["p0"]}), buf)
+    s3.put_object(Bucket="corpus", Key="cc/shard-2.parquet", Body=buf.getvalue())
+    found = discover_sources("s3://corpus/cc", subfolders_are_sources=False)
+    assert found == {"shard-1": ["s3://corpus/cc/shard-1.jsonl.gz"], "shard-2": ["s3://corpus/cc/shard-2.parquet"]}
+    batches = list(iter_text_batches(found["shard-1"], batch_rows=2))
+    assert [b.height for b in batches] == [2, 1]
+    out = prepare_shard(found["shard-2"], "shard-2", DocumentFilterConfig(min_words=10), MinhashConfig(), tmp_path)
+    assert out.stats.kept == 1 and len(out.signatures) == 1
+
+
+def test_missing_s3_prefix_is_a_clear_error(s3):
+    with pytest.raises(FileNotFoundError, match="s3://corpus/nothing-here does not exist"):
+        discover_sources("s3://corpus/nothing-here", subfolders_are_sources=False)
