@@ -111,6 +111,19 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_document(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.lib.storage import TableStore
+    from fineinstructions_dagster.stages.lineage import LineageError, trace_document
+
+    try:
+        found = trace_document(TableStore(_root(args)), args.key)
+    except LineageError as e:
+        print(f"document: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(found, indent=2, ensure_ascii=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineinstructions", description=__doc__)
     parser.add_argument("--root", help="storage root (default: $FINEINSTRUCTIONS_ROOT or ./data)")
@@ -142,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pair_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser("document", help="was a document kept, filtered (why) or removed as a duplicate (of what)")
+    p.add_argument("key", help="doc_id, source id or url")
+    p.set_defaults(func=cmd_document)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

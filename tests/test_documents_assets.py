@@ -40,7 +40,8 @@ def corpus(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
     a = [{"id": f"a{i}", "text": article(i), "url": f"https://a.example/{i}"} for i in range(6)]
-    pl.DataFrame(a).write_parquet(folder / "shard-a.parquet")
+    pl.DataFrame([*a, {"id": "a-short", "text": "far too short", "url": "https://a.example/s"}]).write_parquet(
+        folder / "shard-a.parquet")
     lines = [json.dumps({"id": "b0", "text": near_copy(a[2]["text"]), "url": "https://b.example/0"}),
              '{"id": "b1", "text": "broken',
              json.dumps({"id": "b2", "text": article(100), "url": "https://b.example/2"})]
@@ -112,3 +113,16 @@ def test_shard_is_streamed_in_batches_with_the_same_result(corpus, tmp_path):
     assert len(small.kept) == 3 and len(whole.kept) == 1
     assert pl.read_parquet(small.kept).equals(pl.read_parquet(whole.kept))
     assert pl.read_parquet(small.signatures).equals(pl.read_parquet(whole.signatures))
+
+
+def test_document_lookup_says_why_a_document_is_gone(corpus, tmp_path):
+    from fineinstructions_dagster.stages.lineage import trace_document
+
+    _, store = run(corpus, tmp_path / "root", ["shard-a", "shard-b"])
+    gone = trace_document(store, "b0")
+    assert gone["status"] == "removed as duplicate" and gone["reason"] == "near_duplicate"
+    assert gone["duplicate_of"] == trace_document(store, "a2")["doc_id"]
+    assert trace_document(store, "a2")["status"] == "kept"
+    assert trace_document(store, "https://b.example/2")["status"] == "kept"
+    short = trace_document(store, "a-short")
+    assert short["status"] == "dropped by a filter" and short["reason"] == "too_short" and short["doc_id"]

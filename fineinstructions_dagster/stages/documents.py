@@ -164,10 +164,12 @@ def filter_documents(
         pl.lit(shard).alias("shard"),
         pl.lit(run_id).alias("run_id"),
         pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().alias("_norm"),
-    ).with_columns(content_id_expr("hash", "_norm").alias("text_hash")).drop("_norm")
-    kept = df.filter(pl.col("reason").is_null()).with_columns(
-        content_id_expr("doc", "shard", "source_file", "source_id", "url", "text").alias("doc_id")
-    ).select(DOCUMENT_COLUMNS)
+    ).with_columns(
+        content_id_expr("hash", "_norm").alias("text_hash"),
+        # rejected rows get their id too, so `fineinstructions document ID` can say why they are gone
+        content_id_expr("doc", "shard", "source_file", "source_id", "url", "text").alias("doc_id"),
+    ).drop("_norm")
+    kept = df.filter(pl.col("reason").is_null()).select(DOCUMENT_COLUMNS)
     rejected = df.filter(pl.col("reason").is_not_null())
     stats.drop_counts(rejected["reason"])
     stats.kept = kept.height

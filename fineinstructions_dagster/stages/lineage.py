@@ -109,3 +109,23 @@ def format_lineage(chain: dict[str, Any]) -> str:
         *[f"  {k:<17} {v}" for k, v in chain["runs"].items()],
     ]
     return "\n".join(lines)
+
+
+def trace_document(store: TableStore, key: str) -> dict[str, Any]:
+    """Where a document went, by doc_id, source id or url: kept, dropped by a filter (with the reason),
+    or removed as a duplicate (with the doc_id it duplicates and the estimated similarity)."""
+    con = duckdb.connect()
+    where = "doc_id = ? OR source_id = ? OR url = ?"
+    places = [("documents", False, "kept"), ("documents", True, "removed as duplicate"),
+              ("filtered_documents", True, "dropped by a filter")]
+    for table, quarantine, status in places:
+        if not store.partitions(table, quarantine):
+            continue
+        rel = con.execute(f"SELECT * FROM read_parquet(?, union_by_name=true) WHERE {where} LIMIT 1",
+                          [store.glob(table, quarantine), key, key, key])
+        row = rel.fetchone()
+        if row is not None:
+            found = dict(zip([d[0] for d in rel.description], row, strict=True))
+            found.pop("text", None)
+            return json.loads(json.dumps({"status": status, **found}, default=str))
+    raise LineageError(f"no document with doc_id, source id or url {key!r} under {store.root}")
