@@ -1,24 +1,34 @@
-"""Benchmark corpus: documents assembled from real paragraphs of the Python documentation (python3-doc),
+"""Benchmark corpus: documents assembled from real sentences of the Python documentation (python3-doc),
 plus near-duplicates injected at known edit rates, with the ground truth written beside it."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 EDIT_RATES = (0.01, 0.03, 0.05, 0.10, 0.20)
 
 
-def paragraphs() -> list[str]:
+def sentences() -> list[str]:
+    """Distinct sentences of the Python documentation (documents are built from random sentences, so that
+    two originals share almost nothing and every near-duplicate in the corpus is one we injected)."""
     from fineinstructions_dagster.sample import corpus_sections, find_doc_sources
 
     src = find_doc_sources()
-    out: list[str] = []
+    seen: set[str] = set()
     for folder in sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("_")):
         for row in corpus_sections(src, folder):
-            out.extend(p for p in row["text"].split("\n\n") if len(p.split()) >= 12)
-    return out
+            for sentence in re.split(r"(?<=[.!?])\s+", row["text"].replace("\n", " ")):
+                if len(sentence.split()) >= 6:
+                    seen.add(sentence.strip())
+    return sorted(seen)
+
+
+def document(rng: random.Random, pool: list[str]) -> str:
+    picked = rng.sample(pool, rng.randint(12, 36))
+    return "\n\n".join(" ".join(picked[i:i + 4]) for i in range(0, len(picked), 4))
 
 
 def edit(text: str, rate: float, rng: random.Random, vocab: list[str]) -> str:
@@ -51,11 +61,11 @@ def build(folder: Path, n_docs: int, dup_share: float = 0.1, seed: int = 0) -> P
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    paras = paragraphs()
-    vocab = sorted({w for p in paras[:2000] for w in p.split()})
+    pool = sentences()
+    vocab = sorted({w for p in pool[:5000] for w in p.split()})
     n_dups = int(n_docs * dup_share)
     originals = [f"doc{i:07d}" for i in range(n_docs - n_dups)]
-    texts: dict[str, str] = {d: "\n\n".join(rng.sample(paras, rng.randint(3, 8))) for d in originals}
+    texts: dict[str, str] = {d: document(rng, pool) for d in originals}
     pairs = []
     for j in range(n_dups):
         orig = rng.choice(originals)
