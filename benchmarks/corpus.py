@@ -27,7 +27,7 @@ def sentences() -> list[str]:
 
 
 def document(rng: random.Random, pool: list[str]) -> str:
-    picked = rng.sample(pool, rng.randint(12, 36))
+    picked = rng.sample(pool, rng.randint(8, 24))
     return "\n\n".join(" ".join(picked[i:i + 4]) for i in range(0, len(picked), 4))
 
 
@@ -84,18 +84,19 @@ def build(folder: Path, n_docs: int, dup_share: float = 0.1, seed: int = 0) -> P
     return folder
 
 
-def score(removed: set[str], truth: dict) -> dict[str, float]:
-    """Pair-level recall (one of the two removed, the other kept), precision over every removed doc, and
-    recall per edit rate."""
+def score(removed: set[str], clusters: dict[str, int], truth: dict) -> dict[str, float]:
+    """A pair is found when the copy and its original end in the same duplicate cluster with one of them
+    removed. Precision: removed documents that sit in one cluster with their injected partner, over all
+    removed documents (the originals share almost nothing, so any other removal is a false positive)."""
     found, per_rate = 0, {}
     correct: set[str] = set()
     for p in truth["pairs"]:
-        a, b = p["copy"] in removed, p["original"] in removed
-        hit = a != b
+        c, o = clusters.get(p["copy"], -1), clusters.get(p["original"], -2)
+        hit = c == o and (p["copy"] in removed or p["original"] in removed)
         found += hit
         per_rate.setdefault(p["rate"], []).append(hit)
         if hit:
-            correct.add(p["copy"] if a else p["original"])
+            correct.update(d for d in (p["copy"], p["original"]) if d in removed)
     return {
         "recall": found / max(len(truth["pairs"]), 1),
         "precision": len(correct) / max(len(removed), 1),

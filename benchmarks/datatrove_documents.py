@@ -46,14 +46,22 @@ def main(phase: str, corpus: str, work_dir: str) -> None:
         work, "sig")
     run([MinhashDedupBuckets(str(work / "sigs"), str(work / "buckets"), config=cfg)], work, "buckets",
         tasks=cfg.num_buckets)
-    run([MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=cfg)], work, "cluster", tasks=1)
-    run([JsonlReader(corpus, glob_pattern="corpus-*.jsonl"), MinhashDedupFilter(str(work / "remove")),
+    run([MinhashDedupCluster(str(work / "buckets"), str(work / "remove"), config=cfg, save_cluster_id=True)],
+        work, "cluster", tasks=1)
+    run([JsonlReader(corpus, glob_pattern="corpus-*.jsonl"),
+         MinhashDedupFilter(str(work / "remove"), exclusion_writer=JsonlWriter(str(work / "excluded")),
+                            load_cluster_ids=True),
          JsonlWriter(str(work / "deduped"))], work, "filter-dups")
-    kept = {json.loads(line)["id"] for f in glob.glob(str(work / "deduped" / "*")) for line in gzip.open(f)}
-    all_ids = {json.loads(line)["id"] for f in sorted(Path(corpus).glob("corpus-*.jsonl")) for line in open(f)}
-    removed = sorted(all_ids - kept)
-    (work / "removed.json").write_text(json.dumps(removed))
-    print(json.dumps({"docs": len(all_ids), "removed_file": str(work / "removed.json")}))
+    clusters, removed = {}, []
+    for folder in ("deduped", "excluded"):
+        for f in glob.glob(str(work / folder / "*")):
+            for line in gzip.open(f):
+                doc = json.loads(line)
+                clusters[doc["id"]] = doc["metadata"].get("minhash_cluster_id", -1)
+                if folder == "excluded":
+                    removed.append(doc["id"])
+    (work / "removed.json").write_text(json.dumps({"removed": sorted(removed), "clusters": clusters}))
+    print(json.dumps({"docs": len(clusters), "removed_file": str(work / "removed.json")}))
 
 
 if __name__ == "__main__":

@@ -17,14 +17,14 @@ from fineinstructions_dagster.stages.dedup import MinhashConfig, cluster_duplica
 from fineinstructions_dagster.stages.documents import filter_documents
 
 
-def main(phase: str, corpus: str, work: str) -> None:
+def main(phase: str, corpus: str, work: str, bands: int = 14, rows: int = 8, min_similarity: float = 0.25) -> None:
     out = Path(work)
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(str(p) for p in Path(corpus).glob("corpus-*.jsonl"))
     if phase == "filter":
         print(json.dumps(filter_phase(files, out)))
     else:
-        print(json.dumps(dedup_phase(files, out)))
+        print(json.dumps(dedup_phase(files, out, MinhashConfig(bands=bands, rows=rows, min_similarity=min_similarity))))
 
 
 def filter_phase(files: list[str], out: Path) -> dict:
@@ -38,9 +38,8 @@ def filter_phase(files: list[str], out: Path) -> dict:
     return {"docs": n, "kept": kept_n}
 
 
-def dedup_phase(files: list[str], out: Path) -> dict:
+def dedup_phase(files: list[str], out: Path, mh: MinhashConfig) -> dict:
     """Over the raw corpus, like datatrove's pipeline: signatures, clusters, write kept docs."""
-    mh = MinhashConfig()
     sigs, n = [], 0
     for batch in iter_text_batches(files, 20_000):
         n += batch.height
@@ -52,9 +51,12 @@ def dedup_phase(files: list[str], out: Path) -> dict:
     removed = set(decisions.filter(~pl.col("kept"))["doc_id"].to_list())
     for i, batch in enumerate(iter_text_batches(files, 20_000)):
         batch.filter(~pl.col("source_id").is_in(list(removed))).write_parquet(out / f"dedup-{i:04d}.parquet")
-    (out / "removed.json").write_text(json.dumps(sorted(removed)))
+    multi = decisions.filter(pl.col("cluster").is_duplicated())
+    clusters = dict(zip(multi["doc_id"].to_list(), multi["cluster"].to_list(), strict=True))
+    (out / "removed.json").write_text(json.dumps({"removed": sorted(removed), "clusters": clusters}))
     return {"docs": n, "removed_file": str(out / "removed.json")}
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    extra = sys.argv[4:7]
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(extra[0]), int(extra[1]), float(extra[2])) if extra else ())
