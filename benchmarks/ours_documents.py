@@ -17,14 +17,16 @@ from fineinstructions_dagster.stages.dedup import MinhashConfig, cluster_duplica
 from fineinstructions_dagster.stages.documents import filter_documents
 
 
-def main(phase: str, corpus: str, work: str, bands: int = 14, rows: int = 8, min_similarity: float = 0.25) -> None:
+def main(phase: str, corpus: str, work: str, *lsh: float) -> None:
+    """`lsh`: optional bands, rows, min_similarity; the pipeline's defaults otherwise."""
     out = Path(work)
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(str(p) for p in Path(corpus).glob("corpus-*.jsonl"))
     if phase == "filter":
         print(json.dumps(filter_phase(files, out)))
     else:
-        print(json.dumps(dedup_phase(files, out, MinhashConfig(bands=bands, rows=rows, min_similarity=min_similarity))))
+        overrides = dict(zip(("bands", "rows", "min_similarity"), lsh, strict=False))
+        print(json.dumps(dedup_phase(files, out, MinhashConfig(**overrides))))  # type: ignore[arg-type]
 
 
 def filter_phase(files: list[str], out: Path) -> dict:
@@ -59,4 +61,4 @@ def dedup_phase(files: list[str], out: Path, mh: MinhashConfig) -> dict:
 
 if __name__ == "__main__":
     extra = sys.argv[4:7]
-    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(extra[0]), int(extra[1]), float(extra[2])) if extra else ())
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *((int(extra[0]), int(extra[1]), float(extra[2])) if extra else ()))
