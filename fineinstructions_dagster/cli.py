@@ -7,7 +7,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 BUILD_SAMPLE_DEFAULTS = {"shards": "tutorial,howto,faq", "max_docs_per_shard": 40, "max_queries": 60}
 
@@ -98,30 +100,31 @@ def _show_first_lineage(args: argparse.Namespace) -> int:
     return cmd_lineage(args)
 
 
-def cmd_lineage(args: argparse.Namespace) -> int:
+def _lookup(args: argparse.Namespace, label: str, trace: Callable[..., dict[str, Any]], key: str,
+            render: Callable[[dict[str, Any]], str] | None = None) -> int:
+    """Run a lineage lookup; print it (JSON unless `render`), or its error with exit code 2."""
     from fineinstructions_dagster.lib.storage import TableStore
-    from fineinstructions_dagster.stages.lineage import LineageError, format_lineage, trace_pair
+    from fineinstructions_dagster.stages.lineage import LineageError
 
     try:
-        chain = trace_pair(TableStore(_root(args)), args.pair_id)
+        found = trace(TableStore(_root(args)), key)
     except LineageError as e:
-        print(f"lineage: {e}", file=sys.stderr)
+        print(f"{label}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(chain, indent=2, ensure_ascii=False) if args.json else format_lineage(chain))
+    print(render(found) if render else json.dumps(found, indent=2, ensure_ascii=False))
     return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.stages.lineage import format_lineage, trace_pair
+
+    return _lookup(args, "lineage", trace_pair, args.pair_id, None if args.json else format_lineage)
 
 
 def cmd_document(args: argparse.Namespace) -> int:
-    from fineinstructions_dagster.lib.storage import TableStore
-    from fineinstructions_dagster.stages.lineage import LineageError, trace_document
+    from fineinstructions_dagster.stages.lineage import trace_document
 
-    try:
-        found = trace_document(TableStore(_root(args)), args.key)
-    except LineageError as e:
-        print(f"document: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(found, indent=2, ensure_ascii=False))
-    return 0
+    return _lookup(args, "document", trace_document, args.key)
 
 
 def main(argv: list[str] | None = None) -> int:

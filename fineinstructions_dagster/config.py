@@ -7,6 +7,7 @@ still ends with pairs, and every summary printed under it says so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from fineinstructions_dagster.llm.engines import SamplingConfig
@@ -78,8 +79,6 @@ class DocumentFilterConfig:
             v = getattr(self, name)
             _check(v is None or 0 <= v <= 1, f"{name} must be in [0, 1], got {v}")
         if self.boilerplate_line_pattern:
-            import re
-
             try:
                 re.compile(self.boilerplate_line_pattern)
             except re.error as e:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import polars as pl
 
 from fineinstructions_dagster.lib.formats import discover_sources, malformed_frame, read_texts
-from fineinstructions_dagster.lib.stats import StageStats
 
 
 def query_sources(queries_dir: str) -> dict[str, list[str]]:
@@ -25,6 +24,3 @@ def read_partition_input(found: dict[str, list[str]], key: str, folder: str,
     return raw, malformed_frame(report)
 
 
-def count_malformed(stats: StageStats, malformed: pl.DataFrame) -> None:
-    stats.total += malformed.height
-    stats.drop("malformed_json", malformed.height)

@@ -19,6 +19,11 @@ class StageStats:
         if n:
             self.dropped[reason] += n
 
+    def count_unread(self, reason: str, n: int) -> None:
+        """Rows that never reached the stage (e.g. malformed input lines): part of total, dropped."""
+        self.total += n
+        self.drop(reason, n)
+
     def merge(self, other: StageStats) -> None:
         """Add another batch's counts (extra values are summed)."""
         self.total += other.total

@@ -51,6 +51,12 @@ class GenerationCache:
     def close(self) -> None:
         self._db.close()
 
+    def __enter__(self) -> GenerationCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 @dataclass
 class GenerationStats:

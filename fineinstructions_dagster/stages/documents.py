@@ -21,8 +21,13 @@ from fineinstructions_dagster.lib.ids import content_id_expr
 from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.stages.dedup import MinhashConfig, signature_frame
 
-DOCUMENT_COLUMNS = ["doc_id", "shard", "source_file", "source_row", "source_id", "url", "text", "n_words",
-                    "text_hash", "language", "language_score", "metadata", "run_id"]
+DOCUMENT_SCHEMA: dict[str, pl.DataType] = {
+    "doc_id": pl.String(), "shard": pl.String(), "source_file": pl.String(), "source_row": pl.Int64(),
+    "source_id": pl.String(), "url": pl.String(), "text": pl.String(), "n_words": pl.UInt32(),
+    "text_hash": pl.String(), "language": pl.String(), "language_score": pl.Float64(), "metadata": pl.String(),
+    "run_id": pl.String(),
+}
+DOCUMENT_COLUMNS = list(DOCUMENT_SCHEMA)
 STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]  # Gopher's stop-word rule
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -30,10 +35,10 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 def remove_boilerplate_lines(df: pl.DataFrame, pattern: str | None) -> pl.DataFrame:
     """Drop lines that match the boilerplate pattern (cookie banners, 'all rights reserved', ...);
     records the share of non-empty lines removed."""
-    lines = pl.col("text").fill_null("").str.split("\n")
-    nonempty = lines.list.eval(pl.element().filter(pl.element().str.strip_chars() != ""))
     if not pattern:
         return df.with_columns(pl.lit(0.0).alias("boilerplate_line_fraction"))
+    lines = pl.col("text").fill_null("").str.split("\n")
+    nonempty = lines.list.eval(pl.element().filter(pl.element().str.strip_chars() != ""))
     kept = lines.list.eval(pl.element().filter(~pl.element().str.contains(pattern)))
     n_lines = nonempty.list.len()
     n_bad = nonempty.list.eval(pl.element().str.contains(pattern)).list.sum()
@@ -100,6 +105,7 @@ def _url_domain() -> pl.Expr:
 
 
 def rejection_reason(cfg: DocumentFilterConfig) -> pl.Expr:
+    """Every rule except language ID (cheap, vectorised); the first failing rule names the reason."""
     rules: list[tuple[pl.Expr, str]] = []
     if cfg.blocked_domains:
         blocked = [d.lower().removeprefix("www.") for d in cfg.blocked_domains]
@@ -129,9 +135,6 @@ def rejection_reason(cfg: DocumentFilterConfig) -> pl.Expr:
          pl.col("dup_line_char_fraction") > (cfg.max_dup_line_char_fraction or 0), "repeated_line_chars"),
     ]
     rules += [(cond, reason) for threshold, cond, reason in optional if threshold is not None]
-    if cfg.languages:
-        rules.append((~pl.col("language").is_in(list(cfg.languages))
-                      | (pl.col("language_score") < cfg.min_language_score), "language"))
     expr = pl.when(rules[0][0]).then(pl.lit(rules[0][1]))
     for cond, reason in rules[1:]:
         expr = expr.when(cond).then(pl.lit(reason))
@@ -145,22 +148,24 @@ def filter_documents(
     stats = StageStats(total=raw.height)
     df = document_features(remove_boilerplate_lines(raw.with_columns(pl.col("text").fill_null("")),
                                                     cfg.boilerplate_line_pattern))
+    df = df.with_columns(rejection_reason(cfg).alias("reason"))
     if cfg.languages:
-        # Language ID only for documents that pass the cheap rules (CLD2 is the costliest rule).
-        cheap = rejection_reason(DocumentFilterConfig(**{**cfg.__dict__, "languages": None}))
-        pending = df.with_columns(cheap.alias("_r"))["_r"].is_null()
-        texts = df["text"].to_list()
-        langs, scores = detect_languages([t for t, p in zip(texts, pending, strict=True) if p])
+        # Language ID (the costliest rule, last in order) only for documents that pass every other rule.
+        pending = df["reason"].is_null()
+        langs, scores = detect_languages(df.filter(pending)["text"].to_list())
         it_l, it_s = iter(langs), iter(scores)
         df = df.with_columns(
             pl.Series("language", [next(it_l) if p else None for p in pending], dtype=pl.String),
             pl.Series("language_score", [next(it_s) if p else None for p in pending], dtype=pl.Float64),
+        ).with_columns(
+            pl.when(pl.col("reason").is_null() & (~pl.col("language").is_in(list(cfg.languages))
+                                                  | (pl.col("language_score") < cfg.min_language_score)))
+            .then(pl.lit("language")).otherwise(pl.col("reason")).alias("reason")
         )
     else:
         df = df.with_columns(pl.lit(None, pl.String).alias("language"),
                              pl.lit(None, pl.Float64).alias("language_score"))
     df = df.with_columns(
-        rejection_reason(cfg).alias("reason"),
         pl.lit(shard).alias("shard"),
         pl.lit(run_id).alias("run_id"),
         pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().alias("_norm"),
@@ -213,7 +218,7 @@ def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minha
             kept["shard"], kept["text_hash"])
         out.seconds["signatures"] += time.perf_counter() - t0
         for name, frame, parts in (("kept", kept, out.kept), ("sig", sig, out.signatures),
-                                   ("rejected", rejected, out.rejected)):
+                                   ("rejected", rejected.drop("text"), out.rejected)):
             if frame.height:
                 path = scratch / f"{name}-{i:06d}.parquet"
                 frame.write_parquet(path)
@@ -221,18 +226,13 @@ def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minha
         out.stats.merge(stats)
         i += 1
     out.malformed = malformed_frame(report)
-    out.stats.total += out.malformed.height
-    out.stats.drop("malformed_json", out.malformed.height)
+    out.stats.count_unread("malformed_json", out.malformed.height)
     out.stats.check_balanced()
     return out
 
 
 def empty_documents() -> pl.DataFrame:
-    return pl.DataFrame(schema={"doc_id": pl.String, "shard": pl.String, "source_file": pl.String,
-                                "source_row": pl.Int64, "source_id": pl.String, "url": pl.String,
-                                "text": pl.String, "n_words": pl.UInt32, "text_hash": pl.String,
-                                "language": pl.String, "language_score": pl.Float64, "metadata": pl.String,
-                                "run_id": pl.String})
+    return pl.DataFrame(schema=DOCUMENT_SCHEMA)
 
 
 def apply_duplicate_decisions(filtered: pl.DataFrame, decisions: pl.DataFrame,

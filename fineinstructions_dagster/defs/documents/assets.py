@@ -34,12 +34,12 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
         store.write_parts(SIGNATURES, out.signatures, pl.DataFrame(schema={
             "doc_id": pl.String, "band_keys": pl.List(pl.UInt64), "signature": pl.List(pl.UInt32),
             "shard": pl.String, "text_hash": pl.String}), shard)
-        rejected = [pl.scan_parquet(out.rejected).drop("text").collect()] if out.rejected else []
+        rejected = [pl.read_parquet(out.rejected)] if out.rejected else []
         store.write("filtered_documents", pl.concat([*rejected, out.malformed], how="diagonal_relaxed"), shard,
                     quarantine=True)
-    kept = store.read("filtered_documents", shard)
+    preview = pl.scan_parquet(store.path("filtered_documents", shard)).head(5).collect()  # not the whole shard
     return MaterializeResult(metadata=stage_metadata(
-        out.stats, kept, ["doc_id", "url", "n_words", "language", "text"], minhash=cfg.minhash.version,
+        out.stats, preview, ["doc_id", "url", "n_words", "language", "text"], minhash=cfg.minhash.version,
         **{f"seconds_{k}": round(v, 3) for k, v in out.seconds.items()}))
 
 

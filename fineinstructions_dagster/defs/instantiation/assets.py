@@ -30,12 +30,11 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
         .join(store.read("template_bank").select("template_id", "template"), on="template_id", how="inner"),
         f"matches[{shard}] -> documents/template_bank",
     )
-    cache = storage.generation_cache()
-    llm = LLMCall(instantiator_llm.engine(), cache, GenerationStats())
-    kept, quarantined, stats = instantiate_matches(
-        pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
-        cfg.max_answer_chars, context.run_id)
-    cache.close()
+    with storage.generation_cache() as cache:
+        llm = LLMCall(instantiator_llm.engine(), cache, GenerationStats())
+        kept, quarantined, stats = instantiate_matches(
+            pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
+            cfg.max_answer_chars, context.run_id)
     store.write("instantiations", kept, shard)
     store.write("instantiations", quarantined, shard, quarantine=True)
     ok = kept.height == 0 or bool(kept["grounding"].is_between(0, 1).all())

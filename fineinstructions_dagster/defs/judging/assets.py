@@ -24,11 +24,10 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     pending = require_all_joined(
         found, found.join(store.read("documents", shard).select("doc_id", "text"), on="doc_id", how="inner"),
         f"instantiations[{shard}] -> documents")
-    cache = storage.generation_cache()
-    llm = LLMCall(judge_llm.engine(), cache, GenerationStats())
-    kept, quarantined, stats = judge_instantiations(pending, llm, cfg.judge_sampling, cfg.max_document_chars,
-                                                    cfg.max_feedback_chars, context.run_id)
-    cache.close()
+    with storage.generation_cache() as cache:
+        llm = LLMCall(judge_llm.engine(), cache, GenerationStats())
+        kept, quarantined, stats = judge_instantiations(pending, llm, cfg.judge_sampling, cfg.max_document_chars,
+                                                        cfg.max_feedback_chars, context.run_id)
     store.write("judgements", kept, shard)
     store.write("judgements", quarantined, shard, quarantine=True)
     hist = {int(s): int(n) for s, n in kept.group_by("score").len().sort("score").iter_rows()}

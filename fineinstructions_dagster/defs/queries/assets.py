@@ -3,7 +3,7 @@
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
-from fineinstructions_dagster.defs.inputs import count_malformed, query_sources, read_partition_input
+from fineinstructions_dagster.defs.inputs import query_sources, read_partition_input
 from fineinstructions_dagster.defs.metadata import stage_metadata
 from fineinstructions_dagster.defs.partitions import query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
@@ -26,7 +26,7 @@ def user_queries(context: AssetExecutionContext, storage: StorageResource, input
     raw, malformed = read_partition_input(query_sources(inputs.queries_dir), source, inputs.queries_dir,
                                           "query source")
     kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id)
-    count_malformed(stats, malformed)
+    stats.count_unread("malformed_json", malformed.height)
     store = storage.store()
     store.write("user_queries", kept, source)
     store.write("user_queries", pl.concat([rejected, malformed], how="diagonal_relaxed"), source, quarantine=True)

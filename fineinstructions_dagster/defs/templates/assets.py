@@ -35,11 +35,10 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
     cfg = pipeline.config()
     store = storage.store()
     queries = store.read("user_queries", context.partition_key)
-    cache = storage.generation_cache()
-    llm = LLMCall(genericizer_llm.engine(), cache, GenerationStats())
-    kept, quarantined, stats = genericize_queries(queries, llm, cfg.genericizer_sampling, cfg.max_template_chars,
-                                                  cfg.max_description_chars, context.run_id)
-    cache.close()
+    with storage.generation_cache() as cache:
+        llm = LLMCall(genericizer_llm.engine(), cache, GenerationStats())
+        kept, quarantined, stats = genericize_queries(queries, llm, cfg.genericizer_sampling,
+                                                      cfg.max_template_chars, cfg.max_description_chars, context.run_id)
     store.write("templates", kept, context.partition_key)
     store.write("templates", quarantined, context.partition_key, quarantine=True)
     return MaterializeResult(
