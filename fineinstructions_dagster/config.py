@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 from fineinstructions_dagster.llm.engines import SamplingConfig
 from fineinstructions_dagster.stages.dedup import MinhashConfig
+from fineinstructions_dagster.stages.matching import IndexConfig, MatchConfig
+from fineinstructions_dagster.stages.pooling import CoveragePoolingConfig
 
 PROFILES = ("paper", "demo")
 
@@ -96,6 +98,11 @@ class PipelineConfig:
     max_description_chars: int = 400
     templates_per_document: int = 5  # k
     min_match_score: float = 0.0
+    pooling: CoveragePoolingConfig = field(default_factory=CoveragePoolingConfig)  # paper: N=10, sigma 0.05
+    template_index: IndexConfig = field(default_factory=IndexConfig)
+    match_candidates_per_vector: int = 16
+    match_hubness: float = 0.5  # CSLS-style penalty on templates that are near every document
+    match_diversity: float = 0.2  # MMR penalty on templates near-identical to one already chosen
     max_document_chars: int = 8000  # document text shown to the instantiator and judge
     max_instruction_chars: int = 800
     max_answer_chars: int = 3000
@@ -112,6 +119,12 @@ class PipelineConfig:
         _check(0.0 <= self.min_grounding <= 1.0, "min_grounding must be in [0, 1]")
         _check(1 <= self.judge_threshold <= 5, "judge_threshold must be in 1..5")
         _check(self.max_document_chars >= 200, "max_document_chars must be >= 200")
+
+    def match_config(self) -> MatchConfig:
+        return MatchConfig(k=self.templates_per_document, min_score=self.min_match_score,
+                           candidates_per_vector=self.match_candidates_per_vector,
+                           max_candidates=max(32, 2 * self.templates_per_document),
+                           hubness=self.match_hubness, diversity=self.match_diversity, pooling=self.pooling)
 
     @property
     def relaxed(self) -> bool:

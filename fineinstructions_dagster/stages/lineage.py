@@ -94,7 +94,10 @@ def format_lineage(chain: dict[str, Any]) -> str:
         f"  sampling: {i['sampling_params']}",
         f"  prompt:     {_short(i['prompt'], 300)}",
         f"  raw output: {_short(i['raw_output'], 300)}",
-        f"MATCH {m['match_id']}  score={m['score']:.3f} rank={m['rank']} chunk={m['chunk']} index={m['index_id']}",
+        f"MATCH {m['match_id']}  score={m['score']:.3f} rank={m['rank']} chunk={m['chunk']}"
+        + (f" (centred {m['chunk_position']:.0%} into the document)" if m.get("chunk_position") is not None else "")
+        + f" index={m['index_id']}",
+        f"  matcher: {m.get('pooling', '')}",
         f"TEMPLATE {t['template_id']}  ({t['n_queries']} source queries)",
         f"  template:    {_short(t['template'])}",
         f"  compatible document: {_short(t['compatible_document_description'])}",

@@ -1,28 +1,43 @@
-"""`template_index` (usearch over description embeddings) and `matches` (top-k templates per document)."""
+"""`template_index` (usearch over description embeddings) and `matches` (k templates per document by
+Gaussian coverage pooling, hubness correction and MMR diversity)."""
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from fineinstructions_dagster.defs.documents.assets import documents
-from fineinstructions_dagster.defs.metadata import stage_metadata
+from fineinstructions_dagster.defs.metadata import preview_markdown, stage_metadata
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import EmbedderResource, PipelineResource, StorageResource
 from fineinstructions_dagster.defs.templates.assets import template_bank
-from fineinstructions_dagster.stages.matching import build_template_index, match_documents, open_template_index
+from fineinstructions_dagster.stages.matching import (
+    build_template_index,
+    match_documents,
+    open_template_index,
+    read_index_meta,
+    template_usage,
+)
 
 INDEX_DIR = "template_index"
 
 
 @asset(deps=[template_bank], group_name="matching", kinds={"usearch", "sentence_transformers"})
-def template_index(storage: StorageResource, embedder: EmbedderResource) -> MaterializeResult:
-    """Embeddings of every template's compatible document description in a usearch index, saved with
-    its id map and a meta file pinning the embedder and the bank it was built from."""
+def template_index(storage: StorageResource, embedder: EmbedderResource,
+                   pipeline: PipelineResource) -> MaterializeResult:
+    """Embeddings of every template's compatible document description in a usearch index, saved with its id
+    map and a meta file pinning the embedder (name, revision), the bank and the index settings. When only
+    templates were added or removed, the previous index is updated rather than rebuilt."""
     store = storage.store()
     bank = store.read("template_bank")
+    current = store.dir(INDEX_DIR)
     with store.staged_dir(INDEX_DIR) as tmp:
-        meta = build_template_index(bank, embedder.embedder(), tmp)
+        meta = build_template_index(bank, embedder.embedder(), tmp, pipeline.config().template_index,
+                                    previous=current if read_index_meta(current) else None)
     return MaterializeResult(metadata={
-        "dagster/row_count": meta.n_templates, "index_id": meta.index_id, "embedder": meta.embedder,
-        "dim": meta.dim, "bank_hash": meta.bank_hash, "path": MetadataValue.path(str(store.dir(INDEX_DIR))),
+        "dagster/row_count": meta.n_templates, "index_id": meta.index_id,
+        "embedder": f"{meta.embedder}@{meta.embedder_revision}", "dim": meta.dim, "bank_hash": meta.bank_hash,
+        "index": f"{meta.metric}/{meta.dtype} M={meta.connectivity} ef_add={meta.expansion_add} "
+                 f"ef_search={meta.expansion_search}",
+        "build": meta.build, "added": meta.added, "removed": meta.removed,
+        "path": MetadataValue.path(str(store.dir(INDEX_DIR))),
     })
 
 
@@ -30,15 +45,17 @@ def template_index(storage: StorageResource, embedder: EmbedderResource) -> Mate
        kinds={"usearch", "parquet"})
 def matches(context: AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource,
             pipeline: PipelineResource) -> MaterializeResult:
-    """For each document of the shard, the k templates whose compatible document descriptions are
-    nearest to the document's embedding, with score and rank."""
-    cfg = pipeline.config()
+    """For each document of the shard, k templates: every Gaussian-coverage pooled vector of the document
+    queries the index; candidates merged per template (best chunk kept), hubness-corrected, chosen by MMR."""
+    cfg = pipeline.config().match_config()
     store = storage.store()
     emb = embedder.embedder()
     tindex = open_template_index(store.dir(INDEX_DIR), emb, store.read("template_bank"))
     docs = store.read("documents", context.partition_key)
-    found, stats = match_documents(docs, tindex, emb, cfg.templates_per_document, cfg.min_match_score,
-                                   context.run_id)
+    found, stats = match_documents(docs, tindex, emb, cfg, context.run_id)
     store.write("matches", found, context.partition_key)
-    return MaterializeResult(metadata=stage_metadata(stats, found, ["doc_id", "template_id", "score", "rank"],
-                                                     row_count=found.height, index_id=tindex.meta.index_id))
+    usage = template_usage(found)
+    return MaterializeResult(metadata=stage_metadata(
+        stats, found, ["doc_id", "template_id", "chunk", "score", "rank"], row_count=found.height,
+        index_id=tindex.meta.index_id, matcher=cfg.describe(),
+        template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10))))
