@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching
 
 setup:
 	@scripts/setup.sh
@@ -44,8 +44,12 @@ bench-documents: setup
 	@benchmarks/setup_datatrove.sh
 	$(BIN)/python benchmarks/documents.py
 
+# Template retrieval: real-text recall by pooling (python3-doc FAQ) and a 1M-vector usearch scale run (~12 min).
+bench-matching: setup
+	$(BIN)/python benchmarks/matching.py
+
 lint: setup
-	$(BIN)/ruff check fineinstructions_dagster tests
+	$(BIN)/ruff check fineinstructions_dagster tests benchmarks
 
 # The web UI on http://127.0.0.1:3000 (demo profile unless FINEINSTRUCTIONS_PROFILE is set).
 dev: sample smoke-models

@@ -87,21 +87,24 @@ class Embedder:
                          docs_per_group: int = 256) -> np.ndarray:
         """[len(texts), pooling.n_vectors, D] L2-normalised float32: row 0 the global mean over every token of
         the document (all windows), then one row per coverage chunk. Documents of any length, even empty."""
-        dim = self.dim
-        out = np.zeros((len(texts), pooling.n_vectors, dim), dtype=np.float32)
+        out = np.zeros((len(texts), pooling.n_vectors, self.dim), dtype=np.float32)
+        for start in range(0, len(texts), docs_per_group):  # bounds the token embeddings held at once
+            group = texts[start:start + docs_per_group]
+            out[start:start + len(group)] = self.pool(self.token_embeddings(group), pooling)
+        return out
+
+    def token_embeddings(self, texts: list[str]) -> list[torch.Tensor]:
+        """One [T_doc, D] tensor per text: the whole text, in windows of the model's max length (each with the
+        model's special tokens), run through the transformer and stitched back together in order."""
         if not texts:
-            return out
+            return []
         tok = self._model.tokenizer
         prefix, suffix = self._special_tokens()
         window = max(1, self.max_length - len(prefix) - len(suffix))
         ids = tok(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        for start in range(0, len(texts), docs_per_group):
-            group = ids[start:start + docs_per_group]
-            windows = [(d, prefix + doc[o:o + window] + suffix)
-                       for d, doc in enumerate(group) for o in range(0, max(len(doc), 1), window)]
-            per_doc = self._window_token_embeddings(windows, len(group))
-            out[start:start + len(group)] = self._pool(per_doc, pooling)
-        return out
+        windows = [(d, prefix + doc[o:o + window] + suffix)
+                   for d, doc in enumerate(ids) for o in range(0, max(len(doc), 1), window)]
+        return self._window_token_embeddings(windows, len(texts))
 
     def _special_tokens(self) -> tuple[list[int], list[int]]:
         """The special tokens the model's tokenizer puts around a text (e.g. [CLS] ... [SEP] for BERT)."""
@@ -134,12 +137,13 @@ class Embedder:
         return [torch.cat(p) for p in parts]
 
     @staticmethod
-    def _pool(per_doc: list[torch.Tensor], pooling: CoveragePoolingConfig, max_tokens: int = 1 << 18) -> np.ndarray:
-        """Pool documents in length-sorted batches of at most ~max_tokens padded tokens."""
+    def pool(per_doc: list[torch.Tensor], pooling: CoveragePoolingConfig, max_tokens: int = 1 << 18) -> np.ndarray:
+        """Pool each document's token embeddings (length-sorted batches of at most ~max_tokens padded tokens)."""
         import torch
 
-        dim = per_doc[0].shape[1]
-        out = np.zeros((len(per_doc), pooling.n_vectors, dim), dtype=np.float32)
+        if not per_doc:
+            return np.zeros((0, pooling.n_vectors, 0), dtype=np.float32)
+        out = np.zeros((len(per_doc), pooling.n_vectors, per_doc[0].shape[1]), dtype=np.float32)
         order = sorted(range(len(per_doc)), key=lambda i: per_doc[i].shape[0])
         i = 0
         while i < len(order):

@@ -49,7 +49,7 @@ class IndexConfig:
     metric: str = "cos"
     dtype: str = "f16"
     connectivity: int = 16
-    expansion_add: int = 128
+    expansion_add: int = 64  # half usearch's default: builds ~2x faster, recall regained by expansion_search
     expansion_search: int = 128
 
     def __post_init__(self) -> None:
