@@ -345,6 +345,27 @@ def match_documents(docs: pl.DataFrame, tindex: TemplateIndex, embedder: Embedde
     return found, stats
 
 
+def match_problems(found: pl.DataFrame, k: int) -> list[str]:
+    """Invariants of a shard's matches (an asset check): at most k per document, ranks 1..n without gaps,
+    no template twice for one document, cosine scores in [-1, 1], unique match ids."""
+    if found.height == 0:
+        return []
+    problems = []
+    per_doc = found.group_by("doc_id").agg(pl.len().alias("n"), pl.col("rank").sort().alias("ranks"),
+                                           pl.col("template_id").n_unique().alias("templates"))
+    if per_doc.filter(pl.col("n") > k).height:
+        problems.append(f"documents with more than k={k} matches")
+    if per_doc.filter(pl.col("ranks") != pl.int_ranges(1, pl.col("n") + 1, dtype=pl.Int32)).height:
+        problems.append("ranks are not 1..n within a document")
+    if per_doc.filter(pl.col("templates") != pl.col("n")).height:
+        problems.append("a template matched twice to one document")
+    if found.filter(~pl.col("score").is_between(-1.001, 1.001)).height:
+        problems.append("scores outside [-1, 1]")
+    if found["match_id"].n_unique() != found.height:
+        problems.append("duplicate match ids")
+    return problems
+
+
 def template_usage(found: pl.DataFrame) -> pl.DataFrame:
     """How often each template was chosen (and at which ranks), most used first."""
     if found.height == 0:

@@ -173,3 +173,14 @@ def test_coverage_chunks_find_a_template_for_a_late_section(index_dir, embedder)
     assert "t3" not in mean["template_id"].to_list() or float(
         mean.filter(pl.col("template_id") == "t3")["score"].item()) < float(sockets["score"].item())
     assert np.all(cov["score"].to_numpy() <= 1.0001)
+
+
+def test_match_invariants_check(index_dir, embedder):
+    from fineinstructions_dagster.stages.matching import match_problems
+
+    found, _ = match_documents(DOCS, open_template_index(index_dir, embedder), embedder, MatchConfig(k=3))
+    assert match_problems(found, 3) == []
+    broken = pl.concat([found, found.head(1)])
+    assert {"ranks are not 1..n within a document", "a template matched twice to one document",
+            "duplicate match ids"} <= set(match_problems(broken, 3))
+    assert "documents with more than k=2 matches" in match_problems(found, 2)

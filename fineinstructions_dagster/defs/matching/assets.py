@@ -1,7 +1,14 @@
 """`template_index` (usearch over description embeddings) and `matches` (k templates per document by
 Gaussian coverage pooling, hubness correction and MMR diversity)."""
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 
 from fineinstructions_dagster.defs.documents.assets import documents
 from fineinstructions_dagster.defs.metadata import preview_markdown, stage_metadata
@@ -11,12 +18,14 @@ from fineinstructions_dagster.defs.templates.assets import template_bank
 from fineinstructions_dagster.stages.matching import (
     build_template_index,
     match_documents,
+    match_problems,
     open_template_index,
     read_index_meta,
     template_usage,
 )
 
 INDEX_DIR = "template_index"
+MATCHES_WELL_FORMED = "matches_well_formed"
 
 
 @asset(deps=[template_bank], group_name="matching", kinds={"usearch", "sentence_transformers"})
@@ -42,7 +51,7 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
 
 
 @asset(partitions_def=corpus_shard_partitions, deps=[documents, template_index], group_name="matching",
-       kinds={"usearch", "parquet"})
+       kinds={"usearch", "parquet"}, check_specs=[AssetCheckSpec(MATCHES_WELL_FORMED, asset="matches")])
 def matches(context: AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource,
             pipeline: PipelineResource) -> MaterializeResult:
     """For each document of the shard, k templates: every Gaussian-coverage pooled vector of the document
@@ -55,7 +64,11 @@ def matches(context: AssetExecutionContext, storage: StorageResource, embedder: 
     found, stats = match_documents(docs, tindex, emb, cfg, context.run_id)
     store.write("matches", found, context.partition_key)
     usage = template_usage(found)
-    return MaterializeResult(metadata=stage_metadata(
-        stats, found, ["doc_id", "template_id", "chunk", "score", "rank"], row_count=found.height,
-        index_id=tindex.meta.index_id, matcher=cfg.describe(),
-        template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10))))
+    problems = match_problems(found, cfg.k)
+    return MaterializeResult(
+        metadata=stage_metadata(
+            stats, found, ["doc_id", "template_id", "chunk", "score", "rank"], row_count=found.height,
+            index_id=tindex.meta.index_id, matcher=cfg.describe(),
+            template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10))),
+        check_results=[AssetCheckResult(check_name=MATCHES_WELL_FORMED, passed=not problems,
+                                        metadata={"problems": "; ".join(problems) or "none"})])
