@@ -347,8 +347,12 @@ def main() -> None:
     if not args.skip_scale:
         sc = scale(args.vectors, args.queries, 384, tuple(args.dtypes.split(",")),
                    tuple(int(e) for e in args.ef_search.split(",")))
-        print(f"\nScale: {sc['vectors']:,} clustered {sc['dim']}-d vectors, {sc['queries']:,} queries; exact "
-              f"search {sc['exact_qps']:,.1f} queries/s")
+        print("\nSynthetic vectors against real embeddings (mean cosine to the 1st/10th/100th neighbour, of random "
+              "pairs; directions holding 50%/90% of the variance):")
+        print(table(sc["calibration"], ["vectors", "nn1_cos", "nn10_cos", "nn100_cos", "random_pair_cos",
+                                        "dims_for_50pct_variance", "dims_for_90pct_variance"]))
+        print(f"\nScale: {sc['vectors']:,} clustered {sc['dim']}-d vectors, {sc['queries']:,} held-out queries; "
+              f"exact search {sc['exact_qps']:,.1f} queries/s; default index {sc['default_index']}")
         print(table(sc["runs"], ["dtype", "expansion_search", "recall_at_10", "qps", "speedup", "build_s",
                                  "adds_per_s", "index_mb", "file_mb"]))
         print(f"\nProjection to the paper's {PAPER_TEMPLATES:,} templates (this machine, linear x log n):")

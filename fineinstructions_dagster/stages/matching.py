@@ -43,14 +43,14 @@ class StaleIndexError(RuntimeError):
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """usearch HNSW settings. f16 halves memory against f32 at no measurable recall cost on normalised text
-    embeddings (see `make bench-matching`); i8 halves it again."""
+    """usearch HNSW settings. f16 halves memory against f32; i8 saves another 40% but its quantisation caps
+    recall@10 near 0.87 on 1M text-like vectors (see `make bench-matching`)."""
 
     metric: str = "cos"
     dtype: str = "f16"
     connectivity: int = 16
     expansion_add: int = 64  # half usearch's default: builds ~2x faster, recall regained by expansion_search
-    expansion_search: int = 128
+    expansion_search: int = 256  # recall@10 0.97 on 1M text-like vectors at ~58x exact search (bench-matching)
 
     def __post_init__(self) -> None:
         if self.metric not in ("cos", "ip", "l2sq"):
