@@ -87,7 +87,11 @@ def test_sentence_transformers_module_matches_the_embedder(embedder, tmp_path):
     got = np.stack([np.asarray(g) for g in got]) if isinstance(got, list) else np.asarray(got)
     np.testing.assert_allclose(got, embedder.encode_documents(texts, CoveragePoolingConfig()), atol=1e-5)
     model.save(str(tmp_path / "m"))
-    assert (tmp_path / "m").exists()
+    # our own module class, so sentence-transformers asks for trust_remote_code to import it
+    reloaded = SentenceTransformer(str(tmp_path / "m"), device="cpu", trust_remote_code=True)
+    again = reloaded.encode(texts, output_value="coverage_embeddings", convert_to_numpy=True)
+    again = np.stack([np.asarray(g) for g in again]) if isinstance(again, list) else np.asarray(again)
+    np.testing.assert_allclose(again, got, atol=1e-5)
 
 
 def test_long_documents_are_windowed_not_truncated(embedder):
