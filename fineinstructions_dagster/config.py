@@ -109,6 +109,7 @@ class PipelineConfig:
     max_feedback_chars: int = 600
     min_grounding: float = 0.6  # share of answer tokens copied from the document (paper: most >= 0.8)
     judge_threshold: int = 4  # keep pairs the judge scores >= this on the 1-5 Likert scale
+    judge_format: str = "flow"  # Flow-Judge-v0.1's <feedback>/<score> layout; "json" for other instruct models
     genericizer_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
     instantiator_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=1024))
     judge_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=384))
@@ -118,6 +119,7 @@ class PipelineConfig:
         _check(self.templates_per_document >= 1, "templates_per_document (k) must be >= 1")
         _check(0.0 <= self.min_grounding <= 1.0, "min_grounding must be in [0, 1]")
         _check(1 <= self.judge_threshold <= 5, "judge_threshold must be in 1..5")
+        _check(self.judge_format in ("flow", "json"), f"judge_format must be flow or json, got {self.judge_format!r}")
         _check(self.max_document_chars >= 200, "max_document_chars must be >= 200")
 
     def match_config(self) -> MatchConfig:
@@ -149,7 +151,7 @@ def profile_config(profile: str = "paper", **overrides: object) -> PipelineConfi
         base = PipelineConfig(
             profile="demo", templates_per_document=2, max_template_chars=160, max_description_chars=120,
             max_document_chars=1500, max_instruction_chars=160, max_answer_chars=240, max_feedback_chars=120,
-            min_grounding=0.0, judge_threshold=1,
+            min_grounding=0.0, judge_threshold=1, judge_format="json",  # smoke models need the JSON schema
             genericizer_sampling=noisy, instantiator_sampling=noisy, judge_sampling=noisy,
         )
     else:

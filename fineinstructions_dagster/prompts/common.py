@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-_DELIMS = re.compile(r"</?\s*(document|template|instruction|answer)\s*>", re.IGNORECASE)
+# Every tag our prompt formats use as structure (incl. the Flow-Judge sections and its output tags).
+_DELIMS = re.compile(r"</?\s*(document|template|instruction|answer|inputs|output|evaluation_criteria|scoring_rubric|"
+                     r"feedback|score)\s*>", re.IGNORECASE)
 
 
 def fence(tag: str, text: str) -> str:

@@ -40,15 +40,20 @@ def parse_score(value: object) -> int | None:
 
 def judge_instantiations(
     pending: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_document_chars: int,
-    max_feedback_chars: int, run_id: str = "",
+    max_feedback_chars: int, run_id: str = "", judge_format: str = "json",
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: instantiation_id, doc_id, shard, text, instruction, answer. Returns (judgements,
-    quarantined rows, stats)."""
+    quarantined rows, stats). `judge_format`: `json` (schema-constrained) or `flow` (Flow-Judge-v0.1 tags)."""
+    if judge_format not in judge.FORMATS:
+        raise ValueError(f"judge_format must be one of {judge.FORMATS}, got {judge_format!r}")
     stats = StageStats(total=pending.height)
-    schema = judge.schema(max_feedback_chars)
+    flow = judge_format == "flow"
+    schema = None if flow else judge.schema(max_feedback_chars)
+    build = judge.flow_messages if flow else judge.messages
+    prompt_version = judge.FLOW_PROMPT_VERSION if flow else judge.PROMPT_VERSION
     rows = pending.sort("doc_id", "instantiation_id").to_dicts()
     requests = [
-        GenerationRequest(judge.messages(truncate(r["text"], max_document_chars), r["instruction"], r["answer"]),
+        GenerationRequest(build(truncate(r["text"], max_document_chars), r["instruction"], r["answer"]),
                           sampling, seed_for(r["instantiation_id"]), schema)
         for r in rows
     ]
@@ -59,14 +64,23 @@ def judge_instantiations(
                 "run_id": run_id}
 
     def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
-        obj, reason = parse_json_object(res, ("feedback", "score"))
-        if obj is None:
-            return {}, reason
-        score = parse_score(obj["score"])
+        if flow:
+            if res.error:
+                return {}, "generation_failed"
+            parsed = judge.parse_flow(res.text)
+            if parsed is None:
+                return {}, "truncated_output" if res.finish_reason == "length" else "malformed_flow_output"
+            feedback, raw_score = parsed
+        else:
+            obj, reason = parse_json_object(res, ("feedback", "score"))
+            if obj is None:
+                return {}, reason
+            feedback, raw_score = str(obj["feedback"]), obj["score"]
+        score = parse_score(raw_score)
         if score is None:
             return {}, "score_out_of_range"
-        return {"score": score, "feedback": str(obj["feedback"]).strip()}, ""
+        return {"score": score, "feedback": feedback.strip()[:max_feedback_chars]}, ""
 
-    kept, quarantined = run_generation_stage(rows, requests, llm, judge.PROMPT_VERSION, sampling, identify,
+    kept, quarantined = run_generation_stage(rows, requests, llm, prompt_version, sampling, identify,
                                              interpret, stats)
     return frame(kept, JUDGEMENT_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats

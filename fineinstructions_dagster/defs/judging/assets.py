@@ -27,8 +27,9 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     with storage.generation_cache() as cache:
         llm = LLMCall(judge_llm.engine(), cache, GenerationStats())
         kept, quarantined, stats = judge_instantiations(pending, llm, cfg.judge_sampling, cfg.max_document_chars,
-                                                        cfg.max_feedback_chars, context.run_id)
+                                                        cfg.max_feedback_chars, context.run_id, cfg.judge_format)
     store.write("judgements", kept, shard)
     store.write("judgements", quarantined, shard, quarantine=True)
     hist = {int(s): int(n) for s, n in kept.group_by("score").len().sort("score").iter_rows()}
-    return MaterializeResult(metadata=stage_metadata(stats, kept, ["score", "feedback"], score_histogram=hist))
+    return MaterializeResult(metadata=stage_metadata(stats, kept, ["score", "feedback"], score_histogram=hist,
+                                                     judge_format=cfg.judge_format))
