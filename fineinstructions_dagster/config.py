@@ -109,6 +109,8 @@ class PipelineConfig:
     max_feedback_chars: int = 600
     min_grounding: float = 0.6  # share of answer tokens copied from the document (paper: most >= 0.8)
     judge_threshold: int = 4  # keep pairs the judge scores >= this on the 1-5 Likert scale
+    export_tokenizer: str = ""  # tokenizer of the packed export; empty: the instantiator model's
+    export_seq_len: int = 2048
     judge_format: str = "flow"  # Flow-Judge-v0.1's <feedback>/<score> layout; "json" for other instruct models
     genericizer_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
     instantiator_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=1024))

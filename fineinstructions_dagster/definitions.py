@@ -4,6 +4,7 @@ from dagster import Definitions, define_asset_job, load_assets_from_modules
 
 from fineinstructions_dagster.defs.documents import assets as documents
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
+from fineinstructions_dagster.defs.export import assets as export
 from fineinstructions_dagster.defs.instantiation import assets as instantiation
 from fineinstructions_dagster.defs.judging import assets as judging
 from fineinstructions_dagster.defs.matching import assets as matching
@@ -14,7 +15,7 @@ from fineinstructions_dagster.defs.queries.sensors import query_source_sensor
 from fineinstructions_dagster.defs.resources import build_resources
 from fineinstructions_dagster.defs.templates import assets as templates
 
-STAGE_MODULES = [queries, templates, documents, matching, instantiation, judging, pairs]
+STAGE_MODULES = [queries, templates, documents, matching, instantiation, judging, pairs, export]
 
 # The graph in six jobs, in the order they must first run; each re-runs one slice.
 queries_job = define_asset_job("queries_job", selection=["user_queries", "templates"],
@@ -27,8 +28,10 @@ filter_job = define_asset_job("filter_job", selection=["filtered_documents"], pa
 dedup_job = define_asset_job("dedup_job", selection=["document_clusters"],
                              description="Exact and near-duplicate clusters across every filtered shard.")
 shard_job = define_asset_job("shard_job", partitions_def=corpus_shard_partitions,
-                             selection=["documents", "matches", "instantiations", "judgements", "fineinstructions"],
-                             description="Documents -> matches -> instantiations -> judgements -> pairs for a shard.")
+                             selection=["documents", "matches", "instantiations", "judgements", "fineinstructions",
+                                        "pretraining_export"],
+                             description="Documents -> matches -> instantiations -> judgements -> pairs -> export "
+                                         "for a shard.")
 report_job = define_asset_job("report_job", selection=["dataset_report"], description="Rebuild the report.")
 
 defs = Definitions(

@@ -20,7 +20,7 @@ QUERY_STEP = ["user_queries", "templates"]
 BANK_STEP = ["template_bank", "template_index"]
 FILTER_STEP = ["filtered_documents"]
 DEDUP_STEP = ["document_clusters"]
-SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
+SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions", "pretraining_export"]
 REPORT_STEP = ["dataset_report"]
 
 

@@ -8,7 +8,7 @@ from fineinstructions_dagster.defs.resources import InputsResource
 
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_clusters", "documents", "matches", "instantiations", "judgements", "fineinstructions",
-          "dataset_report"}
+          "pretraining_export", "dataset_report"}
 
 
 def test_every_asset_is_defined_with_its_partitions_and_pool():
@@ -18,7 +18,7 @@ def test_every_asset_is_defined_with_its_partitions_and_pool():
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     assert {k for k, s in specs.items() if s.partitions_def is not None} == {
         "user_queries", "templates", "filtered_documents", "documents", "matches", "instantiations", "judgements",
-        "fineinstructions"}
+        "fineinstructions", "pretraining_export"}
     pooled = {k for k in ASSETS if defs.resolve_assets_def(k).op.pool == "gpu"}
     assert pooled == {"templates", "instantiations", "judgements"}
     assert all(s.description for s in specs.values())

@@ -39,6 +39,11 @@ def test_every_stage_materialized_and_final_table_nonempty(pipeline):
     assert pairs.height > 0 and pairs["pair_id"].is_unique().all()
     report = json.loads((store.root / "dataset_report" / "report.json").read_text())
     assert report["pairs"] == pairs.height and report["profile"] == "demo"
+    chat = pl.read_parquet(store.glob("export_chat"))
+    assert sorted(chat["pair_id"]) == sorted(pairs["pair_id"])  # every final pair exported once
+    packed = pl.read_parquet(store.glob("export_packed"))
+    assert sorted(packed["pair_ids"].explode()) == sorted(pairs["pair_id"])
+    assert (packed["answer_tokens"] > 0).all()
 
 
 def test_every_pair_traces_to_a_real_document_and_query(pipeline, sample_inputs):

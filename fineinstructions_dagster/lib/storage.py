@@ -45,6 +45,20 @@ class TableStore:
         base = self.root / "quarantine" / table if quarantine else self.root / table
         return base / f"{check_partition_key(partition)}.parquet"
 
+    def write_jsonl(self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED) -> Path:
+        """The same partition as JSON Lines beside its Parquet file (for loaders that want JSON), atomically."""
+        target = self.path(table, partition).with_suffix(".jsonl")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            df.write_ndjson(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
     def dir(self, name: str) -> Path:
         return self.root / name
 

@@ -1,0 +1,38 @@
+"""`pretraining_export` [shard]: the final pairs as chat-format Parquet + JSON Lines and as packed, tokenized
+sequences with an answer-only loss mask."""
+
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+
+from fineinstructions_dagster.defs.metadata import stage_metadata
+from fineinstructions_dagster.defs.pairs.assets import fineinstructions
+from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
+from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.stages.export import chat_records, load_tokenizer, pack, tokenize_pairs
+
+CHAT_TABLE = "export_chat"
+PACKED_TABLE = "export_packed"
+
+
+@asset(partitions_def=corpus_shard_partitions, deps=[fineinstructions], group_name="export",
+       kinds={"parquet", "json"})
+def pretraining_export(context: AssetExecutionContext, storage: StorageResource, pipeline: PipelineResource,
+                       instantiator_llm: LLMResource) -> MaterializeResult:
+    """Chat records (`messages`) for TRL-style SFT loaders, and the same pairs tokenized and packed into
+    `export_seq_len` sequences whose loss mask covers only the answers. Tokenizer: `export_tokenizer`, else
+    the instantiator model's."""
+    cfg = pipeline.config()
+    store = storage.store()
+    shard = context.partition_key
+    pairs = store.read("fineinstructions", shard)
+    chat = chat_records(pairs)
+    store.write(CHAT_TABLE, chat, shard)
+    jsonl = store.write_jsonl(CHAT_TABLE, chat, shard)
+    tokenizer_name = cfg.export_tokenizer or instantiator_llm.model
+    tok = load_tokenizer(tokenizer_name)
+    packed, stats = pack(tokenize_pairs(pairs, tok), cfg.export_seq_len, tok.pad_token_id or 0, shard)
+    store.write(PACKED_TABLE, packed, shard)
+    return MaterializeResult(metadata=stage_metadata(
+        stats, chat, ["pair_id", "messages"], row_count=chat.height, tokenizer=tokenizer_name,
+        seq_len=cfg.export_seq_len, chat_parquet=MetadataValue.path(str(store.path(CHAT_TABLE, shard))),
+        chat_jsonl=MetadataValue.path(str(jsonl)),
+        packed_parquet=MetadataValue.path(str(store.path(PACKED_TABLE, shard)))))
