@@ -84,28 +84,68 @@ def parse_json_object(result: GenerationResult, required: tuple[str, ...]) -> tu
 Interpret = Callable[[dict[str, Any], GenerationResult], tuple[dict[str, Any], str]]
 
 
+# Failures where asking once more can help: the output's form was wrong, not its content.
+REPAIRABLE = frozenset({"unparseable_json", "truncated_output", "missing_field", "not_an_object",
+                        "malformed_flow_output"})
+_REPAIR_HINT = {
+    "truncated_output": "it was cut off before it was complete; write a shorter version",
+    "malformed_flow_output": "it did not end with <feedback>...</feedback> followed by <score>...</score>",
+}
+
+
+def repair_request(request: GenerationRequest, result: GenerationResult, reason: str) -> GenerationRequest:
+    """One more turn in the same conversation: the failed output and what was wrong with it. Same schema, so
+    structured decoding still applies; another seed, so sampling does not repeat itself."""
+    hint = _REPAIR_HINT.get(reason, "it was not one valid JSON object with every required field")
+    messages = request.messages + (
+        ("assistant", result.text[:4000]),
+        ("user", f"That output could not be used: {hint}. Reply again with only the corrected output, "
+                 "in exactly the required format."),
+    )
+    return GenerationRequest(messages, request.sampling, request.seed + 1, request.json_schema)
+
+
 def run_generation_stage(
     rows: list[dict[str, Any]], requests: list[GenerationRequest], llm: LLMCall, prompt_version: str,
     sampling: SamplingConfig, identify: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]],
-    interpret: Interpret, stats: StageStats,
+    interpret: Interpret, stats: StageStats, repair: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The loop the three LLM stages share: generate (through the cache), record prompt, raw output and
-    provenance for every row, then keep it or quarantine it with the reason `interpret` gives."""
+    provenance for every row, then keep it or quarantine it with the reason `interpret` gives. Output whose
+    form was wrong (REPAIRABLE) gets one repair turn, batched and cached like the first; what still fails is
+    quarantined with its first reason, both raw outputs kept."""
     results = llm.run(requests, prompt_version)
+    outcomes = [interpret(row, res) for row, res in zip(rows, results, strict=True)]
+    retry = [i for i, (_, reason) in enumerate(outcomes) if repair and reason in REPAIRABLE]
+    repaired: dict[int, tuple[GenerationResult, tuple[dict[str, Any], str]]] = {}
+    if retry:
+        second = llm.run([repair_request(requests[i], results[i], outcomes[i][1]) for i in retry],
+                         prompt_version + "+repair")
+        repaired = {i: (res, interpret(rows[i], res)) for i, res in zip(retry, second, strict=True)}
     prov = llm.provenance(prompt_version, sampling)
     kept: list[dict[str, Any]] = []
     quarantined: list[dict[str, Any]] = []
-    for row, res in zip(rows, results, strict=True):
+    n_repaired = 0
+    for i, (row, res) in enumerate(zip(rows, results, strict=True)):
+        fields, reason = outcomes[i]
+        detail = res.error or ""
+        if i in repaired:
+            res2, (fields2, reason2) = repaired[i]
+            if not reason2:
+                res, fields, reason = res2, fields2, ""
+                n_repaired += 1
+            else:
+                detail = f"repair failed ({reason2}); repair output: {res2.text[:2000]}"
         record = {**identify(row, prov), "prompt": res.prompt, "raw_output": res.text,
                   "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
                   "completion_tokens": res.completion_tokens, **prov}
-        fields, reason = interpret(row, res)
         if reason:
-            quarantined.append({**record, "reason": reason, "detail": res.error or ""})
+            quarantined.append({**record, "reason": reason, "detail": detail})
             stats.drop(reason)
         else:
             kept.append({**record, **fields})
     stats.kept = len(kept)
     stats.extra.update(llm.stats.as_dict())
+    stats.extra.update(repair_attempts=len(retry), repaired=n_repaired)
     stats.check_balanced()
     return kept, quarantined

@@ -23,7 +23,8 @@ def test_out_of_range_and_unparseable_scores_are_quarantined(fake_engine):
     pending = pl.DataFrame({"instantiation_id": ["i1", "i2", "i3"], "doc_id": "d", "shard": "s", "text": "doc",
                             "instruction": "q", "answer": "a"})
     kept, quarantined, stats = judge_instantiations(
-        pending, LLMCall(fake_engine(lambda r: next(replies)), None, GenerationStats()), SamplingConfig(), 500, 100)
+        pending, LLMCall(fake_engine(lambda r: next(replies, "still not json")), None, GenerationStats()),
+        SamplingConfig(), 500, 100)
     assert kept["score"].to_list() == [4]
     assert sorted(quarantined["reason"]) == ["score_out_of_range", "unparseable_json"]
     assert stats.total == 3
@@ -59,7 +60,7 @@ def test_parse_flow(text, expected):
 def test_flow_format_scores_and_quarantines_by_reason(fake_engine):
     replies = iter(["<feedback>Grounded, complete.</feedback>\n<score>5</score>",
                     "<feedback>Off topic.</feedback><score>7</score>", "Score: 5", "<feedback>cut off"])
-    engine = fake_engine(lambda r: next(replies))
+    engine = fake_engine(lambda r: next(replies, "still malformed"))
     kept, quarantined, stats = judge_instantiations(_pending(4), LLMCall(engine, None, GenerationStats()),
                                                     SamplingConfig(), 500, 100, judge_format="flow")
     assert kept["score"].to_list() == [5] and kept["feedback"].to_list() == ["Grounded, complete."]
@@ -101,3 +102,24 @@ def test_document_cannot_rewrite_the_rubric_or_forge_a_score(fmt):
     assert "Score 5: any response" in prompt  # the text is still there, as inert data inside the fence
     if fmt == "flow":
         assert prompt.index("Score 5: any response") < prompt.index("</inputs>")
+
+
+def test_bad_form_gets_one_repair_turn_then_quarantine(fake_engine):
+    def respond(r):
+        if len(r.messages) == 1:  # first turn: both outputs are cut off
+            return "<feedback>Looks fine"
+        # repair turn: the conversation carries the failed output and what was wrong with it
+        assert r.messages[1] == ("assistant", "<feedback>Looks fine") and "cut off" in r.messages[2][1]
+        return "<feedback>Fine.</feedback><score>4</score>" if r.seed % 2 else "<score>4</score>"
+
+    engine = fake_engine(respond, finish_reason="length")
+    kept, quarantined, stats = judge_instantiations(_pending(2), LLMCall(engine, None, GenerationStats()),
+                                                    SamplingConfig(), 500, 100, judge_format="flow")
+    assert stats.extra["repair_attempts"] == 2 and kept.height + quarantined.height == 2
+    assert stats.extra["repaired"] == kept.height
+    for row in kept.iter_rows(named=True):  # a repaired row records the output that was used
+        assert row["score"] == 4 and row["raw_output"].endswith("<score>4</score>")
+    for row in quarantined.iter_rows(named=True):  # the first reason, both outputs kept
+        assert row["reason"] == "truncated_output" and row["raw_output"] == "<feedback>Looks fine"
+        assert row["detail"].startswith("repair failed") and "<score>4</score>" in row["detail"]
+    assert engine.calls == 2  # first turns in one batch, repairs in one batch

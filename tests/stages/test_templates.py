@@ -41,7 +41,11 @@ def test_bad_llm_output_goes_to_quarantine_with_raw_output(fake_engine):
         "missing": json.dumps({"template": "How to <fi>x</fi>?"}),
         "array": "[1, 2]",
     }
-    engine = fake_engine(lambda r: outputs[r.messages[-1][1].split("\n")[1]])
+    def respond(r):
+        repair = "could not be used" in r.messages[-1][1]  # a repair turn gets the same reply again
+        return outputs[r.messages[-3 if repair else -1][1].split("\n")[1]]
+
+    engine = fake_engine(respond)
     kept, quarantined, stats = genericize_queries(queries(list(outputs)), LLMCall(engine, None, GenerationStats()),
                                                   SamplingConfig(), 400, 400, run_id="r")
     assert kept["query_text"].to_list() == ["good"]
