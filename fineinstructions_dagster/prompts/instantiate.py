@@ -8,14 +8,17 @@ from typing import Any
 
 from fineinstructions_dagster.prompts.common import fence
 
-PROMPT_VERSION = "instantiate-v1"
+PROMPT_VERSION = "instantiate-v2"  # v2: excerpt markers
 
 SYSTEM = (
     "You write one instruction and its answer from a document. You are given a document and an "
     "instruction template whose <fi>...</fi> slots describe what goes in them. Fill every slot with "
     "specifics taken from the document so the instruction is natural and self-contained, with no "
     "<fi> tags left. Then answer the instruction using the document: copy its sentences and phrases "
-    "wherever possible and add nothing the document does not support. "
+    "wherever possible and add nothing the document does not support. To quote a passage without "
+    "retyping it, write <excerpt>its first words<...>its last words</excerpt>; it is replaced by the "
+    "document's text from those first words to those last words (<excerpt>exact words</excerpt> quotes "
+    "them as they are). Quote only what the document says word for word. "
     "Answer with JSON: {\"instruction\": ..., \"answer\": ...}."
 )
 

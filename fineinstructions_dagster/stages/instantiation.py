@@ -1,5 +1,6 @@
 """Stage 5, instantiation: fill a matched template's slots from the document and answer it from the
-document; measure how much of the answer is copied from the document (grounding)."""
+document; expand the answer's excerpt markers from the document (a quote that is not there is caught);
+measure how much of the answer is copied from the document (grounding)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,49 @@ def grounding(answer: str, document: str, span: int = 3) -> float:
     return sum(covered) / len(a)
 
 
+_EXCERPT = re.compile(r"<excerpt>(.*?)</excerpt>", re.DOTALL)
+ELISION = "<...>"
+
+
+def _words_pattern(text: str) -> re.Pattern[str] | None:
+    """The text's words in order with any whitespace between them (quotes may re-wrap lines)."""
+    words = text.split()
+    return re.compile(r"\s+".join(map(re.escape, words))) if words else None
+
+
+def expand_excerpts(answer: str, document: str, max_excerpt_chars: int = 4000) -> tuple[str, str]:
+    """Replace every excerpt marker in `answer` with the document's own text: `<excerpt>TEXT</excerpt>` must
+    occur in the document (up to whitespace); `<excerpt>START<...>END</excerpt>` becomes the document's span
+    from START through the first END after it. Returns (expanded answer, "") or (answer, reason) when a
+    marker is malformed or quotes something the document does not contain."""
+    if "<excerpt>" not in answer and "</excerpt>" not in answer:
+        return answer, ""
+    out, pos = [], 0
+    for m in _EXCERPT.finditer(answer):
+        body = m.group(1)
+        head, sep, tail = body.partition(ELISION)
+        start = _words_pattern(head)
+        if start is None or (sep and _words_pattern(tail) is None) or "<excerpt>" in body:
+            return answer, "malformed_excerpt"
+        first = start.search(document)
+        if first is None:
+            return answer, "excerpt_not_in_document"
+        end = first.end()
+        if sep:
+            last = _words_pattern(tail).search(document, first.end())  # type: ignore[union-attr]
+            if last is None:
+                return answer, "excerpt_not_in_document"
+            end = last.end()
+        if end - first.start() > max_excerpt_chars:
+            return answer, "excerpt_too_long"
+        out += [answer[pos:m.start()], document[first.start():end]]
+        pos = m.end()
+    rest = answer[pos:]
+    if "<excerpt>" in rest or "</excerpt>" in rest:
+        return answer, "malformed_excerpt"
+    return "".join(out) + rest, ""
+
+
 def gate_instantiation(instruction: str, answer: str, template: str) -> str | None:
     """Validity gates on a parsed instantiation: the reason it is unusable, or None."""
     if not answer.strip():
@@ -89,6 +133,9 @@ def instantiate_matches(
         if obj is None:
             return {}, reason
         instruction, answer = str(obj["instruction"]).strip(), str(obj["answer"]).strip()
+        answer, reason = expand_excerpts(answer, r["text"])  # verified against the full document
+        if reason:
+            return {}, reason
         reason = gate_instantiation(instruction, answer, r["template"]) or ""
         return {"instruction": instruction, "answer": answer, "grounding": grounding(answer, r["text"])}, reason
 

@@ -5,7 +5,12 @@ import pytest
 
 from fineinstructions_dagster.llm.cache import GenerationStats
 from fineinstructions_dagster.llm.engines import SamplingConfig
-from fineinstructions_dagster.stages.instantiation import gate_instantiation, grounding, instantiate_matches
+from fineinstructions_dagster.stages.instantiation import (
+    expand_excerpts,
+    gate_instantiation,
+    grounding,
+    instantiate_matches,
+)
 from fineinstructions_dagster.stages.llm_calls import LLMCall
 
 DOC = "Lists are mutable sequences. The sort method sorts the list in place and returns None."
@@ -52,3 +57,50 @@ def test_instantiation_keeps_good_rows_and_quarantines_the_rest(fake_engine):
     assert stats.as_dict()["dropped"] == 2
     # the document is fenced and comes before the template: k prompts per document share a prefix
     assert kept["prompt"][0].index("<document>") < kept["prompt"][0].index("<template>")
+
+
+EXCERPT_DOC = ("Lists have a sort() method that modifies the list in-place.\nThere is also a sorted() built-in "
+               "function that builds a new sorted list from an iterable. Both accept key and reverse.")
+
+
+@pytest.mark.parametrize("answer,expected", [
+    ("Use <excerpt>There is also<...>from an iterable.</excerpt>",
+     "Use There is also a sorted() built-in function that builds a new sorted list from an iterable."),
+    ("<excerpt>modifies the list in-place. There is</excerpt> more.",  # verbatim, across a line break
+     "modifies the list in-place.\nThere is more."),
+    ("No markers at all.", "No markers at all."),
+    ("<excerpt>Lists have<...>in-place.</excerpt> <excerpt>Both accept key and reverse.</excerpt>",
+     "Lists have a sort() method that modifies the list in-place. Both accept key and reverse."),
+])
+def test_excerpts_expand_from_the_document(answer, expected):
+    assert expand_excerpts(answer, EXCERPT_DOC) == (expected, "")
+
+
+@pytest.mark.parametrize("answer,reason", [
+    ("<excerpt>Lists are immutable tuples</excerpt>", "excerpt_not_in_document"),  # a forged quote
+    ("<excerpt>There is also<...>a hash table.</excerpt>", "excerpt_not_in_document"),
+    ("<excerpt>from an iterable.<...>Lists have</excerpt>", "excerpt_not_in_document"),  # end before start
+    ("<excerpt>Lists have", "malformed_excerpt"),
+    ("<excerpt></excerpt>", "malformed_excerpt"),
+    ("<excerpt>Lists have<...></excerpt>", "malformed_excerpt"),
+])
+def test_bad_excerpts_are_caught(answer, reason):
+    assert expand_excerpts(answer, EXCERPT_DOC) == (answer, reason)
+
+
+def test_excerpt_markers_in_the_stage(fake_engine):
+    from fineinstructions_dagster.stages.llm_calls import seed_for
+
+    replies = {seed_for("m1"): json.dumps({"instruction": "How do I get a new sorted list?",
+                                           "answer": "<excerpt>There is also<...>from an iterable.</excerpt>"}),
+               seed_for("m2"): json.dumps({"instruction": "Are lists sorted?",
+                                           "answer": "<excerpt>Lists are always kept sorted.</excerpt>"})}
+    pending = pl.DataFrame({"match_id": ["m1", "m2"], "doc_id": "d1", "template_id": "t1", "shard": "s",
+                            "text": EXCERPT_DOC, "template": "How do I <fi>task</fi>?"})
+    engine = fake_engine(lambda r: replies.get(r.seed) or replies[r.seed - 1])
+    kept, quarantined, _ = instantiate_matches(pending, LLMCall(engine, None, GenerationStats()), SamplingConfig(),
+                                               2000, 400, 400)
+    assert kept["answer"].to_list() == [
+        "There is also a sorted() built-in function that builds a new sorted list from an iterable."]
+    assert kept["grounding"][0] == 1.0 and "<excerpt>" in kept["raw_output"][0]  # raw output kept as written
+    assert quarantined["reason"].to_list() == ["excerpt_not_in_document"]
