@@ -30,15 +30,30 @@ TEMPLATE_SCHEMA = BASE_SCHEMA | {"template_id": pl.String(), "template": pl.Stri
 
 _TAG = re.compile(r"</?fi>")
 _SLOT = re.compile(r"<fi>(.*?)</fi>", re.DOTALL)
+# Personal data a genericizer must have abstracted into a slot, never copied into a template.
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
+_PHONE = re.compile(r"(?<![\w.])(\+?\d[\d ()./-]{6,}\d)(?![\w.])")
+MIN_TEMPLATE_CHARS = 8  # of the text without the tags: 'How to x?' passes, 'Why x' does not
+
+
+def _has_phone(text: str) -> bool:
+    return any(sum(c.isdigit() for c in m.group(1)) >= 7 for m in _PHONE.finditer(text))
 
 
 def validate_template(template: str, description: str, max_template_chars: int,
-                      max_description_chars: int) -> str | None:
-    """The reason a genericizer output is unusable, or None if it is a valid template."""
+                      max_description_chars: int, query: str | None = None) -> str | None:
+    """The reason a genericizer output is unusable, or None if it is a valid template. A template without
+    slots is accepted only when it is the query itself (the query was already generic)."""
     if not template.strip():
         return "empty_template"
     if len(template) > max_template_chars:
         return "template_too_long"
+    if len(_TAG.sub("", template).strip()) < MIN_TEMPLATE_CHARS:
+        return "template_too_short"
+    if _EMAIL.search(template) or _EMAIL.search(description):
+        return "personal_data_email"
+    if _has_phone(template) or _has_phone(description):
+        return "personal_data_phone"
     depth = 0
     for tag in _TAG.findall(template):
         depth += 1 if tag == "<fi>" else -1
@@ -49,11 +64,12 @@ def validate_template(template: str, description: str, max_template_chars: int,
     if depth != 0:
         return "unbalanced_slot_tags"
     slots = _SLOT.findall(template)
-    if not slots:
+    already_generic = query is not None and normalise_template(query).lower() == template.lower()
+    if not slots and not already_generic:
         return "no_slot"
     if any(not s.strip() for s in slots):
         return "empty_slot"
-    if not _SLOT.sub("", template).strip():
+    if slots and not _SLOT.sub("", template).strip():
         return "only_slots"
     if not description.strip():
         return "empty_description"
@@ -88,7 +104,8 @@ def genericize_queries(
             return {}, reason
         template = normalise_template(str(obj["template"]))
         description = " ".join(str(obj["compatible_document_description"]).split())
-        reason = validate_template(template, description, max_template_chars, max_description_chars) or ""
+        reason = validate_template(template, description, max_template_chars, max_description_chars,
+                                   query=r["text"]) or ""
         return {"template_id": content_id("template", template), "template": template,
                 "compatible_document_description": description, "n_slots": len(_SLOT.findall(template))}, reason
 
@@ -97,26 +114,42 @@ def genericize_queries(
     return frame(kept, TEMPLATE_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats
 
 
+def canonical_template_expr(col: str = "template") -> pl.Expr:
+    """What makes two templates near-duplicates: the same words outside the slots, ignoring case,
+    punctuation, spacing and how the slots are described ("sort <fi>a list</fi>?" = "Sort <fi>items</fi>")."""
+    return (pl.col(col).str.to_lowercase()
+            .str.replace_all(r"<fi>.*?</fi>", " \x00 ")
+            .str.replace_all(r"[^\w\x00]+", " ")
+            .str.replace_all(r"\s+", " ").str.strip_chars())
+
+
 def build_template_bank(templates: pl.DataFrame, run_id: str = "") -> tuple[pl.DataFrame, StageStats]:
-    """Merge identical templates across sources. Each bank row keeps every source query's id;
-    its description comes from the lowest query_id, so the bank is the same whatever the order."""
+    """Merge identical and near-duplicate templates (`canonical_template_expr`) across sources. Each bank row
+    keeps every source query's id and the ids of the templates merged into it; template, description and
+    template_id come from the lowest query_id, so the bank is the same whatever the order."""
     stats = StageStats(total=templates.height)
     if templates.height == 0:
         raise ValueError("template bank is empty: no query source produced a valid template")
     bank = (
         templates.sort("query_id")
-        .group_by("template_id", maintain_order=True)
+        .with_columns(canonical_template_expr().alias("_canonical"))
+        .group_by("_canonical", maintain_order=True)
         .agg(
+            pl.col("template_id").first(),
             pl.col("template").first(),
             pl.col("compatible_document_description").first(),
             pl.col("n_slots").first(),
             pl.col("query_id").alias("query_ids"),
+            pl.col("template_id").unique().sort().alias("merged_template_ids"),
             pl.col("source").unique().sort().alias("sources"),
             pl.col("genericization_id").first(),
         )
+        .drop("_canonical")
         .with_columns(pl.col("query_ids").list.len().alias("n_queries"), pl.lit(run_id).alias("run_id"))
         .sort("template_id")
     )
     stats.kept = bank.height
-    stats.drop("duplicate_template", templates.height - bank.height)
+    exact = templates["template_id"].n_unique()
+    stats.drop("duplicate_template", templates.height - exact)
+    stats.drop("near_duplicate_template", exact - bank.height)
     return bank, stats

@@ -82,3 +82,33 @@ def test_bank_merges_identical_templates_keeping_every_query_and_is_order_indepe
 def test_empty_bank_is_a_clear_error():
     with pytest.raises(ValueError, match="template bank is empty"):
         build_template_bank(pl.DataFrame(schema={"query_id": pl.String, "template_id": pl.String}))
+
+
+@pytest.mark.parametrize("template,description,query,reason", [
+    ("How do I email <fi>person</fi> at jane.doe@example.com?", "Email etiquette.", None, "personal_data_email"),
+    ("How do I reach <fi>a shop</fi>?", "Contact pages, e.g. call +1 (555) 123-4567.", None, "personal_data_phone"),
+    ("Call 555-123-4567 about <fi>an order</fi>", "Orders.", None, "personal_data_phone"),
+    ("Why <fi>x</fi>", "Docs.", None, "template_too_short"),
+    ("How do I learn to cook?", "Cooking guides.", "how do I learn  to cook?", None),  # already generic
+    ("How do I learn to cook?", "Cooking guides.", "How do I learn to cook risotto?", "no_slot"),
+    ("What happened in <fi>year</fi> 1969?", "History of <fi>a year</fi>.", None, None),  # 4 digits: not a phone
+])
+def test_personal_data_length_and_generic_queries(template, description, query, reason):
+    assert validate_template(template, description, 400, 400, query=query) == reason
+
+
+def test_bank_merges_near_duplicate_templates_keeping_every_query_id():
+    rows = pl.DataFrame({
+        "query_id": ["q1", "q2", "q3", "q4"], "source": ["a", "b", "a", "b"],
+        "template_id": ["t1", "t2", "t3", "t4"],
+        "template": ["How do I sort <fi>a list</fi>?", "how do I sort <fi>items in a container</fi>",
+                     "How do I  sort <fi>x</fi> ?!", "How do I reverse <fi>a list</fi>?"],
+        "compatible_document_description": ["d1", "d2", "d3", "d4"], "n_slots": 1,
+        "genericization_id": ["g1", "g2", "g3", "g4"],
+    })
+    bank, stats = build_template_bank(rows)
+    assert bank.height == 2 and stats.dropped["near_duplicate_template"] == 2 and stats.kept == 2
+    sort = bank.filter(pl.col("template_id") == "t1").row(0, named=True)
+    assert sort["query_ids"] == ["q1", "q2", "q3"] and sort["merged_template_ids"] == ["t1", "t2", "t3"]
+    assert sort["template"] == "How do I sort <fi>a list</fi>?" and sort["n_queries"] == 3
+    stats.check_balanced()
