@@ -111,6 +111,10 @@ class PipelineConfig:
     judge_threshold: int = 4  # keep pairs the judge scores >= this on the 1-5 Likert scale
     export_tokenizer: str = ""  # tokenizer of the packed export; empty: the instantiator model's
     export_seq_len: int = 2048
+    # Prompt conventions: the released FineInstructions models' own (paper profile) or ours ("instruct",
+    # for general instruct models and the smoke models, which need our JSON schema).
+    genericizer_format: str = "query_templatizer"
+    instantiator_format: str = "template_instantiator"
     judge_format: str = "flow"  # Flow-Judge-v0.1's <feedback>/<score> layout; "json" for other instruct models
     genericizer_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
     instantiator_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=1024))
@@ -122,6 +126,10 @@ class PipelineConfig:
         _check(0.0 <= self.min_grounding <= 1.0, "min_grounding must be in [0, 1]")
         _check(1 <= self.judge_threshold <= 5, "judge_threshold must be in 1..5")
         _check(self.judge_format in ("flow", "json"), f"judge_format must be flow or json, got {self.judge_format!r}")
+        _check(self.genericizer_format in ("instruct", "query_templatizer"),
+               f"genericizer_format must be instruct or query_templatizer, got {self.genericizer_format!r}")
+        _check(self.instantiator_format in ("instruct", "template_instantiator"),
+               f"instantiator_format must be instruct or template_instantiator, got {self.instantiator_format!r}")
         _check(self.max_document_chars >= 200, "max_document_chars must be >= 200")
 
     def match_config(self) -> MatchConfig:
@@ -153,7 +161,8 @@ def profile_config(profile: str = "paper", **overrides: object) -> PipelineConfi
         base = PipelineConfig(
             profile="demo", templates_per_document=2, max_template_chars=160, max_description_chars=120,
             max_document_chars=1500, max_instruction_chars=160, max_answer_chars=240, max_feedback_chars=120,
-            min_grounding=0.0, judge_threshold=1, judge_format="json",  # smoke models need the JSON schema
+            min_grounding=0.0, judge_threshold=1,  # smoke models need our prompts' JSON schemas:
+            judge_format="json", genericizer_format="instruct", instantiator_format="instruct",
             genericizer_sampling=noisy, instantiator_sampling=noisy, judge_sampling=noisy,
         )
     else:

@@ -8,6 +8,10 @@ from typing import Any
 from fineinstructions_dagster.prompts.common import fence
 
 PROMPT_VERSION = "genericize-v1"
+# The released `fineinstructions/query_templatizer` takes the bare query as the user message and answers with
+# one JSON object holding at least `template` and `compatible_document_description`.
+RELEASED_PROMPT_VERSION = "query-templatizer-v1"
+FORMATS = ("instruct", "query_templatizer")
 
 SYSTEM = (
     "You turn a real user query into a reusable instruction template. Replace the specific entities, "
@@ -51,3 +55,7 @@ def messages(query: str) -> tuple[tuple[str, str], ...]:
         ("assistant", EXAMPLE_OUTPUT),
         ("user", fence("query", query)),
     )
+
+
+def released_messages(query: str) -> tuple[tuple[str, str], ...]:
+    return (("user", query),)

@@ -4,11 +4,16 @@ it as a common prefix (vLLM prefix caching)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fineinstructions_dagster.prompts.common import fence
 
 PROMPT_VERSION = "instantiate-v2"  # v2: excerpt markers
+# The released `fineinstructions/template_instantiator` takes one JSON object as the user message and may
+# answer `null` when the template does not fit the document.
+RELEASED_PROMPT_VERSION = "template-instantiator-v1"
+FORMATS = ("instruct", "template_instantiator")
 
 SYSTEM = (
     "You write one instruction and its answer from a document. You are given a document and an "
@@ -40,3 +45,7 @@ def messages(document: str, template: str) -> tuple[tuple[str, str], ...]:
         ("system", SYSTEM),
         ("user", fence("document", document) + "\n\n" + fence("template", template)),
     )
+
+
+def released_messages(document: str, template: str) -> tuple[tuple[str, str], ...]:
+    return (("user", json.dumps({"instruction_template": template, "document": document}, ensure_ascii=False)),)

@@ -66,7 +66,7 @@ def expand_excerpts(answer: str, document: str, max_excerpt_chars: int = 4000) -
     """Replace every excerpt marker in `answer` with the document's own text: `<excerpt>TEXT</excerpt>` must
     occur in the document (up to whitespace); `<excerpt>START<...>END</excerpt>` becomes the document's span
     from START through the first END after it. Returns (expanded answer, "") or (answer, reason) when a
-    marker is malformed or quotes something the document does not contain."""
+    marker is malformed, quotes something the document does not contain, or fits two different passages."""
     if "<excerpt>" not in answer and "</excerpt>" not in answer:
         return answer, ""
     out, pos = [], 0
@@ -76,18 +76,22 @@ def expand_excerpts(answer: str, document: str, max_excerpt_chars: int = 4000) -
         start = _words_pattern(head)
         if start is None or (sep and _words_pattern(tail) is None) or "<excerpt>" in body:
             return answer, "malformed_excerpt"
-        first = start.search(document)
-        if first is None:
-            return answer, "excerpt_not_in_document"
-        end = first.end()
-        if sep:
+        spans = set()
+        for first in start.finditer(document):
+            if not sep:
+                spans.add((first.start(), first.end()))
+                continue
             last = _words_pattern(tail).search(document, first.end())  # type: ignore[union-attr]
-            if last is None:
-                return answer, "excerpt_not_in_document"
-            end = last.end()
-        if end - first.start() > max_excerpt_chars:
+            if last is not None:
+                spans.add((first.start(), last.end()))
+        if not spans:
+            return answer, "excerpt_not_in_document"
+        if len({document[a:b] for a, b in spans}) > 1:  # two different passages fit: do not guess
+            return answer, "ambiguous_excerpt"
+        begin, end = min(spans)
+        if end - begin > max_excerpt_chars:
             return answer, "excerpt_too_long"
-        out += [answer[pos:m.start()], document[first.start():end]]
+        out += [answer[pos:m.start()], document[begin:end]]
         pos = m.end()
     rest = answer[pos:]
     if "<excerpt>" in rest or "</excerpt>" in rest:
@@ -110,16 +114,23 @@ def gate_instantiation(instruction: str, answer: str, template: str) -> str | No
 
 def instantiate_matches(
     pending: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_document_chars: int,
-    max_instruction_chars: int, max_answer_chars: int, run_id: str = "",
+    max_instruction_chars: int, max_answer_chars: int, run_id: str = "", prompt_format: str = "instruct",
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: one row per match with columns match_id, doc_id, template_id, shard, text, template.
-    Returns (instantiations, quarantined rows with reason and raw output, stats)."""
+    Returns (instantiations, quarantined rows with reason and raw output, stats). `prompt_format`: `instruct`
+    (our prompt + JSON schema) or `template_instantiator` (the released model's JSON input; its `null`, for a
+    template that does not fit the document, is counted as `incompatible_template`)."""
+    if prompt_format not in instantiate.FORMATS:
+        raise ValueError(f"instantiator prompt_format must be one of {instantiate.FORMATS}, got {prompt_format!r}")
+    released = prompt_format == "template_instantiator"
     stats = StageStats(total=pending.height)
-    schema = instantiate.schema(max_instruction_chars, max_answer_chars)
+    schema = None if released else instantiate.schema(max_instruction_chars, max_answer_chars)
+    build = instantiate.released_messages if released else instantiate.messages
+    version = instantiate.RELEASED_PROMPT_VERSION if released else instantiate.PROMPT_VERSION
     # Sorted by document so that a document's k prompts sit together and share their prefix.
     rows = pending.sort("doc_id", "match_id").to_dicts()
     requests = [
-        GenerationRequest(instantiate.messages(truncate(r["text"], max_document_chars), r["template"]),
+        GenerationRequest(build(truncate(r["text"], max_document_chars), r["template"]),
                           sampling, seed_for(r["match_id"]), schema)
         for r in rows
     ]
@@ -129,6 +140,8 @@ def instantiate_matches(
                 "doc_id": r["doc_id"], "template_id": r["template_id"], "shard": r["shard"], "run_id": run_id}
 
     def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
+        if released and not res.error and res.text.strip() == "null":
+            return {}, "incompatible_template"
         obj, reason = parse_json_object(res, ("instruction", "answer"))
         if obj is None:
             return {}, reason
@@ -139,6 +152,5 @@ def instantiate_matches(
         reason = gate_instantiation(instruction, answer, r["template"]) or ""
         return {"instruction": instruction, "answer": answer, "grounding": grounding(answer, r["text"])}, reason
 
-    kept, quarantined = run_generation_stage(rows, requests, llm, instantiate.PROMPT_VERSION, sampling, identify,
-                                             interpret, stats)
+    kept, quarantined = run_generation_stage(rows, requests, llm, version, sampling, identify, interpret, stats)
     return frame(kept, INSTANTIATION_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats

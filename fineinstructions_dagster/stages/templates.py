@@ -84,15 +84,20 @@ def normalise_template(template: str) -> str:
 
 def genericize_queries(
     queries: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_template_chars: int,
-    max_description_chars: int, run_id: str = "",
+    max_description_chars: int, run_id: str = "", prompt_format: str = "instruct",
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
-    """Return (valid templates, quarantined outputs with reason and raw output, stats)."""
+    """Return (valid templates, quarantined outputs with reason and raw output, stats). `prompt_format`:
+    `instruct` (our prompt + JSON schema, for general instruct models) or `query_templatizer` (the released
+    model's convention: the bare query in, JSON out; no schema, its output is parsed and validated)."""
+    if prompt_format not in genericize.FORMATS:
+        raise ValueError(f"genericizer prompt_format must be one of {genericize.FORMATS}, got {prompt_format!r}")
+    released = prompt_format == "query_templatizer"
     stats = StageStats(total=queries.height)
-    schema = genericize.schema(max_template_chars, max_description_chars)
+    schema = None if released else genericize.schema(max_template_chars, max_description_chars)
+    build = genericize.released_messages if released else genericize.messages
+    version = genericize.RELEASED_PROMPT_VERSION if released else genericize.PROMPT_VERSION
     rows = queries.select("query_id", "source", "text").to_dicts()
-    requests = [
-        GenerationRequest(genericize.messages(r["text"]), sampling, seed_for(r["query_id"]), schema) for r in rows
-    ]
+    requests = [GenerationRequest(build(r["text"]), sampling, seed_for(r["query_id"]), schema) for r in rows]
 
     def identify(r: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
         return {"query_id": r["query_id"], "source": r["source"], "query_text": r["text"],
@@ -109,8 +114,7 @@ def genericize_queries(
         return {"template_id": content_id("template", template), "template": template,
                 "compatible_document_description": description, "n_slots": len(_SLOT.findall(template))}, reason
 
-    kept, quarantined = run_generation_stage(rows, requests, llm, genericize.PROMPT_VERSION, sampling, identify,
-                                             interpret, stats)
+    kept, quarantined = run_generation_stage(rows, requests, llm, version, sampling, identify, interpret, stats)
     return frame(kept, TEMPLATE_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats
 
 

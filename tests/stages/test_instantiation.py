@@ -104,3 +104,35 @@ def test_excerpt_markers_in_the_stage(fake_engine):
         "There is also a sorted() built-in function that builds a new sorted list from an iterable."]
     assert kept["grounding"][0] == 1.0 and "<excerpt>" in kept["raw_output"][0]  # raw output kept as written
     assert quarantined["reason"].to_list() == ["excerpt_not_in_document"]
+
+
+def test_ambiguous_excerpt_is_rejected():
+    doc = "Step one: open the file. Then close it. Later: open the socket. Then close it."
+    assert expand_excerpts("<excerpt>open the<...>close it.</excerpt>", doc)[1] == "ambiguous_excerpt"
+    assert expand_excerpts("<excerpt>open the file.<...>close it.</excerpt>", doc) == (
+        "open the file. Then close it.", "")
+    assert expand_excerpts("<excerpt>Then close it.</excerpt>", doc) == ("Then close it.", "")  # same text twice
+
+
+def test_released_instantiator_format(fake_engine):
+    from fineinstructions_dagster.prompts import instantiate
+
+    seen = []
+
+    def respond(r):
+        seen.append(r)
+        if "sockets" in r.messages[0][1]:
+            return "null"  # the released model's answer for a template that does not fit
+        return json.dumps({"instruction": "How do I get a new sorted list?",
+                           "answer": "<excerpt>There is also<...>from an iterable.</excerpt>"})
+
+    pending = pl.DataFrame({"match_id": ["m1", "m2"], "doc_id": "d1", "template_id": ["t1", "t2"], "shard": "s",
+                            "text": EXCERPT_DOC,
+                            "template": ["How do I <fi>task</fi>?", "How are <fi>sockets</fi> closed?"]})
+    kept, quarantined, _ = instantiate_matches(pending, LLMCall(fake_engine(respond), None, GenerationStats()),
+                                               SamplingConfig(), 2000, 400, 400, prompt_format="template_instantiator")
+    payload = json.loads(seen[0].messages[0][1])
+    assert [role for role, _ in seen[0].messages] == ["user"] and set(payload) == {"instruction_template", "document"}
+    assert seen[0].json_schema is None  # `null` must stay possible
+    assert kept["prompt_version"].to_list() == [instantiate.RELEASED_PROMPT_VERSION]
+    assert quarantined["reason"].to_list() == ["incompatible_template"]

@@ -112,3 +112,18 @@ def test_bank_merges_near_duplicate_templates_keeping_every_query_id():
     assert sort["query_ids"] == ["q1", "q2", "q3"] and sort["merged_template_ids"] == ["t1", "t2", "t3"]
     assert sort["template"] == "How do I sort <fi>a list</fi>?" and sort["n_queries"] == 3
     stats.check_balanced()
+
+
+def test_released_templatizer_format_sends_the_bare_query(fake_engine):
+    from fineinstructions_dagster.prompts import genericize
+
+    seen = []
+    engine = fake_engine(lambda r: seen.append(r) or json.dumps(
+        {"template": "How to <fi>x</fi>?", "compatible_document_description": "Docs on x.", "extra": 1}))
+    kept, _, _ = genericize_queries(queries(["How to sort a list?"]), LLMCall(engine, None, GenerationStats()),
+                                    SamplingConfig(), 400, 400, prompt_format="query_templatizer")
+    assert seen[0].messages == (("user", "How to sort a list?"),) and seen[0].json_schema is None
+    assert kept["prompt_version"].to_list() == [genericize.RELEASED_PROMPT_VERSION] and kept.height == 1
+    with pytest.raises(ValueError, match="prompt_format"):
+        genericize_queries(queries(["q"]), LLMCall(engine, None, GenerationStats()), SamplingConfig(), 400, 400,
+                           prompt_format="chatml")

@@ -34,7 +34,7 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
         llm = LLMCall(instantiator_llm.engine(), cache, GenerationStats())
         kept, quarantined, stats = instantiate_matches(
             pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
-            cfg.max_answer_chars, context.run_id)
+            cfg.max_answer_chars, context.run_id, cfg.instantiator_format)
     store.write("instantiations", kept, shard)
     store.write("instantiations", quarantined, shard, quarantine=True)
     ok = kept.height == 0 or bool(kept["grounding"].is_between(0, 1).all())

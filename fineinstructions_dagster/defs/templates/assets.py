@@ -38,7 +38,8 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
     with storage.generation_cache() as cache:
         llm = LLMCall(genericizer_llm.engine(), cache, GenerationStats())
         kept, quarantined, stats = genericize_queries(queries, llm, cfg.genericizer_sampling,
-                                                      cfg.max_template_chars, cfg.max_description_chars, context.run_id)
+                                                      cfg.max_template_chars, cfg.max_description_chars, context.run_id,
+                                                      cfg.genericizer_format)
     store.write("templates", kept, context.partition_key)
     store.write("templates", quarantined, context.partition_key, quarantine=True)
     return MaterializeResult(
