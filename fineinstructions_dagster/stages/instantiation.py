@@ -52,6 +52,14 @@ def grounding(answer: str, document: str, span: int = 3) -> float:
     return sum(covered) / len(a)
 
 
+RELEASED_INSTRUCTION_KEYS = ("instruction", "query", "question", "prompt")
+RELEASED_ANSWER_KEYS = ("answer", "response", "output")
+
+
+def _first_key(obj: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    return next((obj[k] for k in keys if obj.get(k) is not None), None)
+
+
 _EXCERPT = re.compile(r"<excerpt>(.*?)</excerpt>", re.DOTALL)
 ELISION = "<...>"
 
@@ -142,9 +150,14 @@ def instantiate_matches(
     def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
         if released and not res.error and res.text.strip() == "null":
             return {}, "incompatible_template"
-        obj, reason = parse_json_object(res, ("instruction", "answer"))
+        obj, reason = parse_json_object(res, () if released else ("instruction", "answer"))
         if obj is None:
             return {}, reason
+        if released:  # key names other releases use for the same two fields
+            obj = {"instruction": _first_key(obj, RELEASED_INSTRUCTION_KEYS),
+                   "answer": _first_key(obj, RELEASED_ANSWER_KEYS)}
+            if obj["instruction"] is None or obj["answer"] is None:
+                return {}, "missing_field"
         instruction, answer = str(obj["instruction"]).strip(), str(obj["answer"]).strip()
         answer, reason = expand_excerpts(answer, r["text"])  # verified against the full document
         if reason:

@@ -123,8 +123,8 @@ def test_released_instantiator_format(fake_engine):
         seen.append(r)
         if "sockets" in r.messages[0][1]:
             return "null"  # the released model's answer for a template that does not fit
-        return json.dumps({"instruction": "How do I get a new sorted list?",
-                           "answer": "<excerpt>There is also<...>from an iterable.</excerpt>"})
+        return json.dumps({"query": "How do I get a new sorted list?",  # an alias of "instruction"
+                           "response": "<excerpt>There is also<...>from an iterable.</excerpt>"})
 
     pending = pl.DataFrame({"match_id": ["m1", "m2"], "doc_id": "d1", "template_id": ["t1", "t2"], "shard": "s",
                             "text": EXCERPT_DOC,
@@ -135,4 +135,6 @@ def test_released_instantiator_format(fake_engine):
     assert [role for role, _ in seen[0].messages] == ["user"] and set(payload) == {"instruction_template", "document"}
     assert seen[0].json_schema is None  # `null` must stay possible
     assert kept["prompt_version"].to_list() == [instantiate.RELEASED_PROMPT_VERSION]
+    assert kept["instruction"].to_list() == ["How do I get a new sorted list?"]
+    assert kept["answer"][0].startswith("There is also a sorted()")
     assert quarantined["reason"].to_list() == ["incompatible_template"]
