@@ -65,11 +65,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print("\n== FineInstructions summary ==")
     print(f"storage root: {store.root}")
     for table in ("user_queries", "templates", "template_bank", "filtered_documents", "documents", "matches",
-                  "instantiations", "judgements", "fineinstructions"):
+                  "instantiations", "judgements", "fineinstructions", "export_chat", "export_packed"):
         parts = store.partitions(table)
         rows = sum(store.read(table, p).height for p in parts)
         q = sum(store.read(table, p, quarantine=True).height for p in store.partitions(table, quarantine=True))
-        print(f"  {table:<19} {rows:>7} rows  {q:>6} rejected/quarantined  ({len(parts)} partitions)")
+        unit = "seqs" if table == "export_packed" else "rows"  # packed: sequences of several pairs each
+        print(f"  {table:<19} {rows:>7} {unit}  {q:>6} rejected/quarantined  ({len(parts)} partitions)")
     report_path = store.root / "dataset_report" / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
