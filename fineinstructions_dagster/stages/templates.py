@@ -33,11 +33,17 @@ _SLOT = re.compile(r"<fi>(.*?)</fi>", re.DOTALL)
 # Personal data a genericizer must have abstracted into a slot, never copied into a template.
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 _PHONE = re.compile(r"(?<![\w.])(\+?\d[\d ()./-]{6,}\d)(?![\w.])")
+# Number runs that are not phone numbers: ISO dates, year ranges, dotted versions / IP-like groups.
+_NOT_PHONE = re.compile(r"^(\d{4}-\d{2}-\d{2}|\d{4}\s*[-/]\s*\d{4}|\d+(\.\d+){2,})$")
 MIN_TEMPLATE_CHARS = 8  # of the text without the tags: 'How to x?' passes, 'Why x' does not
 
 
 def _has_phone(text: str) -> bool:
-    return any(sum(c.isdigit() for c in m.group(1)) >= 7 for m in _PHONE.finditer(text))
+    """Seven or more digits in one run of digits and separators, unless the run is a date, a year range or a
+    dotted number. Slot text is ignored: a slot describes what goes there and may carry an example."""
+    text = _SLOT.sub(" ", text)
+    return any(sum(c.isdigit() for c in m.group(1)) >= 7 and not _NOT_PHONE.match(m.group(1).strip())
+               for m in _PHONE.finditer(text))
 
 
 def validate_template(template: str, description: str, max_template_chars: int,
@@ -119,12 +125,14 @@ def genericize_queries(
 
 
 def canonical_template_expr(col: str = "template") -> pl.Expr:
-    """What makes two templates near-duplicates: the same words outside the slots, ignoring case,
-    punctuation, spacing and how the slots are described ("sort <fi>a list</fi>?" = "Sort <fi>items</fi>")."""
+    """What makes two templates near-duplicates: the same text, slots included, up to case, spacing,
+    space before punctuation and trailing punctuation ("How do I sort <fi>a list</fi>?" = "how do I  sort
+    <fi>A list</fi>"); "learn C++?" and "learn C?" stay apart, as do slots that ask for different things."""
     return (pl.col(col).str.to_lowercase()
-            .str.replace_all(r"<fi>.*?</fi>", " \x00 ")
-            .str.replace_all(r"[^\w\x00]+", " ")
-            .str.replace_all(r"\s+", " ").str.strip_chars())
+            .str.replace_all(r"\s+", " ")
+            .str.replace_all(r" ([?!.,;:])", "$1")
+            .str.replace_all(r"[\s?!.,;:]+$", "")
+            .str.strip_chars())
 
 
 def build_template_bank(templates: pl.DataFrame, run_id: str = "") -> tuple[pl.DataFrame, StageStats]:

@@ -92,6 +92,9 @@ def test_empty_bank_is_a_clear_error():
     ("How do I learn to cook?", "Cooking guides.", "how do I learn  to cook?", None),  # already generic
     ("How do I learn to cook?", "Cooking guides.", "How do I learn to cook risotto?", "no_slot"),
     ("What happened in <fi>year</fi> 1969?", "History of <fi>a year</fi>.", None, None),  # 4 digits: not a phone
+    ("What happened between 1914-1918 in <fi>a country</fi>?", "Histories of 2023-01-15 events.", None, None),
+    ("How do I install <fi>a package</fi> 1.2.3.4?", "Install guides.", None, None),
+    ("What happened in <fi>e.g. 555-123-4567</fi>?", "Histories.", None, None),  # inside a slot: not checked
 ])
 def test_personal_data_length_and_generic_queries(template, description, query, reason):
     assert validate_template(template, description, 400, 400, query=query) == reason
@@ -101,8 +104,8 @@ def test_bank_merges_near_duplicate_templates_keeping_every_query_id():
     rows = pl.DataFrame({
         "query_id": ["q1", "q2", "q3", "q4"], "source": ["a", "b", "a", "b"],
         "template_id": ["t1", "t2", "t3", "t4"],
-        "template": ["How do I sort <fi>a list</fi>?", "how do I sort <fi>items in a container</fi>",
-                     "How do I  sort <fi>x</fi> ?!", "How do I reverse <fi>a list</fi>?"],
+        "template": ["How do I sort <fi>a list</fi>?", "how do I sort <fi>A list</fi>",
+                     "How do I  sort <fi>a  list</fi> ?!", "How do I sort <fi>a disease</fi>?"],
         "compatible_document_description": ["d1", "d2", "d3", "d4"], "n_slots": 1,
         "genericization_id": ["g1", "g2", "g3", "g4"],
     })
@@ -112,6 +115,13 @@ def test_bank_merges_near_duplicate_templates_keeping_every_query_id():
     assert sort["query_ids"] == ["q1", "q2", "q3"] and sort["merged_template_ids"] == ["t1", "t2", "t3"]
     assert sort["template"] == "How do I sort <fi>a list</fi>?" and sort["n_queries"] == 3
     stats.check_balanced()
+    # different slots, or text that differs in more than case and punctuation, are different templates
+    other = pl.DataFrame({"query_id": ["q1", "q2", "q3", "q4"], "source": "a", "template_id": ["a", "b", "c", "d"],
+                          "template": ["What is <fi>a Python library</fi>?", "what is <fi>a disease</fi>",
+                                       "How to learn C++ as <fi>a beginner</fi>?",
+                                       "How to learn C as <fi>a beginner</fi>?"],
+                          "compatible_document_description": "d", "n_slots": 1, "genericization_id": "g"})
+    assert build_template_bank(other)[0].height == 4
 
 
 def test_released_templatizer_format_sends_the_bare_query(fake_engine):
