@@ -50,11 +50,12 @@ class IndexConfig:
     dtype: str = "f16"
     connectivity: int = 16
     expansion_add: int = 64  # half usearch's default: builds ~2x faster, recall regained by expansion_search
-    expansion_search: int = 256  # recall@10 0.97 on 1M text-like vectors at ~58x exact search (bench-matching)
+    expansion_search: int = 256  # recall@10 0.97 on 1M text-like vectors at ~71x exact search (bench-matching)
 
     def __post_init__(self) -> None:
-        if self.metric not in ("cos", "ip", "l2sq"):
-            raise ValueError(f"index metric must be cos, ip or l2sq, got {self.metric!r}")
+        # Scores are cosine similarities (1 - distance); l2sq distances are not, so it is not offered.
+        if self.metric not in ("cos", "ip"):
+            raise ValueError(f"index metric must be cos or ip, got {self.metric!r}")
         if self.dtype not in ("f32", "f16", "bf16", "i8"):
             raise ValueError(f"index dtype must be f32, f16, bf16 or i8, got {self.dtype!r}")
         if self.connectivity < 2 or self.expansion_add < 1 or self.expansion_search < 1:
@@ -82,6 +83,8 @@ class MatchConfig:
             raise ValueError(f"need k >= 1, candidates_per_vector >= 1, max_candidates >= k: {self}")
         if self.hubness < 0 or self.diversity < 0:
             raise ValueError("hubness and diversity must be >= 0")
+        if self.hub_k < 1 or self.batch_docs < 1:
+            raise ValueError(f"hub_k and batch_docs must be >= 1: {self}")
 
     def describe(self) -> str:
         return (f"{self.pooling.describe()};k={self.k};cand={self.candidates_per_vector}/{self.max_candidates};"
@@ -119,10 +122,16 @@ class TemplateIndexMeta:
 
 
 def read_index_meta(folder: Path) -> TemplateIndexMeta | None:
+    """None where there is no index; StaleIndexError for a meta file this version cannot read (an index
+    written by an older version of the pipeline, or a damaged file)."""
     p = Path(folder) / META_FILE
     if not p.exists():
         return None
-    return TemplateIndexMeta(**json.loads(p.read_text()))
+    try:
+        return TemplateIndexMeta(**json.loads(p.read_text()))
+    except (TypeError, ValueError) as e:
+        raise StaleIndexError(f"template index meta {p} is from another version or damaged ({e}); "
+                              "re-materialize template_index") from e
 
 
 def _embed_into(index: Index, texts: list[str], keys: np.ndarray, embedder: Embedder, batch_size: int) -> None:
@@ -148,7 +157,10 @@ def build_template_index(bank: pl.DataFrame, embedder: Embedder, out_dir: Path, 
     bank = bank.sort("template_id").with_columns(
         content_id_expr("description", "compatible_document_description").alias("desc_hash"))
     bh = bank_hash(bank)
-    old = read_index_meta(previous) if previous is not None else None
+    try:
+        old = read_index_meta(previous) if previous is not None else None
+    except StaleIndexError:
+        old = None  # unreadable: build from scratch
     reusable = (old is not None and old.embedder == embedder.name and old.embedder_revision == embedder.revision
                 and old.dim == embedder.dim and old.config() == cfg and (previous / INDEX_FILE).exists())
     removed = 0
@@ -238,7 +250,7 @@ def _candidates(vecs: np.ndarray, doc_offset: int, tindex: TemplateIndex, cfg: M
                                        min(cfg.candidates_per_vector, tindex.meta.n_templates))
     valid = np.arange(keys.shape[1])[None, :] < counts[:, None]
     rows = np.nonzero(valid)
-    score = (1.0 - dists[rows]) if tindex.meta.metric == "cos" else -dists[rows]
+    score = 1.0 - dists[rows]  # usearch: cos and ip distances are both 1 - similarity
     return (
         pl.DataFrame({"doc": (rows[0] // n_vec + doc_offset).astype(np.int64),
                       "chunk_idx": (rows[0] % n_vec).astype(np.int16),
@@ -253,14 +265,19 @@ def _candidates(vecs: np.ndarray, doc_offset: int, tindex: TemplateIndex, cfg: M
 
 
 def _hub_scores(cands: pl.DataFrame, hub_k: int) -> pl.DataFrame:
-    """Per template: the mean of its `hub_k` best scores over the shard's documents."""
+    """Per template: the mean of its `hub_k` best scores over the shard's documents. A template that is a
+    candidate of fewer documents has its missing scores filled with the shard's lowest candidate score (they
+    were below every document's cut-off), so a rarely matched template is not treated as a hub."""
+    floor = float(cands["score"].min())  # type: ignore[arg-type]
     return (cands.sort("score", descending=True).group_by("key")
-            .agg(pl.col("score").head(hub_k).mean().alias("hub")))
+            .agg(pl.col("score").head(hub_k).sum().alias("top"), pl.len().clip(upper_bound=hub_k).alias("n"))
+            .select("key", ((pl.col("top") + (hub_k - pl.col("n")) * floor) / hub_k).alias("hub")))
 
 
 def _select_diverse(cands: pl.DataFrame, tindex: TemplateIndex, cfg: MatchConfig) -> pl.DataFrame:
     """Greedy MMR per document, vectorised across documents: repeatedly take the candidate with the highest
-    relevance minus `diversity` x (max cosine to a template already chosen for that document)."""
+    relevance minus `diversity` x (max cosine to a template already chosen for that document, floored at 0:
+    a dissimilar template earns no bonus)."""
     if cands.height == 0:
         return cands.with_columns(pl.lit(0, pl.Int32).alias("rank"))
     cands = cands.sort("doc", "relevance", "key", descending=[False, True, False]).with_columns(

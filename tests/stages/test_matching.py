@@ -184,3 +184,20 @@ def test_match_invariants_check(index_dir, embedder):
     assert {"ranks are not 1..n within a document", "a template matched twice to one document",
             "duplicate match ids"} <= set(match_problems(broken, 3))
     assert "documents with more than k=2 matches" in match_problems(found, 2)
+
+
+def test_index_from_an_older_version_is_stale_and_rebuilt(index_dir, tmp_path, embedder):
+    (index_dir / "meta.json").write_text('{"index_id": "i0", "embedder": "x", "dim": 384}')  # the old layout
+    with pytest.raises(StaleIndexError, match="another version"):
+        open_template_index(index_dir, embedder)
+    out = tmp_path / "rebuilt"
+    out.mkdir()
+    assert build_template_index(BANK, embedder, out, previous=index_dir).build == "full"
+
+
+def test_inner_product_metric_scores_like_cosine(tmp_path, embedder):
+    build_template_index(BANK, embedder, tmp_path, IndexConfig(metric="ip"))
+    found, stats = match_documents(DOCS, open_template_index(tmp_path, embedder), embedder, PLAIN)
+    assert stats.kept == 2 and found["score"].min() > 0  # unit vectors: ip = cosine
+    with pytest.raises(ValueError, match="metric"):
+        IndexConfig(metric="l2sq")

@@ -20,7 +20,6 @@ from fineinstructions_dagster.stages.matching import (
     match_documents,
     match_problems,
     open_template_index,
-    read_index_meta,
     template_usage,
 )
 
@@ -39,7 +38,7 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
     current = store.dir(INDEX_DIR)
     with store.staged_dir(INDEX_DIR) as tmp:
         meta = build_template_index(bank, embedder.embedder(), tmp, pipeline.config().template_index,
-                                    previous=current if read_index_meta(current) else None)
+                                    previous=current if current.exists() else None)
     return MaterializeResult(metadata={
         "dagster/row_count": meta.n_templates, "index_id": meta.index_id,
         "embedder": f"{meta.embedder}@{meta.embedder_revision}", "dim": meta.dim, "bank_hash": meta.bank_hash,
