@@ -302,7 +302,8 @@ def scale(n: int, n_queries: int, dim: int, dtypes: tuple[str, ...], ef_search: 
                          "index_mb": mem, "file_mb": file_mb, "rss_growth_mb": rss, "qps": n_queries / search_s,
                          "exact_qps": n_queries / exact_s, "speedup": exact_s / search_s, "recall_at_10": recall})
         del index
-    main = next(r for r in runs if r["dtype"] == default.dtype and r["expansion_search"] == default.expansion_search)
+    main = next((r for r in runs if r["dtype"] == default.dtype and r["expansion_search"] == default.expansion_search),
+                runs[0])  # the default's figures when it was run, else the first run's
     f = PAPER_TEMPLATES / n
     log_f = math.log(PAPER_TEMPLATES) / math.log(n)  # HNSW insert cost grows ~ log n
     projection = [{"dtype": r["dtype"], "templates": PAPER_TEMPLATES, "index_gb": r["index_mb"] * f / 1024,

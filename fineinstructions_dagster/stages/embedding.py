@@ -55,12 +55,21 @@ class Embedder:
 
     @functools.cached_property
     def revision(self) -> str:
-        """What pins the exact weights: the Hub snapshot hash in a cache path, else a hash of the model folder's
-        file names, sizes and first 64 KiB (fast, and changes when a checkpoint is replaced)."""
-        m = re.search(r"/snapshots/([0-9a-f]{7,40})(/|$)", self.model_name)
+        """What pins the weights: the Hub snapshot hash (from a cache path, or from the local Hub cache for a
+        repo id), else a hash of the model folder's file names, sizes and first 64 KiB, which changes when any
+        file is added, removed, resized or rewritten at its start."""
+        path = self.model_name
+        if not Path(path).exists():
+            try:
+                from huggingface_hub import snapshot_download
+
+                path = snapshot_download(self.model_name, local_files_only=True)
+            except Exception:  # not cached (yet): the name is all we know
+                return "unknown"
+        m = re.search(r"/snapshots/([0-9a-f]{7,40})(/|$)", str(path))
         if m:
             return m.group(1)
-        root = Path(self.model_name)
+        root = Path(path)
         if not root.is_dir():
             return "unknown"
         h = hashlib.sha256()
@@ -128,9 +137,9 @@ class Embedder:
                 feats = tok.pad({"input_ids": [windows[i][1] for i in batch]}, return_tensors="pt")
                 feats = {k: v.to(self.device) for k, v in feats.items()}
                 tokens = self._model[0](feats)["token_embeddings"].float().cpu()
-                lengths = feats["attention_mask"].sum(dim=1).tolist()
+                real = feats["attention_mask"].cpu().bool()  # by mask: right or left padding alike
                 for row, i in enumerate(batch):
-                    embs[i] = tokens[row, :lengths[row]]
+                    embs[i] = tokens[row][real[row]]
         parts: list[list[torch.Tensor]] = [[] for _ in range(n_docs)]
         for (d, _), e in zip(windows, embs, strict=True):
             parts[d].append(e)

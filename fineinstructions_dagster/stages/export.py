@@ -4,7 +4,8 @@ and `datasets` expect), and a tokenized variant packed into fixed-length sequenc
 covers only answer tokens (the paper trains with the instruction objective: loss on the answer, not the
 instruction).
 
-Packing is greedy first-fit in pair_id order, whole examples only (an example is never split across two
+Packing is greedy next-fit in pair_id order (a sequence is closed when the next example does not fit),
+whole examples only (an example is never split across two
 sequences, so no answer loses its instruction); each example restarts `position_ids` at 0 so varlen
 attention kernels can keep examples apart. Examples longer than the sequence length are not packed and are
 counted (`dropped_longer_than_sequence`), never cut.
@@ -79,7 +80,7 @@ def tokenize_pairs(pairs: pl.DataFrame, tok: Any) -> pl.DataFrame:
 
 
 def pack(tokens: pl.DataFrame, seq_len: int, pad_id: int, shard: str = "") -> tuple[pl.DataFrame, StageStats]:
-    """Greedy first-fit packing of whole examples into sequences of exactly `seq_len` tokens."""
+    """Greedy next-fit packing of whole examples, in order, into sequences of exactly `seq_len` tokens."""
     stats = StageStats(total=tokens.height)
     lengths = (tokens["prompt_ids"].list.len() + tokens["answer_ids"].list.len()).to_numpy()
     prompts, answers, pair_ids = tokens["prompt_ids"].to_list(), tokens["answer_ids"].to_list(), tokens["pair_id"]

@@ -65,41 +65,49 @@ ELISION = "<...>"
 
 
 def _words_pattern(text: str) -> re.Pattern[str] | None:
-    """The text's words in order with any whitespace between them (quotes may re-wrap lines)."""
+    """The text's words in order with any whitespace between them (quotes may re-wrap lines), not starting
+    or ending inside a longer word."""
     words = text.split()
-    return re.compile(r"\s+".join(map(re.escape, words))) if words else None
+    if not words:
+        return None
+    body = r"\s+".join(map(re.escape, words))
+    start = r"(?<!\w)" if words[0][0].isalnum() or words[0][0] == "_" else ""
+    end = r"(?!\w)" if words[-1][-1].isalnum() or words[-1][-1] == "_" else ""
+    return re.compile(start + body + end)
 
 
 def expand_excerpts(answer: str, document: str, max_excerpt_chars: int = 4000) -> tuple[str, str]:
     """Replace every excerpt marker in `answer` with the document's own text: `<excerpt>TEXT</excerpt>` must
     occur in the document (up to whitespace); `<excerpt>START<...>END</excerpt>` becomes the document's span
-    from START through the first END after it. Returns (expanded answer, "") or (answer, reason) when a
-    marker is malformed, quotes something the document does not contain, or fits two different passages."""
+    from START through the first END after it (of several STARTs before the same END, the nearest). Returns
+    (expanded answer, "") or (answer, reason) when a marker is malformed, quotes something the document does
+    not contain, or fits two different passages."""
     if "<excerpt>" not in answer and "</excerpt>" not in answer:
         return answer, ""
     out, pos = [], 0
     for m in _EXCERPT.finditer(answer):
+        between = answer[pos:m.start()]
         body = m.group(1)
+        if "<excerpt>" in between or "</excerpt>" in between or "<excerpt>" in body:
+            return answer, "malformed_excerpt"
         head, sep, tail = body.partition(ELISION)
         start = _words_pattern(head)
-        if start is None or (sep and _words_pattern(tail) is None) or "<excerpt>" in body:
+        end_pat = _words_pattern(tail) if sep else None
+        if start is None or (sep and end_pat is None):
             return answer, "malformed_excerpt"
-        spans = set()
+        by_end: dict[int, int] = {}  # end offset -> the latest start before it (the shortest span)
         for first in start.finditer(document):
-            if not sep:
-                spans.add((first.start(), first.end()))
-                continue
-            last = _words_pattern(tail).search(document, first.end())  # type: ignore[union-attr]
+            last = end_pat.search(document, first.end()) if end_pat else first
             if last is not None:
-                spans.add((first.start(), last.end()))
-        if not spans:
+                by_end[last.end()] = max(by_end.get(last.end(), -1), first.start())
+        if not by_end:
             return answer, "excerpt_not_in_document"
-        if len({document[a:b] for a, b in spans}) > 1:  # two different passages fit: do not guess
+        if len({document[b:e] for e, b in by_end.items()}) > 1:  # two different passages fit: do not guess
             return answer, "ambiguous_excerpt"
-        begin, end = min(spans)
+        end, begin = min(by_end.items())
         if end - begin > max_excerpt_chars:
             return answer, "excerpt_too_long"
-        out += [answer[pos:m.start()], document[begin:end]]
+        out += [between, document[begin:end]]
         pos = m.end()
     rest = answer[pos:]
     if "<excerpt>" in rest or "</excerpt>" in rest:

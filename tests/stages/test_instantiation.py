@@ -138,3 +138,13 @@ def test_released_instantiator_format(fake_engine):
     assert kept["instruction"].to_list() == ["How do I get a new sorted list?"]
     assert kept["answer"][0].startswith("There is also a sorted()")
     assert quarantined["reason"].to_list() == ["incompatible_template"]
+
+
+def test_excerpt_edge_cases():
+    doc = "the quick brown fox saw the lazy dog. Other text."
+    # several STARTs before one END: the nearest one, not an ambiguity
+    assert expand_excerpts("<excerpt>the<...>dog.</excerpt>", doc) == ("the lazy dog.", "")
+    # a stray closing tag between markers is malformed, not passed into the answer
+    assert expand_excerpts("a </excerpt> b <excerpt>quick brown</excerpt>", doc)[1] == "malformed_excerpt"
+    # words are matched whole: "he" is not found inside "the"
+    assert expand_excerpts("<excerpt>he quick</excerpt>", doc)[1] == "excerpt_not_in_document"
