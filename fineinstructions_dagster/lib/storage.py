@@ -22,6 +22,20 @@ UNPARTITIONED = "all"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
 
 
+@contextmanager
+def _atomic_file(target: Path) -> Iterator[str]:
+    """A temporary path beside `target`, renamed onto it when the block succeeds and removed when it fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def check_partition_key(key: str) -> str:
     if not _SAFE_KEY.match(key) or ".." in key:
         raise ValueError(
@@ -48,15 +62,8 @@ class TableStore:
     def write_jsonl(self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED) -> Path:
         """The same partition as JSON Lines beside its Parquet file (for loaders that want JSON), atomically."""
         target = self.path(table, partition).with_suffix(".jsonl")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
+        with _atomic_file(target) as tmp:
             df.write_ndjson(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return target
 
     def dir(self, name: str) -> Path:
@@ -66,15 +73,8 @@ class TableStore:
         self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED, quarantine: bool = False
     ) -> Path:
         target = self.path(table, partition, quarantine)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
+        with _atomic_file(target) as tmp:
             df.write_parquet(tmp, compression="zstd", statistics=True)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return target
 
     def exists(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> bool:
@@ -110,18 +110,11 @@ class TableStore:
                     quarantine: bool = False) -> Path:
         """Stream part files (written batch by batch) into one partition file, atomically."""
         target = self.path(table, partition, quarantine)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
+        with _atomic_file(target) as tmp:
             if parts:
                 pl.scan_parquet(parts).sink_parquet(tmp, compression="zstd")
             else:
                 empty.write_parquet(tmp, compression="zstd")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return target
 
     @contextmanager

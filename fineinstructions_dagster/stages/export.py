@@ -13,6 +13,7 @@ counted (`dropped_longer_than_sequence`), never cut.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,9 @@ class PackingConfig:
             raise ValueError(f"packing seq_len must be >= 16, got {self.seq_len}")
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(name: str) -> Any:
+    """One tokenizer per process and name, reused across the shards a run exports."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -193,11 +192,6 @@ def build_template_index(bank: pl.DataFrame, embedder: Embedder, out_dir: Path, 
     id_map.sort("key").write_parquet(out_dir / ID_MAP_FILE)
     (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2))
     return meta
-
-
-def copy_index(src: Path, dst: Path) -> None:
-    for name in (INDEX_FILE, ID_MAP_FILE, META_FILE):
-        shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from fineinstructions_dagster.defs.metadata import stage_metadata
 from fineinstructions_dagster.defs.pairs.assets import fineinstructions
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
-from fineinstructions_dagster.stages.export import chat_records, load_tokenizer, pack, tokenize_pairs
+from fineinstructions_dagster.stages.export import PackingConfig, chat_records, load_tokenizer, pack, tokenize_pairs
 
 CHAT_TABLE = "export_chat"
 PACKED_TABLE = "export_packed"
@@ -27,12 +27,12 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
     chat = chat_records(pairs)
     store.write(CHAT_TABLE, chat, shard)
     jsonl = store.write_jsonl(CHAT_TABLE, chat, shard)
-    tokenizer_name = cfg.export_tokenizer or instantiator_llm.model
-    tok = load_tokenizer(tokenizer_name)
-    packed, stats = pack(tokenize_pairs(pairs, tok), cfg.export_seq_len, tok.pad_token_id or 0, shard)
+    packing = PackingConfig(tokenizer=cfg.export_tokenizer or instantiator_llm.model, seq_len=cfg.export_seq_len)
+    tok = load_tokenizer(packing.tokenizer)
+    packed, stats = pack(tokenize_pairs(pairs, tok), packing.seq_len, tok.pad_token_id or 0, shard)
     store.write(PACKED_TABLE, packed, shard)
     return MaterializeResult(metadata=stage_metadata(
-        stats, chat, ["pair_id", "messages"], row_count=chat.height, tokenizer=tokenizer_name,
-        seq_len=cfg.export_seq_len, chat_parquet=MetadataValue.path(str(store.path(CHAT_TABLE, shard))),
+        stats, chat, ["pair_id", "messages"], row_count=chat.height, tokenizer=packing.tokenizer,
+        seq_len=packing.seq_len, chat_parquet=MetadataValue.path(str(store.path(CHAT_TABLE, shard))),
         chat_jsonl=MetadataValue.path(str(jsonl)),
         packed_parquet=MetadataValue.path(str(store.path(PACKED_TABLE, shard)))))
