@@ -63,7 +63,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     store = TableStore(_root(args))
     print("\n== FineInstructions summary ==")
-    print(f"storage root: {store.root}")
+    print(f"storage root: {store.uri}")
     for table in ("user_queries", "templates", "template_bank", "filtered_documents", "documents", "matches",
                   "instantiations", "judgements", "fineinstructions", "export_chat", "export_packed"):
         parts = store.partitions(table)
@@ -71,7 +71,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         q = sum(store.read(table, p, quarantine=True).height for p in store.partitions(table, quarantine=True))
         unit = "seqs" if table == "export_packed" else "rows"  # packed: sequences of several pairs each
         print(f"  {table:<19} {rows:>7} {unit}  {q:>6} rejected/quarantined  ({len(parts)} partitions)")
-    report_path = store.root / "dataset_report" / "report.json"
+    report_path = store.dir("dataset_report") / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
         print("rejections by stage and reason:")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
+from dagster_aws.s3 import S3Resource
 
 from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profile_config
 from fineinstructions_dagster.lib.storage import TableStore
@@ -17,12 +18,18 @@ DEFAULT_SMOKE_MODEL = "models/smoke"
 
 
 class StorageResource(ConfigurableResource):
-    """Storage root for every table (`FINEINSTRUCTIONS_ROOT`, default ./data)."""
+    """Storage root for every table (`FINEINSTRUCTIONS_ROOT`, default ./data; `s3://bucket/prefix` in
+    production, through dagster-aws's S3 resource: endpoint, region and credentials from the AWS_* variables).
+    `cache_dir`: where an S3 root's local working copy lives (FINEINSTRUCTIONS_CACHE_DIR)."""
 
     root: str = "data"
+    cache_dir: str = ""
+    s3: S3Resource = S3Resource()
 
     def store(self) -> TableStore:
-        return TableStore(self.root)
+        if not self.root.startswith("s3://"):
+            return TableStore(self.root)
+        return TableStore(self.root, s3_client=self.s3.get_client(), working_copy=self.cache_dir or None)
 
     def generation_cache(self) -> GenerationCache:
         return GenerationCache(Path(self.store().root) / "_cache" / "generations.sqlite")
@@ -94,6 +101,7 @@ class PipelineResource(ConfigurableResource):
 # Every environment variable the platform reads, with its default: the one place they are named.
 ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_ROOT": "data",
+    "FINEINSTRUCTIONS_CACHE_DIR": "",
     "FINEINSTRUCTIONS_QUERIES": "data/inputs/queries",
     "FINEINSTRUCTIONS_CORPUS": "data/inputs/corpus",
     "FINEINSTRUCTIONS_PROFILE": "paper",
@@ -128,7 +136,11 @@ def build_resources() -> dict[str, ConfigurableResource]:
                            base_url=base_url)
 
     return {
-        "storage": StorageResource(root=_env("FINEINSTRUCTIONS_ROOT")),
+        "storage": StorageResource(
+            root=_env("FINEINSTRUCTIONS_ROOT"), cache_dir=_env("FINEINSTRUCTIONS_CACHE_DIR"),
+            # Unset fields fall back to boto3's own lookup (AWS_ENDPOINT_URL, AWS_REGION, keys, profiles).
+            s3=S3Resource(endpoint_url=_env("AWS_ENDPOINT_URL", "") or None,
+                          region_name=_env("AWS_REGION", "") or None)),
         "inputs": InputsResource(queries_dir=_env("FINEINSTRUCTIONS_QUERIES"),
                                  corpus_dir=_env("FINEINSTRUCTIONS_CORPUS")),
         "genericizer_llm": llm("genericizer"),

@@ -1,13 +1,20 @@
-"""Parquet tables under one storage root, written atomically.
+"""Parquet tables under one storage root (a local folder or `s3://bucket/prefix`), written atomically.
 
 Layout: `<root>/<table>/<partition>.parquet` (partitioned) or `<root>/<table>/all.parquet`, plus
 `<root>/quarantine/<table>/<partition>.parquet` for rejected rows. A partition is written to a
 temporary file in the same folder and renamed into place, so readers never see half a file and a
 re-run replaces the partition exactly.
+
+With an `s3://` root the bucket is the source of truth and a local folder is its working copy: every
+write is uploaded as one object PUT (S3 replaces an object whole, so readers never see a partial
+partition), and every read first brings the working copy up to date with the bucket (objects whose ETag
+changed are downloaded, objects gone from the bucket are removed). DuckDB and Polars then read local
+files: DuckDB here cannot load its S3 extension, and local reads keep the lineage and dedup queries fast.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -44,30 +52,183 @@ def check_partition_key(key: str) -> str:
     return key
 
 
-class TableStore:
-    """Reads and writes the platform's tables under a local storage root."""
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix")."""
+    rest = uri.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"storage root {uri!r}: an S3 root must name a bucket (s3://bucket/prefix)")
+    return bucket, prefix.strip("/")
 
-    def __init__(self, root: str | os.PathLike[str]):
+
+def default_working_copy(uri: str) -> Path:
+    """Where an S3 root's working copy lives when FINEINSTRUCTIONS_CACHE_DIR is not set."""
+    base = os.environ.get("FINEINSTRUCTIONS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fineinstructions")
+    bucket, prefix = split_s3_uri(uri)
+    return Path(base) / "s3" / bucket / (prefix or "_root")
+
+
+class S3Mirror:
+    """Keeps folders of a local working copy in step with the same keys under an S3 prefix.
+
+    Written by hand rather than with s3fs: s3fs pins aiobotocore, which conflicts with the boto3 that
+    dagster-aws brings; the three operations needed here (list, get, put) are a few boto3 calls.
+    """
+
+    STATE = ".s3-etags.json"  # per folder: key -> ETag of the object the local file was last synced with
+
+    def __init__(self, uri: str, local: Path, client: Any):
+        self.uri = uri.rstrip("/")
+        self.bucket, self.prefix = split_s3_uri(uri)
+        self.local = local
+        self.client = client
+
+    def key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    def _state(self, folder: Path) -> dict[str, str]:
+        f = folder / self.STATE
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    def _save_state(self, folder: Path, state: dict[str, str]) -> None:
+        with _atomic_file(folder / self.STATE) as tmp:
+            Path(tmp).write_text(json.dumps(state, sort_keys=True))
+
+    def push(self, path: Path) -> None:
+        """Upload one local file (already complete) as one object."""
+        rel = path.relative_to(self.local).as_posix()
+        with path.open("rb") as f:
+            etag = self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=f)["ETag"]
+        state = self._state(path.parent)
+        state[path.name] = etag
+        self._save_state(path.parent, state)
+
+    def _remote(self, rel_folder: str) -> dict[str, str]:
+        """name -> ETag of every object directly under the folder (sub-folders are separate folders)."""
+        prefix = self.key(rel_folder).rstrip("/") + "/"
+        found: dict[str, str] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                          Delimiter="/"):
+            for obj in page.get("Contents", []):
+                found[obj["Key"][len(prefix):]] = obj["ETag"]
+        return found
+
+    def pull_one(self, path: Path) -> None:
+        """Bring one file up to date (download, or remove it locally if the object is gone)."""
+        rel = path.relative_to(self.local).as_posix()
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
+        except self.client.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                path.unlink(missing_ok=True)
+                return
+            raise
+        state = self._state(path.parent)
+        if path.exists() and state.get(path.name) == head["ETag"]:
+            return
+        self._download(rel, path, state, head["ETag"])
+
+    def pull_folder(self, folder: Path) -> None:
+        """Bring every file directly in a folder up to date with the objects under the same prefix."""
+        rel_folder = folder.relative_to(self.local).as_posix()
+        remote = self._remote(rel_folder)
+        if not remote and not folder.exists():
+            return
+        state = self._state(folder) if folder.exists() else {}
+        for name, etag in remote.items():
+            if name == self.STATE:
+                continue
+            target = folder / name
+            if not (target.exists() and state.get(name) == etag):
+                self._download(f"{rel_folder}/{name}", target, state, etag)
+        if folder.exists():  # files deleted from the bucket (e.g. a partition removed) go locally too
+            for f in folder.iterdir():
+                if f.is_file() and not f.name.startswith(".") and f.name not in remote:
+                    f.unlink()
+                    state.pop(f.name, None)
+            self._save_state(folder, state)
+
+    def _download(self, rel: str, target: Path, state: dict[str, str], etag: str) -> None:
+        with _atomic_file(target) as tmp:
+            self.client.download_file(self.bucket, self.key(rel), tmp)
+        state[target.name] = etag
+        self._save_state(target.parent, state)
+
+    def push_folder(self, folder: Path) -> None:
+        """Make the objects under the folder's prefix equal to its files: upload each, delete the rest.
+        Used for the template index, whose files are replaced together (the id map names the meta)."""
+        rel_folder = folder.relative_to(self.local).as_posix()
+        stale = set(self._remote(rel_folder)) - {f.name for f in folder.iterdir() if f.is_file()}
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                self.push(f)
+        for name in stale:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(f"{rel_folder}/{name}"))
+
+
+class TableStore:
+    """Reads and writes the platform's tables under a storage root: a local folder, or `s3://bucket/prefix`
+    with a local working copy (`working_copy`, default under FINEINSTRUCTIONS_CACHE_DIR)."""
+
+    def __init__(self, root: str | os.PathLike[str], s3_client: Any = None,
+                 working_copy: str | os.PathLike[str] | None = None):
         root = str(root)
+        self.uri = root
+        self.mirror: S3Mirror | None = None
         if root.startswith("s3://"):
-            raise NotImplementedError(
-                f"storage root {root!r}: S3 storage roots are not supported yet; use a local folder"
-            )
-        self.root = Path(root).resolve()
+            local = Path(working_copy) if working_copy else default_working_copy(root)
+            self.root = local.resolve()
+            if s3_client is None:
+                import boto3  # endpoint (AWS_ENDPOINT_URL), region and credentials from the environment
+
+                s3_client = boto3.client("s3")
+            self.mirror = S3Mirror(root, self.root, s3_client)
+        else:
+            self.root = Path(root).resolve()
+            self.uri = str(self.root)
+
+    def uri_of(self, path: Path) -> str:
+        """Where a file of the working copy lives for users: its s3:// URI, or the local path."""
+        if self.mirror is None:
+            return str(path)
+        return f"{self.mirror.uri}/{path.relative_to(self.root).as_posix()}"
+
+    def _folder(self, table: str, quarantine: bool) -> Path:
+        return self.root / "quarantine" / table if quarantine else self.root / table
+
+    def _sync_folder(self, folder: Path) -> None:
+        if self.mirror is not None:
+            self.mirror.pull_folder(folder)
+
+    def _published(self, target: Path) -> Path:
+        if self.mirror is not None:
+            self.mirror.push(target)
+        return target
 
     def path(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> Path:
-        base = self.root / "quarantine" / table if quarantine else self.root / table
-        return base / f"{check_partition_key(partition)}.parquet"
+        """The partition's file in the (local) working copy; no synchronisation."""
+        return self._folder(table, quarantine) / f"{check_partition_key(partition)}.parquet"
 
     def write_jsonl(self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED) -> Path:
         """The same partition as JSON Lines beside its Parquet file (for loaders that want JSON), atomically."""
         target = self.path(table, partition).with_suffix(".jsonl")
         with _atomic_file(target) as tmp:
             df.write_ndjson(tmp)
-        return target
+        return self._published(target)
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """A small JSON document (e.g. the dataset report) at `<root>/<name>`, atomically."""
+        target = self.root / name
+        with _atomic_file(target) as tmp:
+            Path(tmp).write_text(json.dumps(obj, indent=2))
+        return self._published(target)
 
     def dir(self, name: str) -> Path:
-        return self.root / name
+        """A folder of files kept together (the template index), brought up to date first."""
+        folder = self.root / name
+        self._sync_folder(folder)
+        return folder
 
     def write(
         self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED, quarantine: bool = False
@@ -75,30 +236,55 @@ class TableStore:
         target = self.path(table, partition, quarantine)
         with _atomic_file(target) as tmp:
             df.write_parquet(tmp, compression="zstd", statistics=True)
-        return target
+        return self._published(target)
 
     def exists(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> bool:
-        return self.path(table, partition, quarantine).exists()
+        p = self.path(table, partition, quarantine)
+        if self.mirror is not None:
+            self.mirror.pull_one(p)
+        return p.exists()
 
     def read(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> pl.DataFrame:
         p = self.path(table, partition, quarantine)
-        if not p.exists():
+        if not self.exists(table, partition, quarantine):
             kind = "quarantine table" if quarantine else "table"
             raise FileNotFoundError(
-                f"{kind} {table!r} partition {partition!r} is not materialized yet (expected {p})"
+                f"{kind} {table!r} partition {partition!r} is not materialized yet (expected "
+                f"{self.uri_of(p)})"
             )
         return pl.read_parquet(p)
 
     def partitions(self, table: str, quarantine: bool = False) -> list[str]:
-        base = self.root / "quarantine" / table if quarantine else self.root / table
+        base = self._folder(table, quarantine)
+        self._sync_folder(base)
         if not base.exists():
             return []
         return sorted(p.stem for p in base.glob("*.parquet"))
 
     def glob(self, table: str, quarantine: bool = False) -> str:
-        """A glob DuckDB/Polars can scan across every partition of a table."""
-        base = self.root / "quarantine" / table if quarantine else self.root / table
+        """A glob DuckDB/Polars can scan across every partition of a table (of the synced working copy)."""
+        base = self._folder(table, quarantine)
+        self._sync_folder(base)
         return str(base / "*.parquet")
+
+    def sync(self, tables: list[str] | None = None) -> None:
+        """Bring whole tables (default: every table in the bucket) up to date, e.g. before dbt reads them."""
+        if self.mirror is None:
+            return
+        names = tables if tables is not None else self.remote_tables()
+        for t in names:
+            self._sync_folder(self._folder(t, False))
+            self._sync_folder(self._folder(t, True))
+
+    def remote_tables(self) -> list[str]:
+        if self.mirror is None:
+            return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        prefix = self.mirror.key("")
+        out: set[str] = set()
+        for page in self.mirror.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.mirror.bucket, Prefix=prefix, Delimiter="/"):
+            out.update(p["Prefix"][len(prefix):].strip("/") for p in page.get("CommonPrefixes", []))
+        return sorted(t for t in out if t and t != "quarantine" and not t.startswith((".", "_")))
 
     def scan_all(self, table: str, quarantine: bool = False) -> pl.LazyFrame | None:
         parts = self.partitions(table, quarantine)
@@ -115,7 +301,7 @@ class TableStore:
                 pl.scan_parquet(parts).sink_parquet(tmp, compression="zstd")
             else:
                 empty.write_parquet(tmp, compression="zstd")
-        return target
+        return self._published(target)
 
     @contextmanager
     def scratch(self, name: str) -> Iterator[Path]:
@@ -142,6 +328,8 @@ class TableStore:
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+            if self.mirror is not None:
+                self.mirror.push_folder(final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

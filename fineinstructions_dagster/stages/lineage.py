@@ -20,7 +20,7 @@ class LineageError(LookupError):
 def _one(con: duckdb.DuckDBPyConnection, store: TableStore, table: str, column: str, value: str,
          partition: str | None = None) -> dict[str, Any] | None:
     source = str(store.path(table, partition)) if partition else store.glob(table)
-    if not (store.path(table, partition).exists() if partition else store.partitions(table)):
+    if not (store.exists(table, partition) if partition else store.partitions(table)):
         return None
     rel = con.execute(f"SELECT * FROM read_parquet(?, union_by_name=true) WHERE {column} = ? LIMIT 1",
                       [source, value])

@@ -45,7 +45,7 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
         "index": f"{meta.metric}/{meta.dtype} M={meta.connectivity} ef_add={meta.expansion_add} "
                  f"ef_search={meta.expansion_search}",
         "build": meta.build, "added": meta.added, "removed": meta.removed,
-        "path": MetadataValue.path(str(store.dir(INDEX_DIR))),
+        "path": MetadataValue.path(store.uri_of(store.root / INDEX_DIR)),
     })
 
 

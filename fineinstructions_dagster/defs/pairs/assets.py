@@ -1,7 +1,5 @@
 """`fineinstructions` (the final pairs of a shard) and `dataset_report` (the whole dataset)."""
 
-import json
-
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -64,10 +62,10 @@ def dataset_report(context: AssetExecutionContext, storage: StorageResource,
     report = build_report(pairs)
     report["rejections"] = rejection_counts(store)
     report["profile"] = pipeline.config().profile
-    store.root.joinpath("dataset_report").mkdir(parents=True, exist_ok=True)
-    (store.root / "dataset_report" / "report.json").write_text(json.dumps(report, indent=2))
+    path = store.write_json("dataset_report/report.json", report)
     return MaterializeResult(metadata={
         "dagster/row_count": int(report["pairs"]),  # type: ignore[call-overload]
         "report": MetadataValue.json(report),
+        "path": MetadataValue.path(store.uri_of(path)),
     })
 
