@@ -1,9 +1,11 @@
 """The code location loads, with every asset of the design, its jobs, sensors and pools."""
 
-from dagster import DagsterInstance, build_sensor_context
+from dagster import AssetCheckResult, DagsterInstance, MaterializeResult, build_sensor_context
 
 from fineinstructions_dagster.definitions import defs
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
+from fineinstructions_dagster.defs.metadata import for_each_partition
+from fineinstructions_dagster.defs.partitions import PARTITIONS_PER_RUN, shards_to_refresh
 from fineinstructions_dagster.defs.resources import InputsResource
 
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
@@ -24,10 +26,43 @@ def test_every_asset_is_defined_with_its_partitions_and_pool():
     assert all(s.description for s in specs.values())
 
 
-def test_jobs_and_sensors_load():
-    for job in ("queries_job", "template_index_job", "filter_job", "dedup_job", "shard_job", "report_job"):
+def test_jobs_schedules_and_sensors_load():
+    for job in ("queries_job", "template_index_job", "filter_job", "dedup_job", "shard_job", "report_job",
+                "lineage_job"):
         assert defs.resolve_job_def(job)
-    assert {s.name for s in defs.sensors} == {"corpus_shard_sensor", "query_source_sensor"}
+    assert {s.name for s in defs.sensors} == {"corpus_shard_sensor", "query_source_sensor", "automation_sensor"}
+    assert [s.name for s in defs.schedules] == ["missing_or_stale_shards"]
+
+
+def test_llm_assets_batch_partitions_per_backfill_run_and_summaries_automate():
+    for key in ("templates", "instantiations", "judgements", "matches", "documents", "fineinstructions"):
+        policy = defs.resolve_assets_def(key).backfill_policy
+        assert policy is not None and policy.max_partitions_per_run == PARTITIONS_PER_RUN > 1, key
+    for key in ("template_bank", "template_index", "document_clusters", "dataset_report"):
+        assert defs.resolve_assets_def(key).automation_conditions_by_key, key
+
+
+def test_shards_to_refresh_names_the_first_missing_or_stale_step():
+    chain = ["filtered", "documents", "matches"]
+    latest = {"filtered": {"a": 1, "b": 1, "c": 1, "d": 1}, "documents": {"a": 2, "b": 2, "c": 5, "d": 2},
+              "matches": {"a": 7, "c": 4, "d": 3}}
+    todo = shards_to_refresh(["a", "b", "c", "d", "new"], latest, {"index": 6}, chain, {"matches": ["index"]})
+    assert todo == {"b": ("matches missing", 6), "c": ("matches older than its inputs", 6),
+                    "d": ("matches older than its inputs", 6)}  # d: the index (6) is newer than its matches (3)
+    assert shards_to_refresh(["a"], latest, {"index": 6}, chain, {"matches": ["index"]}) == {}
+
+
+def test_a_run_over_several_partitions_sums_counts_and_names_failed_checks():
+    def one(key: str) -> MaterializeResult:
+        return MaterializeResult(metadata={"dagster/row_count": {"a": 2, "b": 3}[key]},
+                                 check_results=[AssetCheckResult(check_name="ok", passed=key == "a")])
+
+    single = for_each_partition(["a"], one)
+    assert single.metadata["dagster/row_count"] == 2
+    both = for_each_partition(["a", "b"], one)
+    assert both.metadata["dagster/row_count"] == 5 and both.metadata["partitions_in_run"] == 2
+    (check,) = both.check_results
+    assert not check.passed and check.metadata["failed_partitions"].value == "b"
 
 
 def test_shard_sensor_adds_one_partition_per_new_file(tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import polars as pl
 import pytest
-from dagster import DagsterInstance, load_assets_from_modules, materialize
+from dagster import AssetKey, DagsterInstance, load_assets_from_modules, materialize
 
 from fineinstructions_dagster.cli import main as cli
 from fineinstructions_dagster.lib.storage import TableStore
@@ -89,3 +89,71 @@ def test_lineage_cli_json_has_the_documented_keys(pipeline, capsys):
     assert list(chain) == ["pair", "judgement", "instantiation", "match", "template", "query", "document", "runs"]
     assert cli(["--root", str(store.root), "lineage", "p0000000000000000"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_lineage_job_shows_the_chain_with_links_to_runs_and_partitions(pipeline):
+    from fineinstructions_dagster.definitions import defs
+
+    store, instance, _ = pipeline
+    pair = pl.read_parquet(store.glob("fineinstructions")).sort("pair_id").row(0, named=True)
+    job = defs.resolve_job_def("lineage_job")
+    result = job.execute_in_process(
+        run_config={"ops": {"trace_pair_lineage": {"config": {"pair_id": pair["pair_id"]}}}}, instance=instance)
+    assert result.success
+    obs = [e.asset_observation_data.asset_observation for e in result.all_events if e.is_asset_observation]
+    assert len(obs) == 1 and obs[0].partition == pair["shard"]
+    md = obs[0].metadata["lineage"].value
+    chain = trace_pair(store, pair["pair_id"])
+    for step_id in (pair["pair_id"], pair["judgement_id"], pair["instantiation_id"], pair["match_id"],
+                    pair["template_id"], pair["query_id"], pair["doc_id"]):
+        assert f"`{step_id}`" in md
+    for run_id in chain["runs"].values():
+        assert f"(/runs/{run_id})" in md
+    assert f"/assets/instantiations?view=partitions&partition={pair['shard']}" in md
+    # The observation lands on the pair's partition, so the asset page shows it too.
+    records = instance.fetch_observations(AssetKey("fineinstructions"), limit=10).records
+    assert any(r.run_id == result.run_id for r in records)
+    bad = job.execute_in_process(run_config={"ops": {"trace_pair_lineage": {"config": {"pair_id": "p404"}}}},
+                                 instance=instance, raise_on_error=False)
+    assert not bad.success
+    failure = next(e for e in bad.all_events if e.is_step_failure)
+    assert "pair 'p404' not found" in str(failure.step_failure_data.error.message)
+
+
+def test_schedule_requests_only_missing_or_stale_shards(pipeline):
+    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.defs.pairs.schedules import refresh_requests
+    from fineinstructions_dagster.defs.resources import build_resources
+
+    _, instance, _ = pipeline
+    first = refresh_requests(instance)
+    assert not isinstance(first, list), first  # everything is up to date: a skip, no runs
+    materialize(load_assets_from_modules(STAGE_MODULES), selection=["documents"], partition_key="tutorial",
+                instance=instance, resources=build_resources())
+    requests = refresh_requests(instance)
+    assert [(r.partition_key, r.tags["fineinstructions/reason"]) for r in requests] == [
+        ("tutorial", "matches older than its inputs")]
+    again = refresh_requests(instance)
+    assert [r.run_key for r in again] == [r.run_key for r in requests]  # same state, same key: no duplicate
+
+
+def test_a_run_over_several_partitions_materializes_each_once(pipeline):
+    from dagster import DagsterEventType, EventRecordsFilter
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.defs.resources import build_resources
+
+    store, instance, _ = pipeline
+    result = materialize(load_assets_from_modules(STAGE_MODULES), selection=["documents"], instance=instance,
+                         resources=build_resources(), tags={ASSET_PARTITION_RANGE_START_TAG: "faq",
+                                                            ASSET_PARTITION_RANGE_END_TAG: "tutorial"})
+    mats = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
+    assert sorted(m.partition for m in mats) == ["faq", "tutorial"]
+    total = store.read("documents", "faq").height + store.read("documents", "tutorial").height
+    assert mats[0].metadata["dagster/row_count"].value == total
+    assert mats[0].metadata["partitions_in_run"].value == 2
+    checks = [e for e in result.all_events if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION]
+    assert checks and all(c.event_specific_data.passed for c in checks)
+    assert instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION,
+                                                         asset_key=AssetKey("documents")))

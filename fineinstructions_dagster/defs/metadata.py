@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
-from dagster import MetadataValue
+from dagster import AssetCheckResult, MaterializeResult, MetadataValue
 
 from fineinstructions_dagster.lib.stats import StageStats
 
@@ -46,3 +47,32 @@ def require_all_joined(left: pl.DataFrame, joined: pl.DataFrame, what: str) -> p
             "the upstream partitions changed since this one's inputs were built: re-materialize them in order"
         )
     return joined
+
+
+def for_each_partition(partition_keys: list[str], one: Callable[[str], MaterializeResult]) -> MaterializeResult:
+    """Run `one(partition)` for every partition of the run (a backfill batches several per run so a model
+    loads once). One partition: its result as is. Several: Dagster records the returned result for each
+    partition of the range, so counts are summed, a per-partition table is added and a check passes only if
+    it passed for every partition (the failing ones are named)."""
+    results = {key: one(key) for key in partition_keys}
+    if len(results) == 1:
+        return next(iter(results.values()))
+    rows, checks, total = [], {}, 0
+    for key, res in results.items():
+        meta = res.metadata or {}
+        count = meta.get("dagster/row_count", 0)
+        count = int(getattr(count, "value", count) or 0)
+        total += count
+        rows.append(f"| {key} | {count} |")
+        for check in res.check_results or []:
+            passed, failed = checks.setdefault(check.check_name, (True, []))
+            if not check.passed:
+                failed.append(key)
+            checks[check.check_name] = (passed and check.passed, failed)
+    table = "\n".join(["| partition | rows |", "|---|---|", *rows])
+    return MaterializeResult(
+        metadata={"dagster/row_count": total, "partitions_in_run": len(results),
+                  "rows_per_partition": MetadataValue.md(table)},
+        check_results=[AssetCheckResult(check_name=name, passed=ok,
+                                        metadata={"failed_partitions": ", ".join(failed) or "none"})
+                       for name, (ok, failed) in checks.items()])

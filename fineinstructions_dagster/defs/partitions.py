@@ -1,8 +1,11 @@
 """Partitions definitions, defined once and imported everywhere, and the scan that adds new keys."""
 
+import warnings
 
 from dagster import (
     AssetKey,
+    BackfillPolicy,
+    BetaWarning,
     DynamicPartitionsDefinition,
     RunRequest,
     SensorEvaluationContext,
@@ -12,6 +15,14 @@ from dagster import (
 
 query_source_partitions = DynamicPartitionsDefinition(name="query_source")
 corpus_shard_partitions = DynamicPartitionsDefinition(name="corpus_shard")
+
+# Backfill policies are beta in Dagster 1.13 (a warning per asset otherwise); the assets importing this set them.
+warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
+
+# A backfill runs up to this many partitions of an asset in one run, so the LLM (and embedder) loads once
+# per run rather than once per partition; set on every asset partitioned by shard or source.
+PARTITIONS_PER_RUN = 8
+batched_backfill = BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PER_RUN)
 
 
 def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[str]],
@@ -31,3 +42,33 @@ def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[s
         ],
         dynamic_partitions_requests=[partitions.build_add_request(new)],
     )
+
+
+def shards_to_refresh(shards: list[str], latest: dict[str, dict[str, int]], shared: dict[str, int | None],
+                      chain: list[str], shared_inputs: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
+    """Shards whose chain is missing a step or has a step older than its input.
+
+    `latest[asset][shard]`: storage id (the event log's ever-increasing id, so comparable across assets) of
+    the asset's latest materialization of that shard; `shared[name]`: the same for an unpartitioned input.
+    The first asset of `chain` is the source: a shard without it is left to the shard sensor. Returns
+    shard -> (reason, newest storage id seen), the id standing for "this upstream state".
+    """
+    todo: dict[str, tuple[str, int]] = {}
+    for shard in shards:
+        ids = [latest.get(a, {}).get(shard) for a in chain]
+        if ids[0] is None:
+            continue
+        state = max([i for i in ids if i is not None] + [s for s in shared.values() if s is not None])
+        reason = None
+        for k in range(1, len(chain)):
+            asset, cur = chain[k], ids[k]
+            inputs = [ids[k - 1]] + [shared.get(n) for n in shared_inputs.get(asset, [])]
+            if cur is None:
+                reason = f"{asset} missing"
+            elif any(i is not None and i > cur for i in inputs):
+                reason = f"{asset} older than its inputs"
+            if reason:
+                break
+        if reason:
+            todo[shard] = (reason, state)
+    return todo

@@ -132,3 +132,57 @@ def trace_document(store: TableStore, key: str) -> dict[str, Any]:
             found.pop("text", None)
             return json.loads(json.dumps({"status": status, **found}, default=str))
     raise LineageError(f"no document with doc_id, source id or url {key!r} under {store.root}")
+
+
+# (step, chain key, id column, asset key, partitioned by shard)
+_STEPS = [
+    ("pair", "pair", "pair_id", "fineinstructions", True),
+    ("judgement", "judgement", "judgement_id", "judgements", True),
+    ("instantiation", "instantiation", "instantiation_id", "instantiations", True),
+    ("match", "match", "match_id", "matches", True),
+    ("template", "template", "template_id", "template_bank", False),
+    ("query", "query", "query_id", "user_queries", False),
+    ("document", "document", "doc_id", "documents", True),
+]
+
+
+def _md_cell(text: Any, n: int = 300) -> str:
+    return _short(text, n).replace("|", "\\|")
+
+
+def lineage_markdown(chain: dict[str, Any]) -> str:
+    """The chain as a markdown table for the Dagster UI: each step's id, what defines it, and links to the
+    run that produced it and to the asset partition it lives in (paths of the Dagster web UI)."""
+    p, t, q = chain["pair"], chain["template"], chain["query"]
+    shard = p["shard"]
+    run_of = {"pair": chain["runs"]["fineinstructions"], "judgement": chain["runs"]["judgements"],
+              "instantiation": chain["runs"]["instantiations"], "match": chain["runs"]["matches"],
+              "template": chain["runs"]["template_bank"], "query": chain["runs"]["user_queries"],
+              "document": chain["runs"]["documents"]}
+    partition_of = {"query": q["source"]}
+    detail = {
+        "pair": f"judge {p['judge_score']}, grounding {p['grounding']:.2f}",
+        "judgement": f"score {chain['judgement']['score']} by {chain['judgement']['model']} "
+                     f"({chain['judgement']['prompt_version']})",
+        "instantiation": f"{chain['instantiation']['model']} ({chain['instantiation']['prompt_version']})",
+        "match": f"score {chain['match']['score']:.3f}, rank {chain['match']['rank']}, chunk {chain['match']['chunk']}",
+        "template": _md_cell(t["template"], 120),
+        "query": f"{q['source']}: {_md_cell(q['text'], 120)}",
+        "document": f"{chain['document']['url']} ({chain['document']['source_file']} row "
+                    f"{chain['document']['source_row']})",
+    }
+    lines = [f"### Pair `{p['pair_id']}`", "",
+             f"**Instruction:** {_md_cell(p['instruction'], 600)}", "",
+             f"**Answer:** {_md_cell(p['answer'], 600)}", "",
+             "| step | id | what | produced by run | asset partition |", "|---|---|---|---|---|"]
+    for step, key, column, asset, by_shard in _STEPS:
+        part = shard if by_shard else partition_of.get(step)
+        where = f"[{asset}[{part}]](/assets/{asset}?view=partitions&partition={part})" if part else \
+            f"[{asset}](/assets/{asset})"
+        run = run_of[step]
+        lines.append(f"| {step} | `{chain[key][column]}` | {detail[step]} | [{run[:8]}](/runs/{run}) | {where} |")
+    g = t["genericization"]
+    lines += ["", f"Template from the genericizer run [{g['run_id'][:8]}](/runs/{g['run_id']}) "
+              f"([templates[{q['source']}]](/assets/templates?view=partitions&partition={q['source']})), "
+              f"model {g['model']}.", "", f"**Document text:** {_md_cell(chain['document']['text'], 800)}"]
+    return "\n".join(lines)

@@ -2,11 +2,18 @@
 shard) and `documents` (per shard, deduplicated)."""
 
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AutomationCondition,
+    MaterializeResult,
+    asset,
+)
 
 from fineinstructions_dagster.defs.inputs import corpus_shards
-from fineinstructions_dagster.defs.metadata import stage_metadata
-from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
+from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
+from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.stages.dedup import cluster_duplicates
 from fineinstructions_dagster.stages.documents import apply_duplicate_decisions, empty_documents, prepare_shard
@@ -43,7 +50,8 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
         **{f"seconds_{k}": round(v, 3) for k, v in out.seconds.items()}))
 
 
-@asset(deps=[filtered_documents], group_name="documents", kinds={"numpy", "scipy"})
+@asset(automation_condition=AutomationCondition.eager(),
+       deps=[filtered_documents], group_name="documents", kinds={"numpy", "scipy"})
 def document_clusters(context: AssetExecutionContext, storage: StorageResource,
                       pipeline: PipelineResource) -> MaterializeResult:
     """Exact (same normalised text) and near (MinHash LSH, verified similarity) duplicate clusters over
@@ -68,20 +76,24 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
     })
 
 
-@asset(partitions_def=corpus_shard_partitions, deps=[filtered_documents, document_clusters],
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+       deps=[filtered_documents, document_clusters],
        group_name="documents", kinds={"polars", "parquet"},
        check_specs=[AssetCheckSpec(DOC_ID_UNIQUE, asset="documents")])
 def documents(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
     """The shard's filtered documents minus exact and near duplicates found across all shards; removed
     ones are in quarantine with the doc_id they duplicate and the estimated similarity."""
     store = storage.store()
-    shard = context.partition_key
-    kept, removed, stats = apply_duplicate_decisions(store.read("filtered_documents", shard),
-                                                     store.read("document_clusters"), context.run_id)
-    store.write("documents", kept, shard)
-    store.write("documents", removed, shard, quarantine=True)
-    return MaterializeResult(
-        metadata=stage_metadata(stats, kept, ["doc_id", "url", "n_words", "text"],
-                                duplicate_clusters=removed["cluster"].n_unique()),
-        check_results=[AssetCheckResult(check_name=DOC_ID_UNIQUE, passed=bool(kept["doc_id"].is_unique().all()))],
-    )
+
+    def one(shard: str) -> MaterializeResult:
+        kept, removed, stats = apply_duplicate_decisions(store.read("filtered_documents", shard),
+                                                         store.read("document_clusters"), context.run_id)
+        store.write("documents", kept, shard)
+        store.write("documents", removed, shard, quarantine=True)
+        return MaterializeResult(
+            metadata=stage_metadata(stats, kept, ["doc_id", "url", "n_words", "text"],
+                                    duplicate_clusters=removed["cluster"].n_unique()),
+            check_results=[AssetCheckResult(check_name=DOC_ID_UNIQUE, passed=bool(kept["doc_id"].is_unique().all()))],
+        )
+
+    return for_each_partition(context.partition_keys, one)

@@ -5,14 +5,15 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
 from fineinstructions_dagster.defs.documents.assets import documents
-from fineinstructions_dagster.defs.metadata import preview_markdown, stage_metadata
-from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
+from fineinstructions_dagster.defs.metadata import for_each_partition, preview_markdown, stage_metadata
+from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import EmbedderResource, PipelineResource, StorageResource
 from fineinstructions_dagster.defs.templates.assets import template_bank
 from fineinstructions_dagster.stages.matching import (
@@ -25,9 +26,13 @@ from fineinstructions_dagster.stages.matching import (
 
 INDEX_DIR = "template_index"
 MATCHES_WELL_FORMED = "matches_well_formed"
+INDEX_COVERS_BANK = "index_covers_every_template"
 
 
-@asset(deps=[template_bank], group_name="matching", kinds={"usearch", "sentence_transformers"})
+@asset(automation_condition=AutomationCondition.eager(),
+       deps=[template_bank], group_name="matching", kinds={"usearch", "sentence_transformers"},
+       check_specs=[AssetCheckSpec(INDEX_COVERS_BANK, asset="template_index",
+                                   description="one vector per template of the current bank")])
 def template_index(storage: StorageResource, embedder: EmbedderResource,
                    pipeline: PipelineResource) -> MaterializeResult:
     """Embeddings of every template's compatible document description in a usearch index, saved with its id
@@ -46,10 +51,12 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
                  f"ef_search={meta.expansion_search}",
         "build": meta.build, "added": meta.added, "removed": meta.removed,
         "path": MetadataValue.path(store.uri_of(store.root / INDEX_DIR)),
-    })
+    }, check_results=[AssetCheckResult(check_name=INDEX_COVERS_BANK, passed=meta.n_templates == bank.height,
+                                       metadata={"vectors": meta.n_templates, "templates": bank.height})])
 
 
-@asset(partitions_def=corpus_shard_partitions, deps=[documents, template_index], group_name="matching",
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, deps=[documents, template_index],
+       group_name="matching",
        kinds={"usearch", "parquet"}, check_specs=[AssetCheckSpec(MATCHES_WELL_FORMED, asset="matches")])
 def matches(context: AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource,
             pipeline: PipelineResource) -> MaterializeResult:
@@ -59,15 +66,18 @@ def matches(context: AssetExecutionContext, storage: StorageResource, embedder: 
     store = storage.store()
     emb = embedder.embedder()
     tindex = open_template_index(store.dir(INDEX_DIR), emb, store.read("template_bank"))
-    docs = store.read("documents", context.partition_key)
-    found, stats = match_documents(docs, tindex, emb, cfg, context.run_id)
-    store.write("matches", found, context.partition_key)
-    usage = template_usage(found)
-    problems = match_problems(found, cfg.k)
-    return MaterializeResult(
-        metadata=stage_metadata(
-            stats, found, ["doc_id", "template_id", "chunk", "score", "rank"], row_count=found.height,
-            index_id=tindex.meta.index_id, matcher=cfg.describe(),
-            template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10))),
-        check_results=[AssetCheckResult(check_name=MATCHES_WELL_FORMED, passed=not problems,
-                                        metadata={"problems": "; ".join(problems) or "none"})])
+
+    def one(shard: str) -> MaterializeResult:
+        found, stats = match_documents(store.read("documents", shard), tindex, emb, cfg, context.run_id)
+        store.write("matches", found, shard)
+        usage = template_usage(found)
+        problems = match_problems(found, cfg.k)
+        return MaterializeResult(
+            metadata=stage_metadata(
+                stats, found, ["match_id", "doc_id", "template_id", "chunk", "score", "rank"],
+                row_count=found.height, index_id=tindex.meta.index_id, matcher=cfg.describe(),
+                template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10))),
+            check_results=[AssetCheckResult(check_name=MATCHES_WELL_FORMED, passed=not problems,
+                                            metadata={"problems": "; ".join(problems) or "none"})])
+
+    return for_each_partition(context.partition_keys, one)

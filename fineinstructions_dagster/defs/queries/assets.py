@@ -4,8 +4,8 @@ import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
 from fineinstructions_dagster.defs.inputs import query_sources, read_partition_input
-from fineinstructions_dagster.defs.metadata import stage_metadata
-from fineinstructions_dagster.defs.partitions import query_source_partitions
+from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
+from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.stages.queries import clean_queries
 
@@ -14,6 +14,7 @@ QUERY_ID_UNIQUE = "query_id_unique"
 
 @asset(
     partitions_def=query_source_partitions,
+    backfill_policy=batched_backfill,
     group_name="queries",
     kinds={"polars", "parquet"},
     check_specs=[AssetCheckSpec(QUERY_ID_UNIQUE, asset="user_queries")],
@@ -22,15 +23,18 @@ def user_queries(context: AssetExecutionContext, storage: StorageResource, input
                  pipeline: PipelineResource) -> MaterializeResult:
     """Real user queries from one source: whitespace-normalised, filtered by length and a blocklist,
     exact-deduplicated. Dropped rows go to quarantine with their reason."""
-    source = context.partition_key
-    raw, malformed = read_partition_input(query_sources(inputs.queries_dir), source, inputs.queries_dir,
-                                          "query source")
-    kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id)
-    stats.count_unread("malformed_json", malformed.height)
-    store = storage.store()
-    store.write("user_queries", kept, source)
-    store.write("user_queries", pl.concat([rejected, malformed], how="diagonal_relaxed"), source, quarantine=True)
-    return MaterializeResult(
-        metadata=stage_metadata(stats, kept, ["query_id", "text"]),
-        check_results=[AssetCheckResult(check_name=QUERY_ID_UNIQUE, passed=kept["query_id"].is_unique().all())],
-    )
+
+    def one(source: str) -> MaterializeResult:
+        raw, malformed = read_partition_input(query_sources(inputs.queries_dir), source, inputs.queries_dir,
+                                              "query source")
+        kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id)
+        stats.count_unread("malformed_json", malformed.height)
+        store = storage.store()
+        store.write("user_queries", kept, source)
+        store.write("user_queries", pl.concat([rejected, malformed], how="diagonal_relaxed"), source, quarantine=True)
+        return MaterializeResult(
+            metadata=stage_metadata(stats, kept, ["query_id", "text"]),
+            check_results=[AssetCheckResult(check_name=QUERY_ID_UNIQUE, passed=kept["query_id"].is_unique().all())],
+        )
+
+    return for_each_partition(context.partition_keys, one)

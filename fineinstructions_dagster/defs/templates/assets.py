@@ -5,12 +5,13 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AutomationCondition,
     MaterializeResult,
     asset,
 )
 
-from fineinstructions_dagster.defs.metadata import stage_metadata
-from fineinstructions_dagster.defs.partitions import query_source_partitions
+from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
+from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.queries.assets import user_queries
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.llm.cache import GenerationStats
@@ -18,10 +19,12 @@ from fineinstructions_dagster.stages.llm_calls import LLMCall
 from fineinstructions_dagster.stages.templates import build_template_bank, genericize_queries
 
 TEMPLATES_HAVE_SLOTS = "every_template_has_a_slot"
+BANK_IDS_RESOLVE = "template_ids_unique_with_source_queries"
 
 
 @asset(
     partitions_def=query_source_partitions,
+    backfill_policy=batched_backfill,
     deps=[user_queries],
     group_name="templates",
     kinds={"vllm", "parquet"},
@@ -34,23 +37,31 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
     do not parse or validate go to quarantine with the reason and the raw model output."""
     cfg = pipeline.config()
     store = storage.store()
-    queries = store.read("user_queries", context.partition_key)
-    with storage.generation_cache() as cache:
-        llm = LLMCall(genericizer_llm.engine(), cache, GenerationStats())
-        kept, quarantined, stats = genericize_queries(queries, llm, cfg.genericizer_sampling,
-                                                      cfg.max_template_chars, cfg.max_description_chars, context.run_id,
-                                                      cfg.genericizer_format)
-    store.write("templates", kept, context.partition_key)
-    store.write("templates", quarantined, context.partition_key, quarantine=True)
-    return MaterializeResult(
-        metadata=stage_metadata(stats, kept, ["query_text", "template", "compatible_document_description"],
-                                model=llm.engine.info.model, profile=cfg.profile),
-        check_results=[AssetCheckResult(check_name=TEMPLATES_HAVE_SLOTS,
-                                        passed=bool(kept.height == 0 or kept["n_slots"].min() >= 1))],
-    )
+
+    def one(source: str) -> MaterializeResult:
+        queries = store.read("user_queries", source)
+        with storage.generation_cache() as cache:
+            llm = LLMCall(genericizer_llm.engine(), cache, GenerationStats())
+            kept, quarantined, stats = genericize_queries(queries, llm, cfg.genericizer_sampling,
+                                                          cfg.max_template_chars, cfg.max_description_chars,
+                                                          context.run_id, cfg.genericizer_format)
+        store.write("templates", kept, source)
+        store.write("templates", quarantined, source, quarantine=True)
+        return MaterializeResult(
+            metadata=stage_metadata(stats, kept, ["template_id", "query_id", "template",
+                                                  "compatible_document_description"],
+                                    model=llm.engine.info.model, profile=cfg.profile),
+            check_results=[AssetCheckResult(check_name=TEMPLATES_HAVE_SLOTS,
+                                            passed=bool(kept.height == 0 or kept["n_slots"].min() >= 1))],
+        )
+
+    return for_each_partition(context.partition_keys, one)
 
 
-@asset(deps=[templates], group_name="templates", kinds={"polars", "parquet"})
+@asset(automation_condition=AutomationCondition.eager(),
+       deps=[templates], group_name="templates", kinds={"polars", "parquet"},
+       check_specs=[AssetCheckSpec(BANK_IDS_RESOLVE, asset="template_bank",
+                                   description="template_id unique; every template keeps at least one query_id")])
 def template_bank(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
     """Every valid template across query sources, merged by template text; each keeps the ids of all
     the queries it came from. Only sources that are current partitions are read."""
@@ -62,5 +73,8 @@ def template_bank(context: AssetExecutionContext, storage: StorageResource) -> M
     all_templates = pl.concat([store.read("templates", p) for p in parts], how="diagonal_relaxed")
     bank, stats = build_template_bank(all_templates, context.run_id)
     store.write("template_bank", bank)
-    return MaterializeResult(metadata=stage_metadata(
-        stats, bank, ["template_id", "template", "n_queries"], sources=", ".join(parts)))
+    ok = bank.height > 0 and bool(bank["template_id"].is_unique().all()) and \
+        bool((bank["query_ids"].list.len() >= 1).all())
+    return MaterializeResult(
+        metadata=stage_metadata(stats, bank, ["template_id", "template", "n_queries"], sources=", ".join(parts)),
+        check_results=[AssetCheckResult(check_name=BANK_IDS_RESOLVE, passed=ok)])
