@@ -10,13 +10,19 @@ VENV=.venv
 STAMP="$VENV/.fi-setup-stamp"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS"
 
-# Offline sample text: Debian's python3-doc (the Python documentation sources).
-if [ ! -d /usr/share/doc/python3-doc/html/_sources ] && [ ! -d /usr/share/doc/python3.11/html/_sources ]; then
-  echo "setup: installing python3-doc (offline sample text)"
+# Debian packages: python3-doc (offline sample text), and for the tests that run the production topology
+# and drive the web UI, PostgreSQL and Chromium. Installed only where missing.
+apt_install() {
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get install -y -q python3-doc >/dev/null 2>&1 || {
-    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q python3-doc >/dev/null; }
-fi
+  echo "setup: installing Debian packages: $*"
+  $SUDO apt-get install -y -q "$@" >/dev/null 2>&1 || {
+    $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "$@" >/dev/null; }
+}
+missing=()
+[ -d /usr/share/doc/python3-doc/html/_sources ] || [ -d /usr/share/doc/python3.11/html/_sources ] || missing+=(python3-doc)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+[ -n "${FI_SKIP_BROWSER:-}" ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/fineinstructions" ]; then
   exit 0

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar
-from dagster_aws.s3 import S3Resource
+from dagster_aws.s3.utils import construct_s3_client
 
 from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profile_config
 from fineinstructions_dagster.lib.storage import TableStore
@@ -19,17 +19,22 @@ DEFAULT_SMOKE_MODEL = "models/smoke"
 
 class StorageResource(ConfigurableResource):
     """Storage root for every table (`FINEINSTRUCTIONS_ROOT`, default ./data; `s3://bucket/prefix` in
-    production, through dagster-aws's S3 resource: endpoint, region and credentials from the AWS_* variables).
-    `cache_dir`: where an S3 root's local working copy lives (FINEINSTRUCTIONS_CACHE_DIR)."""
+    production, with dagster-aws's S3 client: endpoint (AWS_ENDPOINT_URL, e.g. MinIO) and region (AWS_REGION)
+    here, credentials from boto3's usual chain). `cache_dir`: where an S3 root's local working copy lives
+    (FINEINSTRUCTIONS_CACHE_DIR)."""
 
     root: str = "data"
     cache_dir: str = ""
-    s3: S3Resource = S3Resource()
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_max_attempts: int = 5
 
     def store(self) -> TableStore:
         if not self.root.startswith("s3://"):
             return TableStore(self.root)
-        return TableStore(self.root, s3_client=self.s3.get_client(), working_copy=self.cache_dir or None)
+        client = construct_s3_client(self.s3_max_attempts, region_name=self.s3_region or None,
+                                     endpoint_url=self.s3_endpoint_url or None)
+        return TableStore(self.root, s3_client=client, working_copy=self.cache_dir or None)
 
     def generation_cache(self) -> GenerationCache:
         return GenerationCache(Path(self.store().root) / "_cache" / "generations.sqlite")
@@ -107,6 +112,9 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_PROFILE": "paper",
     "FINEINSTRUCTIONS_LLM_BACKEND": "auto",
     "FINEINSTRUCTIONS_OPENAI_BASE_URL": "",
+    "FINEINSTRUCTIONS_GENERICIZER_BASE_URL": "",
+    "FINEINSTRUCTIONS_INSTANTIATOR_BASE_URL": "",
+    "FINEINSTRUCTIONS_JUDGE_BASE_URL": "",
     "FINEINSTRUCTIONS_SMOKE_MODEL": DEFAULT_SMOKE_MODEL,
     "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
 }
@@ -132,15 +140,15 @@ def build_resources() -> dict[str, ConfigurableResource]:
 
     def llm(role: str) -> LLMResource:
         default = smoke if profile == "demo" else PAPER_MODELS[role]
+        # One vLLM server serves one model: each role may have its own (FINEINSTRUCTIONS_<ROLE>_BASE_URL).
+        own_url = f"FINEINSTRUCTIONS_{role.upper()}_BASE_URL"
         return LLMResource(backend=backend, model=_env(f"FINEINSTRUCTIONS_{role.upper()}_MODEL", default),
-                           base_url=base_url)
+                           base_url=EnvVar(own_url) if os.environ.get(own_url) else base_url)
 
     return {
         "storage": StorageResource(
             root=_env("FINEINSTRUCTIONS_ROOT"), cache_dir=_env("FINEINSTRUCTIONS_CACHE_DIR"),
-            # Unset fields fall back to boto3's own lookup (AWS_ENDPOINT_URL, AWS_REGION, keys, profiles).
-            s3=S3Resource(endpoint_url=_env("AWS_ENDPOINT_URL", "") or None,
-                          region_name=_env("AWS_REGION", "") or None)),
+            s3_endpoint_url=_env("AWS_ENDPOINT_URL", ""), s3_region=_env("AWS_REGION", "")),
         "inputs": InputsResource(queries_dir=_env("FINEINSTRUCTIONS_QUERIES"),
                                  corpus_dir=_env("FINEINSTRUCTIONS_CORPUS")),
         "genericizer_llm": llm("genericizer"),

@@ -1,0 +1,261 @@
+"""The production topology as local processes (what docker-compose.yml runs in containers): Debian's
+PostgreSQL for Dagster's storage, a moto S3 server as the data store, the user code served by
+`dagster api grpc`, `dagster-webserver` and `dagster-daemon` with deploy/dagster.yaml and deploy/workspace.yaml.
+
+The sensors add the partitions and request the first runs; a backfill of the rest of the graph, launched
+through the webserver's GraphQL API, is executed by the daemon. Every partition is materialized exactly
+once, the LLM steps run both shards in one run (the backfill policy), the pairs land in the bucket and
+trace back to their documents from a fresh working copy, and step logs are in the bucket too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LOCATION = "fineinstructions_dagster"
+BUCKET = "fineinstructions"
+TIMEOUT = 900  # the whole graph through queued runs on 2 cores: a few minutes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_tool(name: str) -> str:
+    """Debian keeps the server binaries out of PATH, under /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+    if found is None:
+        pytest.fail(f"PostgreSQL's {name} is not installed (Debian package postgresql; `make setup` installs it)")
+    return str(found)
+
+
+def as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: use the postgres account the Debian package creates."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout: float, procs: list[subprocess.Popen]) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args[0]} exited with {p.returncode} while waiting for {what}")
+        try:
+            if ready():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    # A session of its own, so the whole process group (a server and its children) stops by PID.
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=REPO)
+
+
+class Topology:
+    def __init__(self, env: dict[str, str], web: str, logs: Path):
+        self.env, self.web, self.logs = env, web, logs
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        req = urllib.request.Request(f"{self.web}/graphql", data=json.dumps(
+            {"query": query, "variables": variables or {}}).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out = json.loads(r.read())
+        if out.get("errors"):
+            raise AssertionError(f"GraphQL errors: {out['errors']}")
+        return out["data"]
+
+    def runs(self) -> list[dict]:
+        data = self.graphql("""{ runsOrError { ... on Runs { results {
+            runId status jobName assetSelection { path } tags { key value } } } } }""")
+        return data["runsOrError"]["results"]
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {f.name}\n" + f.read_text()[-3000:] for f in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[Topology]:
+    import boto3
+
+    base = tmp_path_factory.mktemp("topology")
+    logs = base / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen] = []
+    pg_port, s3_port, grpc_port, web_port = free_port(), free_port(), free_port(), free_port()
+
+    # PostgreSQL: a throw-away cluster (trust auth on loopback only, fsync off: test data).
+    # Outside pytest's tmp folders: those are private to the user running the tests (0700).
+    pgdata = Path(tempfile.mkdtemp(prefix="fineinstructions-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(pgdata, "postgres", "postgres")
+    subprocess.run(as_postgres([pg_tool("initdb"), "-D", str(pgdata), "-A", "trust", "-U", "dagster", "-N"]),
+                   check=True, capture_output=True)
+    procs.append(start(as_postgres([pg_tool("postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(pg_port),
+                                    "-k", str(pgdata), "-F"]), dict(os.environ), logs / "postgres.log"))
+    wait_for("postgres", lambda: subprocess.run(
+        [pg_tool("pg_isready"), "-h", "127.0.0.1", "-p", str(pg_port)], capture_output=True).returncode == 0,
+        60, procs)
+    subprocess.run([pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "dagster", "dagster"],
+                   check=True, capture_output=True)
+
+    # S3: moto's standalone server, the bucket created as an operator would.
+    procs.append(start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ),
+                       logs / "moto.log"))
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    wait_for("moto", lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).status == 200, 60, procs)
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
+
+    home = base / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, **creds, "DAGSTER_HOME": str(home),
+           "DAGSTER_PG_USER": "dagster", "DAGSTER_PG_PASSWORD": "unused-trust-auth", "DAGSTER_PG_HOST": "127.0.0.1",
+           "DAGSTER_PG_PORT": str(pg_port), "DAGSTER_PG_DB": "dagster",
+           "FINEINSTRUCTIONS_S3_BUCKET": BUCKET, "DAGSTER_USER_CODE_HOST": "127.0.0.1",
+           "DAGSTER_USER_CODE_PORT": str(grpc_port),
+           "FINEINSTRUCTIONS_ROOT": f"s3://{BUCKET}/data", "FINEINSTRUCTIONS_CACHE_DIR": str(base / "user_code_cache"),
+           "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
+           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+           "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
+    workspace = str(REPO / "deploy" / "workspace.yaml")
+    procs.append(start([str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(grpc_port),
+                        "-m", "fineinstructions_dagster.definitions"], env, logs / "grpc.log"))
+    wait_for("user-code gRPC server", lambda: subprocess.run(
+        [str(BIN / "dagster"), "api", "grpc-health-check", "-p", str(grpc_port)], env=env,
+        capture_output=True).returncode == 0, 120, procs)
+    procs.append(start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(web_port), "-w", workspace],
+                       env, logs / "webserver.log"))
+    procs.append(start([str(BIN / "dagster-daemon"), "run", "-w", workspace], env, logs / "daemon.log"))
+    web = f"http://127.0.0.1:{web_port}"
+    wait_for("webserver", lambda: urllib.request.urlopen(f"{web}/server_info", timeout=2).status == 200, 120, procs)
+    topo = Topology(env, web, logs)
+    topo.procs = procs  # type: ignore[attr-defined]
+    try:
+        yield topo
+    finally:
+        for p in reversed(procs[2:]):
+            stop(p)
+        stop(procs[1])
+        stop(procs[0], signal.SIGINT)  # postgres: "fast" shutdown
+        shutil.rmtree(pgdata, ignore_errors=True)
+
+
+def wait_until(topo: Topology, what: str, done: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if done():
+            return
+        failed = [r for r in topo.runs() if r["status"] in ("FAILURE", "CANCELED")]
+        if failed:
+            raise AssertionError(f"runs failed while waiting for {what}: {failed}\n{topo.tail()}")
+        time.sleep(3)
+    raise AssertionError(f"timed out waiting for {what}: runs {topo.runs()}\n{topo.tail()}")
+
+
+BACKFILL = ["template_bank", "template_index", "document_clusters", "documents", "matches", "instantiations",
+            "judgements", "fineinstructions", "pretraining_export", "dataset_report"]
+SHARDS = ["faq", "tutorial"]
+
+
+def test_sensors_then_a_daemon_backfill_materialize_every_partition_once_on_postgres_and_s3(topology):
+    from dagster import AssetKey, DagsterInstance
+
+    from fineinstructions_dagster.lib.storage import TableStore
+    from fineinstructions_dagster.stages.lineage import trace_pair
+
+    topo = topology
+    # 1. The daemon ticks the sensors: partitions for the query source and both shards, and their first runs.
+    wait_until(topo, "the sensors' runs", lambda: sum(r["status"] == "SUCCESS" for r in topo.runs()) == 3)
+    # The dbt quality models are in the backfill too (they gate the export).
+    nodes = topo.graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]
+    quality = [n["assetKey"]["path"] for n in nodes if n["assetKey"]["path"][0] == "quality"]
+    selection = [{"path": [a]} for a in BACKFILL] + [{"path": p} for p in quality]
+
+    # 2. A backfill of the rest of the graph, launched as the UI's "Materialize all" does.
+    launched = topo.graphql("""mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+        __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }""",
+                            {"p": {"assetSelection": selection, "allPartitions": True, "title": "topology test"}})
+    backfill_id = launched["launchPartitionBackfill"].get("backfillId")
+    assert backfill_id, launched
+
+    def backfill_status() -> str:
+        return topo.graphql("""query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+            ... on PartitionBackfill { status } } }""", {"id": backfill_id})["partitionBackfillOrError"]["status"]
+
+    wait_until(topo, "the backfill", lambda: backfill_status() in ("COMPLETED", "COMPLETED_SUCCESS", "FAILED",
+                                                                   "COMPLETED_FAILED", "CANCELED"))
+    assert backfill_status() in ("COMPLETED", "COMPLETED_SUCCESS"), topo.tail()
+
+    # 3. Every partition materialized exactly once, in Postgres-backed storage.
+    os.environ.update({k: v for k, v in topo.env.items() if k.startswith(("DAGSTER_PG_", "AWS_", "FINEINSTR"))})
+    with DagsterInstance.from_config(topo.env["DAGSTER_HOME"]) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        for asset in BACKFILL:
+            records = instance.fetch_materializations(AssetKey(asset), limit=100).records
+            parts = sorted(r.partition_key or "-" for r in records)
+            expected = SHARDS if asset in ("documents", "matches", "instantiations", "judgements",
+                                           "fineinstructions", "pretraining_export") else ["-"]
+            assert parts == expected, (asset, parts)
+    # 4. The LLM steps batched both shards into one run (backfill policy), so each model loaded once.
+    llm_runs = [r for r in topo.runs() if any(a["path"] == ["instantiations"] for a in r["assetSelection"] or [])]
+    assert len(llm_runs) == 1, llm_runs
+    tags = {t["key"]: t["value"] for t in llm_runs[0]["tags"]}
+    assert (tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")) == (
+        "faq", "tutorial"), tags
+
+    # 5. The data is in the bucket: a fresh working copy reads the pairs and traces one to its document.
+    import boto3
+
+    s3 = boto3.client("s3")
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])}
+    for shard in SHARDS:
+        assert f"data/fineinstructions/{shard}.parquet" in keys and f"data/export_chat/{shard}.parquet" in keys
+    assert any(k.startswith("dagster-logs/") for k in keys), "step logs were not uploaded to S3"
+    store = TableStore(f"s3://{BUCKET}/data", working_copy=Path(topo.env["FINEINSTRUCTIONS_CACHE_DIR"]).parent / "w2")
+    import polars as pl
+
+    pairs = pl.read_parquet(store.glob("fineinstructions"))
+    assert pairs.height > 0 and pairs["pair_id"].is_unique().all()
+    chain = trace_pair(store, pairs["pair_id"][0])
+    assert chain["document"]["text"] and chain["query"]["text"]
