@@ -1,21 +1,32 @@
 """The code location: every stage's assets and sensors, the resources, and the rules that hold for all."""
 
-from dagster import Definitions, define_asset_job, load_assets_from_modules
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+    load_assets_from_modules,
+)
 
 from fineinstructions_dagster.defs.documents import assets as documents
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.export import assets as export
 from fineinstructions_dagster.defs.instantiation import assets as instantiation
 from fineinstructions_dagster.defs.judging import assets as judging
+from fineinstructions_dagster.defs.lineage.jobs import lineage_job
 from fineinstructions_dagster.defs.matching import assets as matching
 from fineinstructions_dagster.defs.pairs import assets as pairs
+from fineinstructions_dagster.defs.pairs.schedules import missing_or_stale_shards
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions, query_source_partitions
+from fineinstructions_dagster.defs.quality import assets as quality
+from fineinstructions_dagster.defs.quality.assets import QUALITY_SELECTION
 from fineinstructions_dagster.defs.queries import assets as queries
 from fineinstructions_dagster.defs.queries.sensors import query_source_sensor
 from fineinstructions_dagster.defs.resources import build_resources
 from fineinstructions_dagster.defs.templates import assets as templates
 
-STAGE_MODULES = [queries, templates, documents, matching, instantiation, judging, pairs, export]
+STAGE_MODULES = [queries, templates, documents, matching, instantiation, judging, pairs, export, quality]
 
 # The graph in six jobs, in the order they must first run; each re-runs one slice.
 queries_job = define_asset_job("queries_job", selection=["user_queries", "templates"],
@@ -28,15 +39,27 @@ filter_job = define_asset_job("filter_job", selection=["filtered_documents"], pa
 dedup_job = define_asset_job("dedup_job", selection=["document_clusters"],
                              description="Exact and near-duplicate clusters across every filtered shard.")
 shard_job = define_asset_job("shard_job", partitions_def=corpus_shard_partitions,
-                             selection=["documents", "matches", "instantiations", "judgements", "fineinstructions",
-                                        "pretraining_export"],
-                             description="Documents -> matches -> instantiations -> judgements -> pairs -> export "
-                                         "for a shard.")
+                             selection=["documents", "matches", "instantiations", "judgements", "fineinstructions"],
+                             description="Documents -> matches -> instantiations -> judgements -> pairs for a shard.")
+quality_job = define_asset_job("quality_job", selection=QUALITY_SELECTION,
+                               description="dbt build of dbt_quality over every shard: the data-quality tests "
+                                           "(asset checks) that gate the export.")
+export_job = define_asset_job("export_job", selection=["pretraining_export"], partitions_def=corpus_shard_partitions,
+                              description="Export a shard for pre-training; runs only once quality_job passed on "
+                                          "its current pairs.")
 report_job = define_asset_job("report_job", selection=["dataset_report"], description="Rebuild the report.")
+
+# Declarative automation for the unpartitioned assets that summarise partitions (bank, index, dedup
+# clusters, report): stopped by default; turn it on in the UI (Automation) or with `dagster sensor start`.
+automation_sensor = AutomationConditionSensorDefinition(
+    "automation_sensor", target=AssetSelection.all(), default_status=DefaultSensorStatus.STOPPED,
+    description="Re-materializes the bank, index, dedup clusters and report when their inputs change.")
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
-    jobs=[queries_job, template_index_job, filter_job, dedup_job, shard_job, report_job],
-    sensors=[corpus_shard_sensor, query_source_sensor],
+    jobs=[queries_job, template_index_job, filter_job, dedup_job, shard_job, report_job, lineage_job,
+          quality_job, export_job],
+    schedules=[missing_or_stale_shards],
+    sensors=[corpus_shard_sensor, query_source_sensor, automation_sensor],
     resources=build_resources(),
 )

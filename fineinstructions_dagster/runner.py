@@ -7,10 +7,12 @@ so `dagster dev` shows them afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dagster import DagsterInstance, load_assets_from_modules, materialize
+from dagster import AssetSelection, DagsterInstance, load_assets_from_modules, materialize
 
 from fineinstructions_dagster.defs.inputs import corpus_shards, query_sources
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions, query_source_partitions
@@ -20,7 +22,10 @@ QUERY_STEP = ["user_queries", "templates"]
 BANK_STEP = ["template_bank", "template_index"]
 FILTER_STEP = ["filtered_documents"]
 DEDUP_STEP = ["document_clusters"]
-SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions", "pretraining_export"]
+SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
+# dbt build over every shard's tables: the dbt_quality models (group `quality`) and their tests (asset checks)
+QUALITY_STEP = AssetSelection.groups("quality")
+EXPORT_STEP = ["pretraining_export"]  # per shard; refuses to run unless every dbt test passed on the current pairs
 REPORT_STEP = ["dataset_report"]
 
 
@@ -50,11 +55,18 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     instance.add_dynamic_partitions(corpus_shard_partitions.name, shards)  # type: ignore[arg-type]
     out = PipelineRun(sources, shards)
 
-    def step(name: str, selection: list[str], partition: str | None = None) -> None:
+    quiet = console_level.upper() in ("WARNING", "ERROR", "CRITICAL")
+
+    def step(name: str, selection: list[str] | AssetSelection, partition: str | None = None,
+             mute_stdout: bool = False) -> None:
         log(f"-> {name}" + (f" [{partition}]" if partition else ""))
-        result = materialize(assets, selection=selection, partition_key=partition, instance=instance,
-                             resources=resources, tags={"fineinstructions/step": name},
-                             run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
+        # dagster-dbt echoes every dbt log line to stdout; on a quiet console a failed build still says which
+        # tests failed (the step's Failure), and the checks are in the instance.
+        muted = contextlib.redirect_stdout(io.StringIO()) if mute_stdout and quiet else contextlib.nullcontext()
+        with muted:
+            result = materialize(assets, selection=selection, partition_key=partition, instance=instance,
+                                 resources=resources, tags={"fineinstructions/step": name},
+                                 run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
         out.run_ids[f"{name}:{partition}" if partition else name] = result.run_id
 
     for source in sources:
@@ -65,5 +77,8 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     step("dedup", DEDUP_STEP)
     for shard in shards:
         step("shard", SHARD_STEP, shard)
+    step("quality", QUALITY_STEP, mute_stdout=True)
+    for shard in shards:
+        step("export", EXPORT_STEP, shard)
     step("report", REPORT_STEP)
     return out

@@ -10,7 +10,8 @@ from fineinstructions_dagster.defs.resources import InputsResource
 
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_clusters", "documents", "matches", "instantiations", "judgements", "fineinstructions",
-          "pretraining_export", "dataset_report"}
+          "pretraining_export", "dataset_report"} | {
+    f"quality/{m}" for m in ("pairs", "templates", "documents", "matches", "queries", "instantiations", "judgements")}
 
 
 def test_every_asset_is_defined_with_its_partitions_and_pool():
@@ -21,7 +22,7 @@ def test_every_asset_is_defined_with_its_partitions_and_pool():
     assert {k for k, s in specs.items() if s.partitions_def is not None} == {
         "user_queries", "templates", "filtered_documents", "documents", "matches", "instantiations", "judgements",
         "fineinstructions", "pretraining_export"}
-    pooled = {k for k in ASSETS if defs.resolve_assets_def(k).op.pool == "gpu"}
+    pooled = {k for k in ASSETS if "/" not in k and defs.resolve_assets_def(k).op.pool == "gpu"}
     assert pooled == {"templates", "instantiations", "judgements"}
     assert all(s.description for s in specs.values())
 

@@ -1,11 +1,13 @@
 """`pretraining_export` [shard]: the final pairs as chat-format Parquet + JSON Lines and as packed, tokenized
-sequences with an answer-only loss mask."""
+sequences with an answer-only loss mask. Gated on the dbt quality tests (defs/quality): it refuses to run while
+any of them failed, or has not been evaluated since the shard's pairs were last materialized."""
 
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from fineinstructions_dagster.defs.metadata import stage_metadata
 from fineinstructions_dagster.defs.pairs.assets import fineinstructions
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
+from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, export_gate
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.stages.export import PackingConfig, chat_records, load_tokenizer, pack, tokenize_pairs
 
@@ -13,16 +15,18 @@ CHAT_TABLE = "export_chat"
 PACKED_TABLE = "export_packed"
 
 
-@asset(partitions_def=corpus_shard_partitions, deps=[fineinstructions], group_name="export",
+@asset(partitions_def=corpus_shard_partitions, deps=[fineinstructions, QUALITY_PAIRS_KEY], group_name="export",
        kinds={"parquet", "json"})
 def pretraining_export(context: AssetExecutionContext, storage: StorageResource, pipeline: PipelineResource,
                        instantiator_llm: LLMResource) -> MaterializeResult:
     """Chat records (`messages`) for TRL-style SFT loaders, and the same pairs tokenized and packed into
     `export_seq_len` sequences whose loss mask covers only the answers. Tokenizer: `export_tokenizer`, else
-    the instantiator model's."""
+    the instantiator model's. Runs only when every dbt quality test (quality_job) passed on the shard's current
+    pairs; otherwise fails naming the tests."""
+    shard = context.partition_key
+    gate = export_gate(context, shard)
     cfg = pipeline.config()
     store = storage.store()
-    shard = context.partition_key
     pairs = store.read("fineinstructions", shard)
     chat = chat_records(pairs)
     store.write(CHAT_TABLE, chat, shard)
@@ -35,4 +39,4 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
         stats, chat, ["pair_id", "messages"], row_count=chat.height, tokenizer=packing.tokenizer,
         seq_len=packing.seq_len, chat_parquet=MetadataValue.path(str(store.path(CHAT_TABLE, shard))),
         chat_jsonl=MetadataValue.path(str(jsonl)),
-        packed_parquet=MetadataValue.path(str(store.path(PACKED_TABLE, shard)))))
+        packed_parquet=MetadataValue.path(str(store.path(PACKED_TABLE, shard))), **gate))

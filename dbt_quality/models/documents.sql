@@ -1,0 +1,2 @@
+-- The documents of every shard.
+select * from {{ source('pipeline', 'documents') }}

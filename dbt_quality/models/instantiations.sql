@@ -1,0 +1,2 @@
+-- The instantiations of every shard.
+select * from {{ source('pipeline', 'instantiations') }}

@@ -1,0 +1,2 @@
+-- The judgements of every shard.
+select * from {{ source('pipeline', 'judgements') }}

@@ -1,0 +1,2 @@
+-- The chosen matches of every shard.
+select * from {{ source('pipeline', 'matches') }}

@@ -1,0 +1,2 @@
+-- The final pairs of every shard, the table the export reads.
+select * from {{ source('pipeline', 'fineinstructions') }}

@@ -1,0 +1,2 @@
+-- The real user queries of every source.
+select * from {{ source('pipeline', 'user_queries') }}

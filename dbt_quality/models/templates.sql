@@ -1,0 +1,2 @@
+-- The template bank: every template the pairs may point at.
+select * from {{ source('pipeline', 'template_bank') }}

@@ -1,0 +1,1 @@
+"""Dagster wiring of the dbt quality gates (dbt_quality/)."""

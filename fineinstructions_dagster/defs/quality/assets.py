@@ -1,0 +1,228 @@
+"""The dbt project `dbt_quality` as Dagster assets: its models are assets in group `quality`, downstream of the
+pipeline assets its sources name (`fineinstructions`, `template_bank`, `documents`, ...), and its tests are asset
+checks on them. `export_gate` is what `pretraining_export` asks before it writes a shard.
+
+The manifest Dagster needs to build the assets is parsed once (`dbt parse`, a few seconds) and reused: the
+code location re-parses only when a file of the dbt project is newer than the manifest."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    AssetCheckKey,
+    AssetExecutionContext,
+    AssetKey,
+    AssetRecordsFilter,
+    AssetSelection,
+    DagsterInstance,
+    Failure,
+    MetadataValue,
+)
+from dagster_dbt import (
+    DagsterDbtTranslator,
+    DagsterDbtTranslatorSettings,
+    DbtCliResource,
+    DbtProject,
+    dbt_assets,
+)
+
+from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
+from fineinstructions_dagster.stages.quality import (
+    SOURCE_TABLES,
+    CheckEvaluation,
+    dbt_vars,
+    describe_block,
+    export_block_reasons,
+    summarize_dbt_failures,
+)
+
+DBT_PROJECT_DIR = Path(__file__).resolve().parents[3] / "dbt_quality"
+QUALITY_GROUP = "quality"
+QUALITY_PREFIX = "quality"  # model keys: quality/pairs, quality/templates, ... (never clash with the pipeline's)
+QUALITY_PAIRS_KEY = AssetKey([QUALITY_PREFIX, "pairs"])
+QUALITY_SELECTION = AssetSelection.groups(QUALITY_GROUP)
+# The dbt next to this interpreter (the venv's), so that an un-activated venv still finds it.
+_VENV_DBT = Path(sys.executable).with_name("dbt")
+DBT_EXECUTABLE = str(_VENV_DBT) if _VENV_DBT.exists() else "dbt"
+_PROJECT_FILES = ("dbt_project.yml", "profiles.yml", "models", "tests", "macros")
+
+
+def _newest_source_mtime(project_dir: Path) -> float:
+    newest = 0.0
+    for name in _PROJECT_FILES:
+        path = project_dir / name
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+        newest = max([newest, *(f.stat().st_mtime for f in files)])
+    return newest
+
+
+def prepare_manifest(project: DbtProject) -> Path:
+    """`dbt parse` into a private folder, then move the manifest (and partial-parse state) into the target folder
+    whole, unless the manifest there is newer than every file of the project. Safe to race."""
+    manifest = project.manifest_path
+    if manifest.exists() and manifest.stat().st_mtime >= _newest_source_mtime(project.project_dir):
+        return manifest
+    target = project.project_dir / project.target_path
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".parse-", dir=target))
+    try:
+        env = {**os.environ, "DBT_LOG_PATH": str(tmp), "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+        proc = subprocess.run(
+            [DBT_EXECUTABLE, "parse", "--quiet", "--project-dir", str(project.project_dir),
+             "--profiles-dir", str(project.profiles_dir), "--target-path", str(tmp)],
+            env=env, cwd=project.project_dir, capture_output=True, text=True)
+        if proc.returncode != 0 or not (tmp / "manifest.json").exists():
+            raise RuntimeError(f"dbt parse of {project.project_dir} failed:\n{proc.stdout}\n{proc.stderr}")
+        if (tmp / "partial_parse.msgpack").exists():
+            os.replace(tmp / "partial_parse.msgpack", target / "partial_parse.msgpack")
+        os.replace(tmp / "manifest.json", manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+quality_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+prepare_manifest(quality_project)
+
+
+class QualityTranslator(DagsterDbtTranslator):
+    """dbt sources are the pipeline's own assets (same name as the table); models live under `quality/`, in
+    group `quality`; each test's description is its check's description."""
+
+    def get_asset_key(self, dbt_resource_props: Mapping[str, Any]) -> AssetKey:
+        if dbt_resource_props["resource_type"] == "source":
+            return AssetKey(dbt_resource_props["name"])
+        return AssetKey([QUALITY_PREFIX, dbt_resource_props["name"]])
+
+    def get_group_name(self, dbt_resource_props: Mapping[str, Any]) -> str | None:
+        return QUALITY_GROUP
+
+    def get_asset_check_spec(self, asset_spec, manifest, unique_id, project):  # type: ignore[no-untyped-def]
+        spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
+        if spec is None or spec.description:
+            return spec
+        description = (manifest["nodes"].get(unique_id) or {}).get("description") or None
+        return spec._replace(description=description) if description else spec
+
+
+TRANSLATOR = QualityTranslator(settings=DagsterDbtTranslatorSettings(enable_asset_checks=True))
+
+
+def quality_db_path(root: Path) -> Path:
+    """The DuckDB file the models' views live in: beside the data they read, so a later `dbt test` alone (a
+    check executed from the UI) sees the views of the last build over the same root."""
+    return root / "_quality" / "quality.duckdb"
+
+
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """One dbt process at a time per storage root: DuckDB lets one process write a database file."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables while the dbt subprocess is started (DbtCliResource copies os.environ and has no
+    env argument), then restore them. Steps run one at a time per process, so nothing else sees the change."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dbt_assets(manifest=quality_project.manifest_path, project=quality_project, dagster_dbt_translator=TRANSLATOR,
+            name="dbt_quality")
+def dbt_quality(context: AssetExecutionContext, storage: StorageResource, pipeline: PipelineResource):
+    """`dbt build` of the quality project over every shard's Parquet tables: the models are views, the tests
+    (asset checks) the data-quality gates `pretraining_export` waits on. Thresholds come from the run's
+    PipelineConfig (--vars); the storage root (its local working copy for s3://) from `storage`."""
+    store = storage.store()
+    store.sync(list(SOURCE_TABLES))  # an s3:// root: bring the working copy up to date first
+    db = quality_db_path(store.root)
+    variables = dbt_vars(pipeline.config())
+    context.log.info(f"dbt build over {store.uri} with vars {variables}")
+    dbt = DbtCliResource(project_dir=quality_project, dbt_executable=DBT_EXECUTABLE)
+    with _exclusive(db.with_name(".lock")):
+        with _environ({"FINEINSTRUCTIONS_ROOT": str(store.root), "FINEINSTRUCTIONS_QUALITY_DB": str(db)}):
+            invocation = dbt.cli(["build", "--vars", json.dumps(variables)], context=context, raise_on_error=False)
+        yield from invocation.stream()  # every check's evaluation is recorded, failed or not
+    if not invocation.is_successful():
+        try:
+            problems = summarize_dbt_failures(invocation.get_artifact("run_results.json")["results"])
+        except FileNotFoundError:  # dbt stopped before it ran anything (e.g. a project or profile error)
+            problems = []
+        if not problems:
+            raise invocation.get_error() or Failure("dbt build failed")
+        raise Failure(description=f"dbt build found {len(problems)} problem(s):\n" +
+                      "\n".join(f"  - {p}" for p in problems),
+                      metadata={"dbt_problems": MetadataValue.json(problems)})
+
+
+QUALITY_CHECK_KEYS: list[AssetCheckKey] = sorted(dbt_quality.check_keys, key=lambda k: k.to_user_string())
+
+
+def latest_check_evaluations(instance: DagsterInstance,
+                             keys: list[AssetCheckKey] = QUALITY_CHECK_KEYS) -> list[CheckEvaluation]:
+    """The latest evaluation of each dbt test (asset check) as the instance recorded it, timed by the start of the
+    run that evaluated it (dbt read the tables after that; the record's own timestamp has whole seconds only)."""
+    records = instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    descriptions = {s.key: s.description or "" for s in dbt_quality.check_specs}
+    run_starts: dict[str, float | None] = {}
+    out = []
+    for key in keys:
+        rec = records.get(key)
+        # None while the latest execution is only planned (in progress, or its run stopped before the test ran)
+        evaluation = rec.event.asset_check_evaluation if rec is not None and rec.event is not None else None
+        if rec is None or evaluation is None:
+            out.append(CheckEvaluation(key.name, None, None, descriptions.get(key, "")))
+            continue
+        if rec.run_id not in run_starts:
+            run = instance.get_run_record_by_id(rec.run_id)
+            run_starts[rec.run_id] = run.start_time if run is not None else None
+        failed_rows = evaluation.metadata.get("dagster_dbt/failed_row_count")
+        out.append(CheckEvaluation(
+            name=key.name, passed=bool(evaluation.passed),
+            evaluated_at=run_starts[rec.run_id] or rec.event.timestamp,  # type: ignore[union-attr]
+            description=descriptions.get(key, ""),
+            failed_rows=int(failed_rows.value) if failed_rows is not None else None,  # type: ignore[arg-type]
+        ))
+    return out
+
+
+def latest_materialization_time(instance: DagsterInstance, key: AssetKey, partition: str | None) -> float | None:
+    result = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1)
+    return result.records[0].timestamp if result.records else None
+
+
+def export_gate(context: AssetExecutionContext, shard: str) -> dict[str, Any]:
+    """Raise Failure naming every dbt test that blocks the export of `shard`: its latest evaluation failed, it
+    has none, or it predates the shard's latest `fineinstructions` materialization. Returns metadata otherwise."""
+    evaluations = latest_check_evaluations(context.instance)
+    pairs_at = latest_materialization_time(context.instance, AssetKey("fineinstructions"), shard)
+    reasons = export_block_reasons(evaluations, pairs_at, shard)
+    if reasons:
+        raise Failure(description=describe_block(shard, reasons),
+                      metadata={"blocking_dbt_tests": MetadataValue.json([r.test for r in reasons])})
+    return {"dbt_tests_passed": len(evaluations)}

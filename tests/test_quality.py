@@ -1,0 +1,246 @@
+"""The dbt quality gates (dbt_quality/ + defs/quality): dbt models downstream of the pipeline's assets, dbt tests as
+asset checks that pass on the real demo output, fail by name on a corrupted copy of it, and block
+`pretraining_export` while they fail or have not judged the shard's current pairs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import AssetKey, DagsterInstance, load_assets_from_modules, materialize
+
+from fineinstructions_dagster.config import profile_config
+from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
+from fineinstructions_dagster.defs.quality.assets import (
+    QUALITY_CHECK_KEYS,
+    QUALITY_PAIRS_KEY,
+    dbt_quality,
+    latest_check_evaluations,
+)
+from fineinstructions_dagster.defs.resources import build_resources
+from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.runner import EXPORT_STEP, QUALITY_STEP, run_pipeline
+from fineinstructions_dagster.stages.quality import (
+    DEFAULT_MAX_TEMPLATE_SHARE,
+    TEMPLATE_SHARE_MIN_PAIRS,
+    CheckEvaluation,
+    dbt_vars,
+    describe_block,
+    export_block_reasons,
+    summarize_dbt_failures,
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, smoke_model, sample_inputs):
+    root = tmp_path_factory.mktemp("root")
+    env = {
+        "FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
+        "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+        "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
+    }
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    instance = DagsterInstance.ephemeral()
+    run = run_pipeline(instance, log=lambda _: None)
+    yield TableStore(root), instance, run
+    mp.undo()
+
+
+def _copy_root(store: TableStore, dest: Path) -> TableStore:
+    """The pipeline's tables in a fresh storage root, without its quality database (rebuilt) or its export."""
+    shutil.copytree(store.root, dest, ignore=shutil.ignore_patterns("_quality", "_cache", "export_*"))
+    return TableStore(dest)
+
+
+def _fresh_instance(shards: list[str]) -> DagsterInstance:
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(corpus_shard_partitions.name, shards)
+    return instance
+
+
+def _all_assets():
+    from fineinstructions_dagster.definitions import STAGE_MODULES
+
+    return load_assets_from_modules(STAGE_MODULES)
+
+
+def _step_failure_description(result) -> str:
+    failures = result.get_step_failure_events()
+    assert failures, "expected a failed step"
+    data = failures[0].step_failure_data
+    return data.user_failure_data.description if data.user_failure_data else data.error.message
+
+
+def test_dbt_models_sit_downstream_of_the_pipeline_and_gate_the_export():
+    specs = dbt_quality.specs_by_key
+    assert set(specs) == {AssetKey(["quality", m]) for m in
+                          ("pairs", "templates", "documents", "matches", "queries", "instantiations", "judgements")}
+    assert {d.asset_key for d in specs[QUALITY_PAIRS_KEY].deps} == {AssetKey("fineinstructions")}
+    assert {d.asset_key for d in specs[AssetKey(["quality", "templates"])].deps} == {AssetKey("template_bank")}
+    assert all(s.group_name == "quality" and {"dbt", "duckdb"} <= set(s.kinds) for s in specs.values())
+    assert len(QUALITY_CHECK_KEYS) >= 30
+    assert all(s.description for s in dbt_quality.check_specs), "every dbt test has a description"
+    from fineinstructions_dagster.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    assert QUALITY_PAIRS_KEY in graph.get(AssetKey("pretraining_export")).parent_keys
+    assert defs.resolve_job_def("quality_job") and defs.resolve_job_def("export_job")
+
+
+def test_pipeline_runs_the_gates_between_the_pairs_and_the_export(pipeline):
+    store, instance, run = pipeline
+    assert "quality" in run.run_ids and all(f"export:{s}" in run.run_ids for s in run.shards)
+    evaluations = latest_check_evaluations(instance)
+    assert [e.name for e in evaluations if not e.passed] == []
+    for shard in run.shards:
+        mat = instance.fetch_materializations(AssetKey("pretraining_export"), limit=10).records
+        assert any(r.partition_key == shard for r in mat)
+    meta = instance.get_latest_materialization_event(AssetKey("pretraining_export")).asset_materialization.metadata
+    assert meta["dbt_tests_passed"].value == len(QUALITY_CHECK_KEYS)
+
+
+def test_dbt_build_passes_on_the_demo_output_and_the_export_waits_for_a_fresh_one(pipeline, tmp_path, monkeypatch):
+    store, _, run = pipeline
+    copy = _copy_root(store, tmp_path / "root")
+    monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(copy.root))
+    instance = _fresh_instance(run.shards)
+    assets, resources = _all_assets(), build_resources()
+
+    def export(shard: str):
+        return materialize(assets, selection=EXPORT_STEP, partition_key=shard, instance=instance,
+                           resources=resources, raise_on_error=False)
+
+    blocked = export("faq")  # nothing evaluated yet on this instance
+    assert not blocked.success and "has no completed evaluation" in _step_failure_description(blocked)
+
+    built = materialize(assets, selection=QUALITY_STEP, instance=instance, resources=resources)
+    evaluations = built.get_asset_check_evaluations()
+    assert built.success and len(evaluations) == len(QUALITY_CHECK_KEYS)
+    assert [e.check_name for e in evaluations if not e.passed] == []
+    assert export("faq").success
+
+    # New pairs for the shard: every test now predates them, so the export waits for the next dbt build.
+    materialize(assets, selection=["fineinstructions"], partition_key="faq", instance=instance, resources=resources)
+    stale = export("faq")
+    assert not stale.success
+    description = _step_failure_description(stale)
+    assert "before fineinstructions [faq] was materialized" in description
+    assert "pairs_pair_id_unique was last evaluated" in description
+
+
+def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline, tmp_path, monkeypatch):
+    store, _, run = pipeline
+    copy = _copy_root(store, tmp_path / "root")
+    faq = copy.read("fineinstructions", "faq")
+    pairs = pl.read_parquet(copy.glob("fineinstructions"))
+    assert faq.height >= 5
+    hub = faq["template_id"][4]  # a real template that 40 more pairs (fresh ids) will now all point at
+    extra = pl.concat([faq] * (40 // faq.height + 1)).head(40).with_columns(
+        pl.format("phub{}", pl.int_range(pl.len())).alias("pair_id"), pl.lit(hub).alias("template_id"))
+    share = ((pairs["template_id"] == hub).sum() + 40) / (pairs.height + 41)
+    assert pairs.height + 41 >= TEMPLATE_SHARE_MIN_PAIRS and share > DEFAULT_MAX_TEMPLATE_SHARE
+    row = pl.int_range(pl.len())
+    corrupted = pl.concat([faq, faq.head(1), extra]).with_columns(  # row 0 twice
+        pl.when(row == 1).then(pl.lit("How do I sort <fi>a list</fi> in place?"))
+        .otherwise(pl.col("instruction")).alias("instruction"),
+        pl.when(row == 2).then(pl.lit(9, pl.Int8)).otherwise(pl.col("judge_score")).alias("judge_score"),
+        pl.when(row == 3).then(pl.lit("t0000000000000000"))  # a template the bank never had
+        .otherwise(pl.col("template_id")).alias("template_id"),
+    )
+    corrupted.write_parquet(copy.path("fineinstructions", "faq"))
+    monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(copy.root))
+    instance = _fresh_instance(run.shards)
+    assets, resources = _all_assets(), build_resources()
+
+    built = materialize(assets, selection=QUALITY_STEP, instance=instance, resources=resources, raise_on_error=False)
+    expected = {"pairs_pair_id_unique", "pairs_instruction_has_no_fi_tags", "pairs_judge_score_on_judge_scale",
+                "pairs_template_id_in_template_bank", "pairs_template_share_at_most_max"}
+    assert not built.success  # the step fails naming the failed tests; every check is recorded all the same
+    build_failure = _step_failure_description(built)
+    assert build_failure.startswith("dbt build found 5 problem(s):")
+    assert all(f"  - {name} failed" in build_failure for name in expected)
+    recorded = {e.name: e for e in latest_check_evaluations(instance)}
+    assert {name for name, e in recorded.items() if e.passed is False} == expected
+    assert all(recorded[name].passed for name in set(recorded) - expected)
+    assert recorded["pairs_pair_id_unique"].failed_rows == 1
+    records = {k.name: instance.get_latest_asset_check_evaluation_record(k) for k in QUALITY_CHECK_KEYS}
+    assert all(not records[n].event.asset_check_evaluation.passed for n in expected)
+
+    export = materialize(assets, selection=EXPORT_STEP, partition_key="tutorial", instance=instance,
+                         resources=resources, raise_on_error=False)
+    assert not export.success
+    description = _step_failure_description(export)
+    assert "pretraining_export [tutorial] is blocked by 5 dbt quality gate(s)" in description
+    for name in expected:
+        assert f"{name} failed" in description
+    assert not copy.exists("export_chat", "tutorial")
+
+
+# The decision itself, as plain code.
+
+T0 = 1_800_000_000.0
+
+
+def _ok(name: str, at: float = T0 + 10) -> CheckEvaluation:
+    return CheckEvaluation(name, True, at)
+
+
+def test_gate_lets_the_export_run_when_every_test_passed_after_the_pairs():
+    assert export_block_reasons([_ok("a"), _ok("b", T0 + 1)], pairs_materialized_at=T0, shard="faq") == []
+    assert export_block_reasons([_ok("a", T0)], pairs_materialized_at=T0) == []  # same instant: fresh
+    assert export_block_reasons([_ok("a")], pairs_materialized_at=None) == []  # no pairs record to be older than
+
+
+def test_gate_names_each_failed_test_with_its_description_and_failing_rows():
+    checks = [_ok("a"), CheckEvaluation("pairs_pair_id_unique", False, T0 + 10, "No pair twice.", failed_rows=3),
+              CheckEvaluation("pairs_instruction_has_no_fi_tags", False, T0 - 10, failed_rows=1)]
+    reasons = export_block_reasons(checks, pairs_materialized_at=T0, shard="faq")
+    assert [r.test for r in reasons] == ["pairs_instruction_has_no_fi_tags", "pairs_pair_id_unique"]
+    assert str(reasons[1]) == "pairs_pair_id_unique failed (3 failing rows): No pair twice."
+    assert str(reasons[0]) == "pairs_instruction_has_no_fi_tags failed (1 failing row)"  # failed wins over stale
+
+
+def test_gate_blocks_on_tests_never_evaluated_or_older_than_the_pairs():
+    checks = [_ok("fresh"), CheckEvaluation("never", None, None), _ok("stale", T0 - 60)]
+    reasons = export_block_reasons(checks, pairs_materialized_at=T0, shard="faq")
+    assert [r.test for r in reasons] == ["never", "stale"]
+    assert "has no completed evaluation" in reasons[0].reason
+    assert "before fineinstructions [faq] was materialized at 2027-01-15 08:00:00 UTC" in reasons[1].reason
+
+
+def test_gate_blocks_when_there_are_no_tests_and_the_description_lists_every_reason():
+    assert len(export_block_reasons([], pairs_materialized_at=T0)) == 1
+    reasons = export_block_reasons([CheckEvaluation("x", False, T0), CheckEvaluation("y", None, None)], T0, "s1")
+    text = describe_block("s1", reasons)
+    assert text.splitlines()[0] == "pretraining_export [s1] is blocked by 2 dbt quality gate(s):"
+    assert "  - x failed" in text and "  - y has no completed evaluation" in text and "quality_job" in text
+
+
+def test_dbt_vars_follow_the_run_settings():
+    demo, paper = dbt_vars(profile_config("demo")), dbt_vars(profile_config("paper"))
+    assert (demo["min_grounding"], demo["judge_threshold"]) == (0.0, 1)
+    assert (paper["min_grounding"], paper["judge_threshold"]) == (0.6, 4)
+    assert (paper["judge_min_score"], paper["judge_max_score"]) == (1, 5)
+    assert paper["max_template_share"] == DEFAULT_MAX_TEMPLATE_SHARE
+    assert dbt_vars(profile_config("paper", min_grounding=0.8))["min_grounding"] == 0.8
+
+
+def test_dbt_failures_are_summarized_by_test_name():
+    results = [
+        {"unique_id": "model.fineinstructions_quality.pairs", "status": "success", "failures": None},
+        {"unique_id": "test.fineinstructions_quality.pairs_pair_id_unique.0a1b2c", "status": "fail", "failures": 2},
+        {"unique_id": "test.fineinstructions_quality.pairs_answer_not_blank.9f", "status": "warn", "failures": 1},
+        {"unique_id": "model.fineinstructions_quality.documents", "status": "error",
+         "message": "Runtime Error in model documents\n  IO Error: No files found that match the pattern"},
+        {"unique_id": "test.fineinstructions_quality.documents_doc_id_unique.77", "status": "skipped"},
+    ]
+    assert summarize_dbt_failures(results) == [
+        "model documents errored: IO Error: No files found that match the pattern",
+        "pairs_pair_id_unique failed (2 failing rows)",
+        "1 node(s) skipped (downstream of an error)",
+    ]
+    assert summarize_dbt_failures(results[:1]) == []
