@@ -3,28 +3,14 @@ through its GraphQL API (what the UI's Materialize button sends) materialize a s
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import polars as pl
 import pytest
 from dagster import DagsterInstance
 
-REPO = Path(__file__).resolve().parents[1]
-LOCATION = "fineinstructions_dagster"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import LOCATION, REPO, start_dagster_dev
 
 
 @pytest.fixture(scope="module")
@@ -35,35 +21,12 @@ def dagster_dev(tmp_path_factory, smoke_model, sample_inputs):
     with DagsterInstance.from_config(str(home)) as instance:  # what the sensors do on their first tick
         instance.add_dynamic_partitions("query_source", ["python_faq"])
         instance.add_dynamic_partitions("corpus_shard", ["faq", "tutorial"])
-    port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(root),
+    env = {"DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(root),
            "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
            "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
            "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers"}
-    log = open(home / "dagster_dev.log", "wb")  # noqa: SIM115 (closed in teardown)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
-         "-p", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/server_info", timeout=2)
-                break
-            except OSError as e:
-                if proc.poll() is not None or time.time() > deadline:
-                    tail = (home / "dagster_dev.log").read_text()[-3000:]
-                    raise RuntimeError(f"dagster dev did not start:\n{tail}") from e
-                time.sleep(1)
-        yield url, port, root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    with start_dagster_dev(env, home / "dagster_dev.log") as server:
+        yield server.url, server.port, root
 
 
 def wait_for_run(client, run_id: str, timeout: float = 420) -> str:

@@ -46,6 +46,10 @@ class CheckEvaluation:
     evaluated_at: float | None
     description: str = ""
     failed_rows: int | None = None
+    # The pipeline table its model reads and when that was last materialized: a test needs to be newer than
+    # its own input only (a test of the documents model need not re-run because the pairs changed).
+    reads: str = ""
+    reads_materialized_at: float | None = None
 
 
 def _when(ts: float) -> str:
@@ -68,7 +72,8 @@ def export_block_reasons(checks: list[CheckEvaluation], pairs_materialized_at: f
     """Why the export of a shard must not run, one reason per dbt test at fault (empty: it may run).
 
     A test is at fault when its latest evaluation failed, when it has none, or when that evaluation is older than
-    the shard's latest `fineinstructions` materialization (it judged other pairs than the ones to export)."""
+    the latest materialization of the table its model reads (`reads`; by default the shard's `fineinstructions`):
+    it judged other rows than the ones the export would ship."""
     if not checks:
         return [BlockReason("", "no dbt quality tests are defined, so the export has no gate")]
     where = f"fineinstructions [{shard}]" if shard else "fineinstructions"
@@ -81,9 +86,11 @@ def export_block_reasons(checks: list[CheckEvaluation], pairs_materialized_at: f
         elif c.passed is None or c.evaluated_at is None:
             reasons.append(BlockReason(c.name, "has no completed evaluation (never run, or its latest run did "
                                                "not finish it)"))
-        elif pairs_materialized_at is not None and c.evaluated_at < pairs_materialized_at:
-            reasons.append(BlockReason(c.name, f"was last evaluated at {_when(c.evaluated_at)}, before {where} "
-                                               f"was materialized at {_when(pairs_materialized_at)}"))
+        else:
+            what, at = (c.reads, c.reads_materialized_at) if c.reads else (where, pairs_materialized_at)
+            if at is not None and c.evaluated_at < at:
+                reasons.append(BlockReason(c.name, f"was last evaluated at {_when(c.evaluated_at)}, before {what} "
+                                                   f"was materialized at {_when(at)}"))
     return reasons
 
 

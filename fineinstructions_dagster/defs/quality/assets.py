@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,12 @@ def latest_check_evaluations(instance: DagsterInstance,
     return out
 
 
+# Each dbt model and the pipeline table it reads (partitioned by shard or not): its tests must be newer than it.
+MODEL_INPUTS = {"pairs": ("fineinstructions", True), "documents": ("documents", True), "matches": ("matches", True),
+                "instantiations": ("instantiations", True), "judgements": ("judgements", True),
+                "templates": ("template_bank", False), "queries": ("user_queries", False)}
+
+
 def latest_materialization_time(instance: DagsterInstance, key: AssetKey, partition: str | None) -> float | None:
     result = instance.fetch_materializations(
         AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1)
@@ -221,6 +228,13 @@ def export_gate(context: AssetExecutionContext, shard: str) -> dict[str, Any]:
     has none, or it predates the shard's latest `fineinstructions` materialization. Returns metadata otherwise."""
     evaluations = latest_check_evaluations(context.instance)
     pairs_at = latest_materialization_time(context.instance, AssetKey("fineinstructions"), shard)
+    inputs: dict[str, tuple[str, float | None]] = {}
+    for model, (table, by_shard) in MODEL_INPUTS.items():
+        at = latest_materialization_time(context.instance, AssetKey(table), shard if by_shard else None)
+        inputs[model] = (f"{table} [{shard}]" if by_shard else table, at)
+    model_of = {k.name: k.asset_key.path[-1] for k in QUALITY_CHECK_KEYS}
+    evaluations = [replace(c, reads=inputs[model_of[c.name]][0], reads_materialized_at=inputs[model_of[c.name]][1])
+                   if model_of.get(c.name) in inputs else c for c in evaluations]
     reasons = export_block_reasons(evaluations, pairs_at, shard)
     if reasons:
         raise Failure(description=describe_block(shard, reasons),

@@ -1,0 +1,194 @@
+"""The Dagster web UI in a real browser (headless Chromium, Playwright): after a real pipeline run, the
+asset graph shows the stages, and the lineage job launched from its launchpad shows a pair's whole chain
+(ids and links to the runs and asset partitions) as rendered markdown in the run's event log.
+
+Screenshots go to artifacts/browser/ (CI keeps them): asset_graph.png and lineage.png, and
+<test>-failure.png when a test fails."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import polars as pl
+import pytest
+from dagster import DagsterInstance
+
+from tests.servers import LOCATION, REPO, DagsterDev, start_dagster_dev
+
+CHROMIUM = Path("/usr/bin/chromium")
+REQUIRE_BROWSER = "FINEINSTRUCTIONS_REQUIRE_BROWSER"  # set in CI: a missing browser fails instead of skipping
+# Without the background-networking flags Chromium's own connections are refused on a closed network.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = REPO / "artifacts" / "browser"
+WAIT_MS = 60_000  # per wait: the first loads of a page are slow on 2 cores
+RUN_MS = 300_000  # a launched run: queued, picked up by the daemon, a subprocess per step
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get(REQUIRE_BROWSER),
+                       reason=f"no Chromium at {CHROMIUM} (set {REQUIRE_BROWSER}=1 to make this a failure)"),
+]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[tuple[DagsterDev, Path]]:
+    """The real pipeline run once into a fresh instance and root, then `dagster dev` over both."""
+    from fineinstructions_dagster.runner import run_pipeline
+
+    home = tmp_path_factory.mktemp("dagster_home")
+    shutil.copy(REPO / "deploy" / "dagster.local.yaml", home / "dagster.yaml")
+    root = tmp_path_factory.mktemp("root")
+    env = {"DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(root),
+           "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
+           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+           "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        with DagsterInstance.from_config(str(home)) as instance:
+            run_pipeline(instance, log=lambda _: None)
+    with start_dagster_dev(env, home / "dagster_dev.log") as server:
+        yield server, root
+
+
+@pytest.fixture(scope="module")
+def pair(ui) -> dict:
+    _, root = ui
+    pairs = pl.read_parquet(root / "fineinstructions" / "*.parquet")
+    assert pairs.height > 0, f"the pipeline produced no pairs under {root}"
+    return pairs.sort("pair_id").row(0, named=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{REQUIRE_BROWSER} is set but there is no Chromium at {CHROMIUM}")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    # Dagster's first-visit "Join the Dagster community" dialog covers every page until dismissed: mark it
+    # seen (its localStorage key), and should it show anyway, press its Skip button whenever it is in the way.
+    context.add_init_script("window.localStorage.setItem('communityNux', '\"1\"')")
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.set_default_navigation_timeout(WAIT_MS)
+    page.add_locator_handler(page.get_by_text("Join the Dagster community"),
+                             lambda: page.get_by_role("button", name="Skip").click())
+    yield page
+    context.close()
+
+
+@contextmanager
+def screenshot_on_failure(page, name: str, server: DagsterDev):
+    try:
+        yield
+    except Exception as e:
+        shot = ARTIFACTS / f"{name}-failure.png"
+        try:
+            page.screenshot(path=str(shot), full_page=True)
+        except Exception:  # noqa: BLE001 (the page may be gone; the original error matters)
+            shot = None
+        raise AssertionError(f"{e}\n\npage: {page.url}\nscreenshot: {shot}\n"
+                             f"dagster dev log ({server.log_path}):\n{server.log_tail(2000)}") from e
+
+
+def test_asset_graph_shows_every_stage(ui, page):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+    from playwright.sync_api import expect
+
+    server, _ = ui
+    with screenshot_on_failure(page, "asset_graph", server):
+        page.goto(f"{server.url}/asset-groups")  # "Global asset lineage": one box per group until expanded
+        expect(page.get_by_text("Global asset lineage")).to_be_visible()
+        expect(page.get_by_role("button", name="pairs").first).to_be_visible()
+        # The graph's own settings button (the gear at its bottom right), not the navigation's "Settings".
+        gear = page.get_by_role("button").filter(has=page.get_by_role("img", name="settings", exact=True)) \
+            .filter(has_not_text="Settings")
+        gear.click()
+        page.get_by_role("menuitem", name=re.compile("Expand all groups")).click()
+        page.keyboard.press("Escape")
+        for asset in ("user_queries", "templates", "template_bank", "template_index", "filtered_documents",
+                      "documents", "matches", "instantiations", "judgements", "fineinstructions",
+                      "dataset_report", "pretraining_export"):
+            expect(page.get_by_text(asset, exact=True).first, f"asset {asset} in the graph").to_be_visible()
+        expect(page.get_by_role("menuitem")).to_have_count(0)  # the settings menu is closed for the picture
+        # The nodes take their colour (materialized: green) from live-data queries that follow the layout.
+        try:
+            page.wait_for_load_state("networkidle")
+        except PlaywrightTimeoutError:
+            pass  # the picture may show grey nodes; the checks below do not depend on it
+        page.mouse.move(0, 0)  # no hover highlight in the picture
+        page.screenshot(path=str(ARTIFACTS / "asset_graph.png"), full_page=True)
+        # The pipeline's materializations are in the instance: the pairs asset, both shards materialized.
+        page.get_by_text("fineinstructions", exact=True).first.click()
+        expect(page.get_by_role("heading", name="fineinstructions", exact=True)).to_be_visible()
+        expect(page.get_by_text("Materialized", exact=True).first).to_be_visible()
+        expect(page.get_by_text("2/2", exact=True).first).to_be_visible()
+
+
+def test_lineage_job_from_the_launchpad_shows_the_chain(ui, pair, page):
+    from playwright.sync_api import expect
+
+    server, _ = ui
+    pair_id = pair["pair_id"]
+    with screenshot_on_failure(page, "lineage", server):
+        page.goto(f"{server.url}/locations/{LOCATION}/jobs/lineage_job/playground")
+        expect(page.get_by_role("button", name="Launch Run")).to_be_visible()
+        # The config editor is CodeMirror 5 (no accessible role). Typing line by line fights its auto-indent
+        # and autocompletion; one insertText event puts the YAML in verbatim, replacing the default config.
+        editor = page.locator(".CodeMirror").first
+        editor.click()
+        page.keyboard.press("ControlOrMeta+a")
+        page.keyboard.insert_text(f"ops:\n  trace_pair_lineage:\n    config:\n      pair_id: {pair_id}\n")
+        expect(editor).to_contain_text(f"pair_id: {pair_id}")
+        expect(page.get_by_text("No errors", exact=True)).to_be_visible()  # validated against the job's schema
+        expect(page.get_by_text("No missing config", exact=True)).to_be_visible()
+        page.get_by_role("button", name="Launch Run").click()
+
+        page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}$"))
+        run_id = page.url.rsplit("/", 1)[1]
+        status = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
+        expect(status, f"run {run_id} to finish").to_be_visible(timeout=RUN_MS)
+        assert status.inner_text() == "Success", f"lineage_job run {run_id} ended {status.inner_text()}"
+
+        # Only the observation in the event log (a virtualized list), then its markdown metadata.
+        page.get_by_placeholder("Filter").fill("type:ASSET_OBSERVATION")
+        page.get_by_text("[Show Markdown]").first.click()
+        dialog = page.get_by_role("dialog").filter(has_text=pair_id)
+        expect(dialog.get_by_role("table")).to_be_visible()
+        for step_id in (pair_id, pair["template_id"], pair["doc_id"], pair["judgement_id"],
+                        pair["instantiation_id"], pair["match_id"], pair["query_id"]):
+            expect(dialog.get_by_role("cell", name=step_id, exact=True)).to_be_visible()
+        shot = ARTIFACTS / "lineage.png"
+        dialog.screenshot(path=str(shot))
+        text = dialog.inner_text()
+        for step_id in (pair_id, pair["template_id"], pair["doc_id"]):
+            assert step_id in text, f"{step_id} not in the rendered lineage (see {shot}):\n{text}"
+        hrefs = dialog.get_by_role("link").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+        assert any(h and h.startswith("/runs/") for h in hrefs), f"no /runs/ link in the lineage ({shot}): {hrefs}"
+        assert f"/runs/{pair['run_id']}" in hrefs, f"no link to the pair's run {pair['run_id']} ({shot}): {hrefs}"
+        partition = f"/assets/fineinstructions?view=partitions&partition={pair['shard']}"
+        assert partition in hrefs, f"no link to {partition} ({shot}): {hrefs}"
+
+        # The pair step's run link opens the run that wrote the pair.
+        dialog.get_by_role("link", name=pair["run_id"][:8], exact=True).first.click()
+        page.wait_for_url(re.compile(rf"/runs/{pair['run_id']}"))
+        expect(page.get_by_text("Success", exact=True).first).to_be_visible()
