@@ -147,7 +147,8 @@ _STEPS = [
 
 
 def _md_cell(text: Any, n: int = 300) -> str:
-    return _short(text, n).replace("|", "\\|")
+    # Escape what markdown would read as table syntax or HTML (templates hold <fi>...</fi> slots).
+    return _short(text, n).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def lineage_markdown(chain: dict[str, Any]) -> str:
