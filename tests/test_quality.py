@@ -244,3 +244,14 @@ def test_dbt_failures_are_summarized_by_test_name():
         "1 node(s) skipped (downstream of an error)",
     ]
     assert summarize_dbt_failures(results[:1]) == []
+
+
+def test_gate_orders_by_event_log_ids_when_known_even_within_one_run():
+    # The input was materialized after the run started (same run) but before the model the test evaluated.
+    fresh = CheckEvaluation("templates_id_unique", True, T0, reads="template_bank", reads_materialized_at=T0 + 5,
+                            evaluated_seq=20, reads_seq=10)
+    assert export_block_reasons([fresh], pairs_materialized_at=None) == []
+    stale = CheckEvaluation("templates_id_unique", True, T0 + 9, reads="template_bank", reads_materialized_at=T0 + 5,
+                            evaluated_seq=10, reads_seq=20)
+    (reason,) = export_block_reasons([stale], pairs_materialized_at=None)
+    assert "before template_bank was materialized" in str(reason)

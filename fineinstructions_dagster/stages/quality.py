@@ -50,6 +50,10 @@ class CheckEvaluation:
     # its own input only (a test of the documents model need not re-run because the pairs changed).
     reads: str = ""
     reads_materialized_at: float | None = None
+    # Event-log storage ids (they only grow, so they order events exactly, also within one run): of the model
+    # materialization the test evaluated, and of the input's latest materialization. Used when both are known.
+    evaluated_seq: int | None = None
+    reads_seq: int | None = None
 
 
 def _when(ts: float) -> str:
@@ -88,7 +92,11 @@ def export_block_reasons(checks: list[CheckEvaluation], pairs_materialized_at: f
                                                "not finish it)"))
         else:
             what, at = (c.reads, c.reads_materialized_at) if c.reads else (where, pairs_materialized_at)
-            if at is not None and c.evaluated_at < at:
+            if c.reads and c.evaluated_seq is not None and c.reads_seq is not None:
+                stale = c.evaluated_seq < c.reads_seq
+            else:
+                stale = at is not None and c.evaluated_at < at
+            if stale and at is not None:
                 reasons.append(BlockReason(c.name, f"was last evaluated at {_when(c.evaluated_at)}, before {what} "
                                                    f"was materialized at {_when(at)}"))
     return reasons

@@ -202,11 +202,13 @@ def latest_check_evaluations(instance: DagsterInstance,
             run = instance.get_run_record_by_id(rec.run_id)
             run_starts[rec.run_id] = run.start_time if run is not None else None
         failed_rows = evaluation.metadata.get("dagster_dbt/failed_row_count")
+        target = evaluation.target_materialization_data  # the model materialization this test evaluated
         out.append(CheckEvaluation(
             name=key.name, passed=bool(evaluation.passed),
             evaluated_at=run_starts[rec.run_id] or rec.event.timestamp,  # type: ignore[union-attr]
             description=descriptions.get(key, ""),
             failed_rows=int(failed_rows.value) if failed_rows is not None else None,  # type: ignore[arg-type]
+            evaluated_seq=target.storage_id if target is not None else None,
         ))
     return out
 
@@ -218,9 +220,16 @@ MODEL_INPUTS = {"pairs": ("fineinstructions", True), "documents": ("documents", 
 
 
 def latest_materialization_time(instance: DagsterInstance, key: AssetKey, partition: str | None) -> float | None:
+    found = latest_materialization(instance, key, partition)
+    return found[1] if found else None
+
+
+def latest_materialization(instance: DagsterInstance, key: AssetKey,
+                           partition: str | None) -> tuple[int, float] | None:
+    """(storage id, timestamp) of the latest materialization of the asset (of one partition when given)."""
     result = instance.fetch_materializations(
         AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1)
-    return result.records[0].timestamp if result.records else None
+    return (result.records[0].storage_id, result.records[0].timestamp) if result.records else None
 
 
 def export_gate(context: AssetExecutionContext, shard: str) -> dict[str, Any]:
@@ -228,13 +237,14 @@ def export_gate(context: AssetExecutionContext, shard: str) -> dict[str, Any]:
     has none, or it predates the shard's latest `fineinstructions` materialization. Returns metadata otherwise."""
     evaluations = latest_check_evaluations(context.instance)
     pairs_at = latest_materialization_time(context.instance, AssetKey("fineinstructions"), shard)
-    inputs: dict[str, tuple[str, float | None]] = {}
+    inputs: dict[str, tuple[str, float | None, int | None]] = {}
     for model, (table, by_shard) in MODEL_INPUTS.items():
-        at = latest_materialization_time(context.instance, AssetKey(table), shard if by_shard else None)
-        inputs[model] = (f"{table} [{shard}]" if by_shard else table, at)
+        found = latest_materialization(context.instance, AssetKey(table), shard if by_shard else None)
+        inputs[model] = (f"{table} [{shard}]" if by_shard else table, found[1] if found else None,
+                         found[0] if found else None)
     model_of = {k.name: k.asset_key.path[-1] for k in QUALITY_CHECK_KEYS}
-    evaluations = [replace(c, reads=inputs[model_of[c.name]][0], reads_materialized_at=inputs[model_of[c.name]][1])
-                   if model_of.get(c.name) in inputs else c for c in evaluations]
+    evaluations = [replace(c, reads=inputs[m][0], reads_materialized_at=inputs[m][1], reads_seq=inputs[m][2])
+                   if (m := model_of.get(c.name)) in inputs else c for c in evaluations]
     reasons = export_block_reasons(evaluations, pairs_at, shard)
     if reasons:
         raise Failure(description=describe_block(shard, reasons),
