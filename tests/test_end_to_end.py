@@ -92,13 +92,15 @@ def test_lineage_cli_json_has_the_documented_keys(pipeline, capsys):
 
 
 def test_lineage_job_shows_the_chain_with_links_to_runs_and_partitions(pipeline):
-    from fineinstructions_dagster.definitions import defs
+    from fineinstructions_dagster.defs.lineage.jobs import lineage_job as job
+    from fineinstructions_dagster.defs.resources import build_resources
 
     store, instance, _ = pipeline
     pair = pl.read_parquet(store.glob("fineinstructions")).sort("pair_id").row(0, named=True)
-    job = defs.resolve_job_def("lineage_job")
+    storage = {"storage": build_resources()["storage"]}  # built now: the fixture set FINEINSTRUCTIONS_ROOT
     result = job.execute_in_process(
-        run_config={"ops": {"trace_pair_lineage": {"config": {"pair_id": pair["pair_id"]}}}}, instance=instance)
+        run_config={"ops": {"trace_pair_lineage": {"config": {"pair_id": pair["pair_id"]}}}}, instance=instance,
+        resources=storage)
     assert result.success
     obs = [e.asset_observation_data.asset_observation for e in result.all_events if e.is_asset_observation]
     assert len(obs) == 1 and obs[0].partition == pair["shard"]
@@ -114,27 +116,45 @@ def test_lineage_job_shows_the_chain_with_links_to_runs_and_partitions(pipeline)
     records = instance.fetch_observations(AssetKey("fineinstructions"), limit=10).records
     assert any(r.run_id == result.run_id for r in records)
     bad = job.execute_in_process(run_config={"ops": {"trace_pair_lineage": {"config": {"pair_id": "p404"}}}},
-                                 instance=instance, raise_on_error=False)
+                                 instance=instance, resources=storage, raise_on_error=False)
     assert not bad.success
     failure = next(e for e in bad.all_events if e.is_step_failure)
     assert "pair 'p404' not found" in str(failure.step_failure_data.error.message)
 
 
-def test_schedule_requests_only_missing_or_stale_shards(pipeline):
+def test_schedule_requests_stale_shards_then_the_dbt_build_then_their_exports(pipeline):
     from fineinstructions_dagster.definitions import STAGE_MODULES
     from fineinstructions_dagster.defs.pairs.schedules import refresh_requests
     from fineinstructions_dagster.defs.resources import build_resources
+    from fineinstructions_dagster.runner import EXPORT_STEP, QUALITY_STEP
 
     _, instance, _ = pipeline
-    first = refresh_requests(instance)
-    assert not isinstance(first, list), first  # everything is up to date: a skip, no runs
-    materialize(load_assets_from_modules(STAGE_MODULES), selection=["documents"], partition_key="tutorial",
-                instance=instance, resources=build_resources())
-    requests = refresh_requests(instance)
+    assets, resources = load_assets_from_modules(STAGE_MODULES), build_resources()
+
+    def step(selection, partition=None):
+        materialize(assets, selection=selection, partition_key=partition, instance=instance, resources=resources)
+
+    def asked():
+        out = refresh_requests(instance)
+        return out if isinstance(out, list) else []
+
+    step(QUALITY_STEP)  # bring everything current (other tests re-ran a shard's pairs)
+    for shard in ("faq", "tutorial"):
+        step(EXPORT_STEP, shard)
+    assert asked() == []  # a skip: nothing missing or stale
+    step(["documents"], "tutorial")
+    requests = asked()
     assert [(r.partition_key, r.tags["fineinstructions/reason"]) for r in requests] == [
         ("tutorial", "matches older than its inputs")]
-    again = refresh_requests(instance)
-    assert [r.run_key for r in again] == [r.run_key for r in requests]  # same state, same key: no duplicate
+    assert [r.run_key for r in asked()] == [r.run_key for r in requests]  # same state, same key: no duplicate
+    step(SHARD_STEP[1:], "tutorial")
+    (quality,) = asked()
+    assert quality.partition_key is None and all(k.path[0] == "quality" for k in quality.asset_selection)
+    step(QUALITY_STEP)
+    assert [(r.partition_key, [k.to_user_string() for k in r.asset_selection]) for r in asked()] == [
+        ("tutorial", ["pretraining_export"])]  # faq's pairs did not change: its export is not redone
+    step(EXPORT_STEP, "tutorial")
+    assert asked() == []
 
 
 def test_a_run_over_several_partitions_materializes_each_once(pipeline):

@@ -72,3 +72,13 @@ def shards_to_refresh(shards: list[str], latest: dict[str, dict[str, int]], shar
         if reason:
             todo[shard] = (reason, state)
     return todo
+
+
+def exports_to_refresh(shards: list[str], pairs: dict[str, int], exports: dict[str, int],
+                       quality: int | None) -> tuple[bool, list[str]]:
+    """After the chain: (dbt quality must run first, shards whose export is missing or older than its pairs).
+    A dbt build alone does not make an export stale: its pairs did not change. Storage ids as in
+    `shards_to_refresh`; shards without pairs are left out."""
+    stale = [s for s in shards if s in pairs and (s not in exports or exports[s] < pairs[s])]
+    need_quality = bool(stale) and (quality is None or any(pairs[s] > quality for s in stale))
+    return need_quality, ([] if need_quality else stale)
