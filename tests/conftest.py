@@ -59,3 +59,47 @@ def sample_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("inputs")
     build_sample(out, shards=("tutorial", "faq"), max_docs_per_shard=12, max_queries=16)
     return out
+
+
+def demo_env(root: Path, smoke_model: Path, sample_inputs: Path) -> dict[str, str]:
+    """The environment of a demo-profile run over the offline sample with the smoke model (transformers)."""
+    return {"FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
+            "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+            "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample_inputs: Path):
+    """The whole graph run once per test module into a fresh root and an ephemeral instance; the environment
+    stays set for the module's tests. Yields (store, instance, run)."""
+    from dagster import DagsterInstance
+
+    from fineinstructions_dagster.lib.storage import TableStore
+    from fineinstructions_dagster.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("root")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in demo_env(root, smoke_model, sample_inputs).items():
+            mp.setenv(k, v)
+        instance = DagsterInstance.ephemeral()
+        yield TableStore(root), instance, run_pipeline(instance, log=lambda _: None)
+
+
+@pytest.fixture
+def moto_s3(monkeypatch: pytest.MonkeyPatch):
+    """A local moto S3 server, empty, with the AWS_* variables pointing at it; yields a boto3 client."""
+    boto3 = pytest.importorskip("boto3")
+    import urllib.request
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # moto keeps one in-memory S3 per process: start every test from an empty one.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).read()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    yield boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+    server.stop()

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance
 
+from tests.conftest import demo_env
 from tests.servers import LOCATION, REPO, DagsterDev, start_dagster_dev
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -44,10 +45,7 @@ def ui(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[tuple[DagsterDe
     home = tmp_path_factory.mktemp("dagster_home")
     shutil.copy(REPO / "deploy" / "dagster.local.yaml", home / "dagster.yaml")
     root = tmp_path_factory.mktemp("root")
-    env = {"DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(root),
-           "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
-           "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers"}
+    env = {"DAGSTER_HOME": str(home), **demo_env(root, smoke_model, sample_inputs)}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)

@@ -6,30 +6,11 @@ from __future__ import annotations
 import json
 
 import polars as pl
-import pytest
-from dagster import AssetKey, DagsterInstance, load_assets_from_modules, materialize
+from dagster import AssetKey, load_assets_from_modules, materialize
 
 from fineinstructions_dagster.cli import main as cli
-from fineinstructions_dagster.lib.storage import TableStore
-from fineinstructions_dagster.runner import SHARD_STEP, run_pipeline
+from fineinstructions_dagster.runner import SHARD_STEP
 from fineinstructions_dagster.stages.lineage import LINEAGE_KEYS, trace_pair
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, smoke_model, sample_inputs):
-    root = tmp_path_factory.mktemp("root")
-    env = {
-        "FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-        "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
-        "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
-    }
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    instance = DagsterInstance.ephemeral()
-    run = run_pipeline(instance, log=lambda _: None)
-    yield TableStore(root), instance, run
-    mp.undo()
 
 
 def test_every_stage_materialized_and_final_table_nonempty(pipeline):

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import polars as pl
-import pytest
 from dagster import AssetKey, DagsterInstance, load_assets_from_modules, materialize
 
 from fineinstructions_dagster.config import profile_config
@@ -21,7 +20,7 @@ from fineinstructions_dagster.defs.quality.assets import (
 )
 from fineinstructions_dagster.defs.resources import build_resources
 from fineinstructions_dagster.lib.storage import TableStore
-from fineinstructions_dagster.runner import EXPORT_STEP, QUALITY_STEP, run_pipeline
+from fineinstructions_dagster.runner import EXPORT_STEP, QUALITY_STEP
 from fineinstructions_dagster.stages.quality import (
     DEFAULT_MAX_TEMPLATE_SHARE,
     TEMPLATE_SHARE_MIN_PAIRS,
@@ -31,23 +30,6 @@ from fineinstructions_dagster.stages.quality import (
     export_block_reasons,
     summarize_dbt_failures,
 )
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, smoke_model, sample_inputs):
-    root = tmp_path_factory.mktemp("root")
-    env = {
-        "FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-        "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
-        "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
-    }
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    instance = DagsterInstance.ephemeral()
-    run = run_pipeline(instance, log=lambda _: None)
-    yield TableStore(root), instance, run
-    mp.undo()
 
 
 def _copy_root(store: TableStore, dest: Path) -> TableStore:

@@ -20,20 +20,9 @@ TEXT = ("The quick brown fox jumps over the lazy dog near the quiet river bank, 
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
-    client.create_bucket(Bucket="corpus")
-    yield client
-    server.stop()
+def s3(moto_s3):
+    moto_s3.create_bucket(Bucket="corpus")
+    return moto_s3
 
 
 def test_shards_under_an_s3_prefix_are_discovered_and_streamed(s3, tmp_path):

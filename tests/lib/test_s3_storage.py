@@ -10,24 +10,9 @@ from fineinstructions_dagster.lib.storage import TableStore, default_working_cop
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    import urllib.request
-
-    # moto keeps one in-memory S3 per process: start every test from an empty one.
-    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).read()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="lake")
-    yield client
-    server.stop()
+def s3(moto_s3):
+    moto_s3.create_bucket(Bucket="lake")
+    return moto_s3
 
 
 def keys(client, prefix: str = "") -> list[str]:
