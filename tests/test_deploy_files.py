@@ -245,7 +245,8 @@ def test_postgres_settings_resolve_from_the_environment(deploy_env):
     raw = yaml.safe_load((ROOT / "deploy/dagster.yaml").read_text())["storage"]["postgres"]
     result = process_config(pg_config(), raw)
     assert result.success, result.errors
-    assert pg_url_from_config(result.value) == "postgresql://dagster:dummy@localhost:5432/dagster"
+    # psycopg2 is the driver dagster-postgres installs; SQLAlchemy 2.1 would pick psycopg 3 for plain postgresql://
+    assert pg_url_from_config(result.value) == "postgresql+psycopg2://dagster:dummy@localhost:5432/dagster"
 
 
 def test_instance_builds_with_the_queue_pools_and_s3_logs(deploy_env, tmp_path):
