@@ -14,13 +14,14 @@ files: DuckDB here cannot load its S3 extension, and local reads keep the lineag
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +96,29 @@ class S3Mirror:
         with _atomic_file(folder / self.STATE) as tmp:
             Path(tmp).write_text(json.dumps(state, sort_keys=True))
 
-    def push(self, path: Path) -> None:
-        """Upload one local file (already complete) as one object."""
-        rel = path.relative_to(self.local).as_posix()
-        with path.open("rb") as f:
-            etag = self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=f)["ETag"]
-        state = self._state(path.parent)
-        state[path.name] = etag
-        self._save_state(path.parent, state)
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One process at a time syncs or publishes in this working copy (several runs may share it)."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        with (self.local / ".s3-sync.lock").open("w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def upload(self, source: str | Path, target: Path) -> str:
+        """Upload a complete file as the object for `target` (a path of the working copy); its ETag.
+        boto3's managed upload goes multipart above 8 MB, so objects past the 5 GB single-PUT limit work;
+        S3 still makes the object visible only once it is complete."""
+        key = self.key(target.relative_to(self.local).as_posix())
+        self.client.upload_file(str(source), self.bucket, key)
+        return self.client.head_object(Bucket=self.bucket, Key=key)["ETag"]
+
+    def record(self, target: Path, etag: str) -> None:
+        state = self._state(target.parent)
+        state[target.name] = etag
+        self._save_state(target.parent, state)
 
     def _remote(self, rel_folder: str) -> dict[str, str]:
         """name -> ETag of every object directly under the folder (sub-folders are separate folders)."""
@@ -155,16 +171,19 @@ class S3Mirror:
         state[target.name] = etag
         self._save_state(target.parent, state)
 
-    def push_folder(self, folder: Path) -> None:
-        """Make the objects under the folder's prefix equal to its files: upload each, delete the rest.
-        Used for the template index, whose files are replaced together (the id map names the meta)."""
+    def upload_folder(self, source: Path, folder: Path, last: str = "meta.json") -> dict[str, str]:
+        """Make the objects under `folder`'s prefix equal to the files of `source` (built aside): upload each,
+        `last` after the others, then delete the objects it no longer has. Returns name -> ETag.
+        A reader that syncs mid-way sees the old `last` (meta.json: embedder, bank hash, counts) with some new
+        files; opening the index then fails its meta check rather than using a mixed index."""
         rel_folder = folder.relative_to(self.local).as_posix()
-        stale = set(self._remote(rel_folder)) - {f.name for f in folder.iterdir() if f.is_file()}
-        for f in sorted(folder.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                self.push(f)
+        files = sorted((f for f in source.iterdir() if f.is_file() and not f.name.startswith(".")),
+                       key=lambda f: (f.name == last, f.name))
+        stale = set(self._remote(rel_folder)) - {f.name for f in files}
+        etags = {f.name: self.upload(f, folder / f.name) for f in files}
         for name in stale:
             self.client.delete_object(Bucket=self.bucket, Key=self.key(f"{rel_folder}/{name}"))
+        return etags
 
 
 class TableStore:
@@ -199,12 +218,29 @@ class TableStore:
 
     def _sync_folder(self, folder: Path) -> None:
         if self.mirror is not None:
-            self.mirror.pull_folder(folder)
+            with self.mirror.lock():
+                self.mirror.pull_folder(folder)
 
-    def _published(self, target: Path) -> Path:
-        if self.mirror is not None:
-            self.mirror.push(target)
-        return target
+    @contextmanager
+    def _published(self, target: Path) -> Iterator[str]:
+        """A temporary path for the new version of `target`. Locally it is renamed into place when the block
+        succeeds; with an S3 root it is uploaded first and renamed only once the bucket holds it, so a failed
+        upload leaves both the bucket and the working copy at the previous version."""
+        if self.mirror is None:
+            with _atomic_file(target) as tmp:
+                yield tmp
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            yield tmp
+            with self.mirror.lock():
+                etag = self.mirror.upload(tmp, target)
+                os.replace(tmp, target)
+                self.mirror.record(target, etag)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def path(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> Path:
         """The partition's file in the (local) working copy; no synchronisation."""
@@ -213,16 +249,16 @@ class TableStore:
     def write_jsonl(self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED) -> Path:
         """The same partition as JSON Lines beside its Parquet file (for loaders that want JSON), atomically."""
         target = self.path(table, partition).with_suffix(".jsonl")
-        with _atomic_file(target) as tmp:
+        with self._published(target) as tmp:
             df.write_ndjson(tmp)
-        return self._published(target)
+        return target
 
     def write_json(self, name: str, obj: Any) -> Path:
         """A small JSON document (e.g. the dataset report) at `<root>/<name>`, atomically."""
         target = self.root / name
-        with _atomic_file(target) as tmp:
+        with self._published(target) as tmp:
             Path(tmp).write_text(json.dumps(obj, indent=2))
-        return self._published(target)
+        return target
 
     def dir(self, name: str) -> Path:
         """A folder of files kept together (the template index), brought up to date first."""
@@ -234,14 +270,15 @@ class TableStore:
         self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED, quarantine: bool = False
     ) -> Path:
         target = self.path(table, partition, quarantine)
-        with _atomic_file(target) as tmp:
+        with self._published(target) as tmp:
             df.write_parquet(tmp, compression="zstd", statistics=True)
-        return self._published(target)
+        return target
 
     def exists(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> bool:
         p = self.path(table, partition, quarantine)
         if self.mirror is not None:
-            self.mirror.pull_one(p)
+            with self.mirror.lock():
+                self.mirror.pull_one(p)
         return p.exists()
 
     def read(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> pl.DataFrame:
@@ -296,12 +333,12 @@ class TableStore:
                     quarantine: bool = False) -> Path:
         """Stream part files (written batch by batch) into one partition file, atomically."""
         target = self.path(table, partition, quarantine)
-        with _atomic_file(target) as tmp:
+        with self._published(target) as tmp:
             if parts:
                 pl.scan_parquet(parts).sink_parquet(tmp, compression="zstd")
             else:
                 empty.write_parquet(tmp, compression="zstd")
-        return self._published(target)
+        return target
 
     @contextmanager
     def scratch(self, name: str) -> Iterator[Path]:
@@ -316,20 +353,23 @@ class TableStore:
 
     @contextmanager
     def staged_dir(self, name: str) -> Iterator[Path]:
-        """Build a folder (e.g. an index and its id map) aside, then swap it into place whole."""
+        """Build a folder (e.g. an index and its id map) aside, then swap it into place whole (with an S3 root:
+        uploaded first, meta.json last, and swapped locally only once the bucket holds it)."""
         final = self.root / name
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             yield tmp
-            old = final.with_name(f".{final.name}.old")
-            if final.exists():
+            with self.mirror.lock() if self.mirror is not None else nullcontext():
+                etags = self.mirror.upload_folder(tmp, final) if self.mirror is not None else {}
+                old = final.with_name(f".{final.name}.old")
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.replace(final, old)
+                os.replace(tmp, final)
                 shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            if self.mirror is not None:
-                self.mirror.push_folder(final)
+                if self.mirror is not None:
+                    self.mirror._save_state(final, etags)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

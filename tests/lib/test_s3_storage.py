@@ -82,3 +82,31 @@ def test_a_staged_folder_replaces_its_objects_whole(s3, tmp_path):
     b = TableStore("s3://lake/p", working_copy=tmp_path / "b")
     assert (b.dir("template_index") / "index.usearch").read_bytes() == b"v2"
     assert not (b.dir("template_index") / "old.parquet").exists()
+
+
+def test_a_failed_upload_keeps_the_previous_version_in_the_bucket_and_the_working_copy(s3, tmp_path, monkeypatch):
+    store = TableStore("s3://lake/p", working_copy=tmp_path / "a")
+    store.write("documents", pl.DataFrame({"doc_id": ["d1"]}), "s1")
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("network down")
+
+    with monkeypatch.context() as mp, pytest.raises(ConnectionError):
+        mp.setattr(store.mirror.client, "upload_file", refuse)
+        store.write("documents", pl.DataFrame({"doc_id": ["d2"]}), "s1")
+    assert store.read("documents", "s1")["doc_id"].to_list() == ["d1"]  # same host: still the published version
+    fresh = TableStore("s3://lake/p", working_copy=tmp_path / "b")
+    assert fresh.read("documents", "s1")["doc_id"].to_list() == ["d1"]
+    assert [p.name for p in store.root.joinpath("documents").iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_the_index_folder_uploads_its_meta_last(s3, tmp_path, monkeypatch):
+    store = TableStore("s3://lake/p", working_copy=tmp_path / "a")
+    order = []
+    real = store.mirror.client.upload_file
+    monkeypatch.setattr(store.mirror.client, "upload_file",
+                        lambda src, bucket, key: (order.append(key.rsplit("/", 1)[1]), real(src, bucket, key)))
+    with store.staged_dir("template_index") as tmp:
+        for name in ("meta.json", "id_map.parquet", "templates.usearch"):
+            (tmp / name).write_bytes(b"x")
+    assert order[-1] == "meta.json" and sorted(order) == ["id_map.parquet", "meta.json", "templates.usearch"]
