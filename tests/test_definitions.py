@@ -1,12 +1,10 @@
 """The code location loads, with every asset of the design, its jobs, sensors and pools."""
 
-from dagster import AssetCheckResult, DagsterInstance, MaterializeResult, build_sensor_context
+from dagster import AssetCheckResult, MaterializeResult
 
 from fineinstructions_dagster.definitions import defs
-from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.metadata import for_each_partition
 from fineinstructions_dagster.defs.partitions import PARTITIONS_PER_RUN, shards_to_refresh
-from fineinstructions_dagster.defs.resources import InputsResource
 
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_clusters", "documents", "matches", "instantiations", "judgements", "fineinstructions",
@@ -53,29 +51,23 @@ def test_shards_to_refresh_names_the_first_missing_or_stale_step():
     assert shards_to_refresh(["a"], latest, {"index": 6}, chain, {"matches": ["index"]}) == {}
 
 
-def test_a_run_over_several_partitions_sums_counts_and_names_failed_checks():
+def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_failed_checks():
+    class Context:  # the two things for_each_partition uses of an AssetExecutionContext
+        def __init__(self, keys):
+            self.partition_keys, self.added = keys, {}
+
+        def add_asset_metadata(self, metadata, partition_key=None):
+            self.added[partition_key] = metadata
+
     def one(key: str) -> MaterializeResult:
         return MaterializeResult(metadata={"dagster/row_count": {"a": 2, "b": 3}[key]},
                                  check_results=[AssetCheckResult(check_name="ok", passed=key == "a")])
 
-    single = for_each_partition(["a"], one)
+    single = for_each_partition(Context(["a"]), one)
     assert single.metadata["dagster/row_count"] == 2
-    both = for_each_partition(["a", "b"], one)
-    assert both.metadata["dagster/row_count"] == 5 and both.metadata["partitions_in_run"] == 2
+    ctx = Context(["a", "b"])
+    both = for_each_partition(ctx, one)
+    assert ctx.added == {"a": {"dagster/row_count": 2}, "b": {"dagster/row_count": 3}}
+    assert both.metadata == {"partitions_in_run": 2}
     (check,) = both.check_results
     assert not check.passed and check.metadata["failed_partitions"].value == "b"
-
-
-def test_shard_sensor_adds_one_partition_per_new_file(tmp_path):
-    (tmp_path / "shard-a.parquet").write_bytes(b"")
-    (tmp_path / "shard-b.jsonl").write_text("")
-    with DagsterInstance.ephemeral() as instance:
-        ctx = build_sensor_context(instance=instance, resources={"inputs": InputsResource(
-            queries_dir=str(tmp_path), corpus_dir=str(tmp_path))})
-        result = corpus_shard_sensor(ctx)
-        assert [r.partition_key for r in result.run_requests] == ["shard-a", "shard-b"]
-        assert list(result.dynamic_partitions_requests[0].partition_keys) == ["shard-a", "shard-b"]
-        instance.add_dynamic_partitions("corpus_shard", ["shard-a", "shard-b"])
-        again = corpus_shard_sensor(build_sensor_context(instance=instance, resources={"inputs": InputsResource(
-            queries_dir=str(tmp_path), corpus_dir=str(tmp_path))}))
-        assert "no new corpus_shard" in again.skip_message

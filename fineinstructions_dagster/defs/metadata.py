@@ -49,30 +49,25 @@ def require_all_joined(left: pl.DataFrame, joined: pl.DataFrame, what: str) -> p
     return joined
 
 
-def for_each_partition(partition_keys: list[str], one: Callable[[str], MaterializeResult]) -> MaterializeResult:
+def for_each_partition(context: Any, one: Callable[[str], MaterializeResult]) -> MaterializeResult:
     """Run `one(partition)` for every partition of the run (a backfill batches several per run so a model
-    loads once). One partition: its result as is. Several: Dagster records the returned result for each
-    partition of the range, so counts are summed, a per-partition table is added and a check passes only if
-    it passed for every partition (the failing ones are named)."""
-    results = {key: one(key) for key in partition_keys}
-    if len(results) == 1:
-        return next(iter(results.values()))
-    rows, checks, total = [], {}, 0
-    for key, res in results.items():
-        meta = res.metadata or {}
-        count = meta.get("dagster/row_count", 0)
-        count = int(getattr(count, "value", count) or 0)
-        total += count
-        rows.append(f"| {key} | {count} |")
+    loads once). One partition: its result as is. Several: each partition's own metadata (counts, drop
+    reasons, preview) is attached to that partition's materialization, and a check passes only if it passed
+    for every partition (the failing ones are named)."""
+    keys = list(context.partition_keys)
+    if len(keys) == 1:
+        return one(keys[0])
+    checks: dict[str, tuple[bool, list[str]]] = {}
+    for key in keys:
+        res = one(key)
+        context.add_asset_metadata(dict(res.metadata or {}), partition_key=key)
         for check in res.check_results or []:
-            passed, failed = checks.setdefault(check.check_name, (True, []))
+            passed, failed = checks.get(check.check_name, (True, []))
             if not check.passed:
                 failed.append(key)
             checks[check.check_name] = (passed and check.passed, failed)
-    table = "\n".join(["| partition | rows |", "|---|---|", *rows])
     return MaterializeResult(
-        metadata={"dagster/row_count": total, "partitions_in_run": len(results),
-                  "rows_per_partition": MetadataValue.md(table)},
+        metadata={"partitions_in_run": len(keys)},
         check_results=[AssetCheckResult(check_name=name, passed=ok,
                                         metadata={"failed_partitions": ", ".join(failed) or "none"})
                        for name, (ok, failed) in checks.items()])

@@ -96,4 +96,4 @@ def documents(context: AssetExecutionContext, storage: StorageResource) -> Mater
             check_results=[AssetCheckResult(check_name=DOC_ID_UNIQUE, passed=bool(kept["doc_id"].is_unique().all()))],
         )
 
-    return for_each_partition(context.partition_keys, one)
+    return for_each_partition(context, one)

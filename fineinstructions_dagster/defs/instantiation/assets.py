@@ -46,4 +46,4 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
             check_results=[AssetCheckResult(check_name=GROUNDING_IN_RANGE, passed=ok)],
         )
 
-    return for_each_partition(context.partition_keys, one)
+    return for_each_partition(context, one)

@@ -43,4 +43,4 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
                                     judge_format=cfg.judge_format),
             check_results=[AssetCheckResult(check_name=SCORES_ON_SCALE, passed=ok, metadata={"histogram": hist})])
 
-    return for_each_partition(context.partition_keys, one)
+    return for_each_partition(context, one)

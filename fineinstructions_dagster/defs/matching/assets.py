@@ -80,4 +80,4 @@ def matches(context: AssetExecutionContext, storage: StorageResource, embedder: 
             check_results=[AssetCheckResult(check_name=MATCHES_WELL_FORMED, passed=not problems,
                                             metadata={"problems": "; ".join(problems) or "none"})])
 
-    return for_each_partition(context.partition_keys, one)
+    return for_each_partition(context, one)

@@ -53,7 +53,7 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
             check_results=[AssetCheckResult(check_name=LINEAGE_COMPLETE, passed=bool(complete))],
         )
 
-    return for_each_partition(context.partition_keys, one)
+    return for_each_partition(context, one)
 
 
 @asset(automation_condition=AutomationCondition.eager(),

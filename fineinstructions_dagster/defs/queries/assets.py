@@ -37,4 +37,4 @@ def user_queries(context: AssetExecutionContext, storage: StorageResource, input
             check_results=[AssetCheckResult(check_name=QUERY_ID_UNIQUE, passed=kept["query_id"].is_unique().all())],
         )
 
-    return for_each_partition(context.partition_keys, one)
+    return for_each_partition(context, one)

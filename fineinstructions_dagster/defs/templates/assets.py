@@ -55,7 +55,7 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
                                             passed=bool(kept.height == 0 or kept["n_slots"].min() >= 1))],
         )
 
-    return for_each_partition(context.partition_keys, one)
+    return for_each_partition(context, one)
 
 
 @asset(automation_condition=AutomationCondition.eager(),
