@@ -1,10 +1,17 @@
 """The code location loads, with every asset of the design, its jobs, sensors and pools."""
 
-from dagster import AssetCheckResult, MaterializeResult
+from dagster import AssetCheckResult, DagsterInstance, MaterializeResult, build_sensor_context
 
 from fineinstructions_dagster.definitions import defs
+from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.metadata import for_each_partition
-from fineinstructions_dagster.defs.partitions import PARTITIONS_PER_RUN, shards_to_refresh
+from fineinstructions_dagster.defs.partitions import (
+    PARTITIONS_PER_RUN,
+    exports_to_refresh,
+    shards_to_refresh,
+    shared_steps_to_refresh,
+)
+from fineinstructions_dagster.defs.resources import InputsResource
 
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_clusters", "documents", "matches", "instantiations", "judgements", "fineinstructions",
@@ -71,3 +78,30 @@ def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_
     assert both.metadata == {"partitions_in_run": 2}
     (check,) = both.check_results
     assert not check.passed and check.metadata["failed_partitions"].value == "b"
+
+
+def test_shared_steps_and_the_dbt_build_come_before_what_depends_on_them():
+    # A new shard filtered after the clusters: dedup first (the chain would fail without a decision).
+    assert shared_steps_to_refresh({"a": 5, "new": 9}, clusters=7, bank=3, index=4) == ["document_clusters"]
+    assert shared_steps_to_refresh({"a": 5}, clusters=7, bank=8, index=4) == ["template_index"]
+    assert shared_steps_to_refresh({"a": 5}, clusters=7, bank=3, index=4) == []
+    # An export older than its pairs waits for a dbt build newer than those pairs and than the bank/queries.
+    assert exports_to_refresh(["a", "b"], {"a": 10, "b": 12}, {"a": 15}, quality=14) == (False, ["b"])
+    assert exports_to_refresh(["a", "b"], {"a": 10, "b": 20}, {"a": 15}, quality=14) == (True, [])
+    assert exports_to_refresh(["a", "b"], {"a": 10, "b": 12}, {"a": 15}, quality=14, other_inputs=16) == (True, [])
+    assert exports_to_refresh(["a"], {"a": 10}, {"a": 15}, quality=14, other_inputs=16) == (False, [])
+
+
+def test_shard_sensor_adds_one_partition_per_new_file(tmp_path):
+    (tmp_path / "shard-a.parquet").write_bytes(b"")
+    (tmp_path / "shard-b.jsonl").write_text("")
+    with DagsterInstance.ephemeral() as instance:
+        ctx = build_sensor_context(instance=instance, resources={"inputs": InputsResource(
+            queries_dir=str(tmp_path), corpus_dir=str(tmp_path))})
+        result = corpus_shard_sensor(ctx)
+        assert [r.partition_key for r in result.run_requests] == ["shard-a", "shard-b"]
+        assert list(result.dynamic_partitions_requests[0].partition_keys) == ["shard-a", "shard-b"]
+        instance.add_dynamic_partitions("corpus_shard", ["shard-a", "shard-b"])
+        again = corpus_shard_sensor(build_sensor_context(instance=instance, resources={"inputs": InputsResource(
+            queries_dir=str(tmp_path), corpus_dir=str(tmp_path))}))
+        assert "no new corpus_shard" in again.skip_message

@@ -58,7 +58,9 @@ def shards_to_refresh(shards: list[str], latest: dict[str, dict[str, int]], shar
         ids = [latest.get(a, {}).get(shard) for a in chain]
         if ids[0] is None:
             continue
-        state = max([i for i in ids if i is not None] + [s for s in shared.values() if s is not None])
+        # The state names the inputs only (source and shared assets), not the chain's own outputs, so a run
+        # still writing its steps does not make the next tick ask again under a new key.
+        state = max([ids[0]] + [s for s in shared.values() if s is not None])
         reason = None
         for k in range(1, len(chain)):
             asset, cur = chain[k], ids[k]
@@ -75,10 +77,24 @@ def shards_to_refresh(shards: list[str], latest: dict[str, dict[str, int]], shar
 
 
 def exports_to_refresh(shards: list[str], pairs: dict[str, int], exports: dict[str, int],
-                       quality: int | None) -> tuple[bool, list[str]]:
+                       quality: int | None, other_inputs: int | None = None) -> tuple[bool, list[str]]:
     """After the chain: (dbt quality must run first, shards whose export is missing or older than its pairs).
-    A dbt build alone does not make an export stale: its pairs did not change. Storage ids as in
-    `shards_to_refresh`; shards without pairs are left out."""
+    A dbt build alone does not make an export stale: its pairs did not change. The build is due when it is
+    older than a stale shard's pairs or than `other_inputs` (the newest bank / queries the tests also read:
+    the export gate would refuse it otherwise). Storage ids as in `shards_to_refresh`."""
     stale = [s for s in shards if s in pairs and (s not in exports or exports[s] < pairs[s])]
-    need_quality = bool(stale) and (quality is None or any(pairs[s] > quality for s in stale))
+    need_quality = bool(stale) and (quality is None or any(pairs[s] > quality for s in stale)
+                                    or (other_inputs is not None and other_inputs > quality))
     return need_quality, ([] if need_quality else stale)
+
+
+def shared_steps_to_refresh(filtered: dict[str, int], clusters: int | None, bank: int | None,
+                            index: int | None) -> list[str]:
+    """Unpartitioned steps the shard chain needs first: the dedup clusters when a shard was (re-)filtered
+    after them (a new shard has no dedup decision yet), the template index when the bank is newer."""
+    todo = []
+    if filtered and (clusters is None or max(filtered.values()) > clusters):
+        todo.append("document_clusters")
+    if bank is not None and (index is None or bank > index):
+        todo.append("template_index")
+    return todo

@@ -11,12 +11,19 @@ from dagster import (
     DagsterInstance,
     DefaultScheduleStatus,
     RunRequest,
+    RunsFilter,
     ScheduleEvaluationContext,
     SkipReason,
     schedule,
 )
+from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
-from fineinstructions_dagster.defs.partitions import corpus_shard_partitions, exports_to_refresh, shards_to_refresh
+from fineinstructions_dagster.defs.partitions import (
+    corpus_shard_partitions,
+    exports_to_refresh,
+    shards_to_refresh,
+    shared_steps_to_refresh,
+)
 from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, QUALITY_SELECTION
 
 # The per-shard chain in dependency order, and the unpartitioned assets it reads.
@@ -25,7 +32,8 @@ SHARED_INPUTS = {"documents": ["document_clusters"], "matches": ["template_index
 
 
 @schedule(cron_schedule="0 * * * *",
-          target=AssetSelection.assets(*SHARD_CHAIN, "pretraining_export") | QUALITY_SELECTION,
+          target=AssetSelection.assets(*SHARD_CHAIN, "pretraining_export", "document_clusters", "template_index")
+          | QUALITY_SELECTION,
           default_status=DefaultScheduleStatus.STOPPED)
 def missing_or_stale_shards(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
     return refresh_requests(context.instance)
@@ -37,23 +45,33 @@ def refresh_requests(instance: DagsterInstance) -> list[RunRequest] | SkipReason
     mat = DagsterEventType.ASSET_MATERIALIZATION
     latest = {a: instance.get_latest_storage_id_by_partition(AssetKey(a), mat)
               for a in ["filtered_documents", *SHARD_CHAIN]}
-    shared = {}
-    for name in {n for names in SHARED_INPUTS.values() for n in names}:
-        records = instance.fetch_materializations(AssetKey(name), limit=1).records
-        shared[name] = records[0].storage_id if records else None
-    todo = shards_to_refresh(shards, latest, shared, ["filtered_documents", *SHARD_CHAIN], SHARED_INPUTS)
+    shared = {name: _latest(instance, name) for name in ("document_clusters", "template_index", "template_bank",
+                                                         "user_queries")}
+    filtered = {s: i for s, i in latest["filtered_documents"].items() if s in shards}
+    first = shared_steps_to_refresh(filtered, shared["document_clusters"], shared["template_bank"],
+                                    shared["template_index"])
+    if first:  # the chain would fail (no dedup decision) or match against an old index: these go first
+        return [RunRequest(run_key=f"{name}:{max(filtered.values(), default=0)}:{shared['template_bank']}",
+                           asset_selection=[AssetKey(name)], tags={"fineinstructions/reason": "inputs changed"})
+                for name in first]
+    busy = _partitions_in_progress(instance)
+    todo = shards_to_refresh([s for s in shards if s not in busy], latest, shared,
+                             ["filtered_documents", *SHARD_CHAIN], SHARED_INPUTS)
     if todo:
         return [RunRequest(run_key=f"refresh:{shard}:{state}", partition_key=shard,
                            asset_selection=[AssetKey(a) for a in SHARD_CHAIN],
                            tags={"fineinstructions/reason": reason})
                 for shard, (reason, state) in sorted(todo.items())]
+    if busy:
+        return SkipReason(f"shards with a run in progress: {', '.join(sorted(busy))}")
     pairs = {s: i for s, i in latest["fineinstructions"].items() if s in shards}
     exports = instance.get_latest_storage_id_by_partition(AssetKey("pretraining_export"), mat)
     quality_records = instance.fetch_materializations(QUALITY_PAIRS_KEY, limit=1).records
     quality = quality_records[0].storage_id if quality_records else None
-    need_quality, export = exports_to_refresh(shards, pairs, exports, quality)
+    others = max((i for i in (shared["template_bank"], shared["user_queries"]) if i is not None), default=None)
+    need_quality, export = exports_to_refresh(shards, pairs, exports, quality, others)
     if need_quality:
-        return [RunRequest(run_key=f"quality:{max(pairs.values())}",
+        return [RunRequest(run_key=f"quality:{max(pairs.values())}:{others}",
                            asset_selection=list(QUALITY_SELECTION.resolve(_graph())),
                            tags={"fineinstructions/reason": "pairs changed since the last dbt build"})]
     if export:
@@ -62,6 +80,18 @@ def refresh_requests(instance: DagsterInstance) -> list[RunRequest] | SkipReason
                            tags={"fineinstructions/reason": "export missing or older than its pairs"})
                 for shard in export]
     return SkipReason(f"all {len(shards)} shards are materialized, checked and exported")
+
+
+def _latest(instance: DagsterInstance, asset: str) -> int | None:
+    """Storage id of the asset's latest materialization (any partition)."""
+    records = instance.fetch_materializations(AssetKey(asset), limit=1).records
+    return records[0].storage_id if records else None
+
+
+def _partitions_in_progress(instance: DagsterInstance) -> set[str]:
+    """Shards with a queued or running run: asking again for them would start a second, concurrent run."""
+    runs = instance.get_run_records(RunsFilter(statuses=IN_PROGRESS_RUN_STATUSES), limit=1000)
+    return {r.dagster_run.tags["dagster/partition"] for r in runs if "dagster/partition" in r.dagster_run.tags}
 
 
 def _graph():
