@@ -109,6 +109,9 @@ class PipelineConfig:
     max_feedback_chars: int = 600
     min_grounding: float = 0.6  # share of answer tokens copied from the document (paper: most >= 0.8)
     judge_threshold: int = 4  # keep pairs the judge scores >= this on the 1-5 Likert scale
+    # dbt gate on template concentration: no template above this share of the pairs (matching collapsed onto
+    # a hub template). Loose by default; at paper scale (18M templates) ~0.01 is the meaningful cap.
+    max_template_share: float = 0.2
     export_tokenizer: str = ""  # tokenizer of the packed export; empty: the instantiator model's
     export_seq_len: int = 2048
     # Prompt conventions: the released FineInstructions models' own (paper profile) or ours ("instruct",
@@ -125,6 +128,7 @@ class PipelineConfig:
         _check(self.templates_per_document >= 1, "templates_per_document (k) must be >= 1")
         _check(0.0 <= self.min_grounding <= 1.0, "min_grounding must be in [0, 1]")
         _check(1 <= self.judge_threshold <= 5, "judge_threshold must be in 1..5")
+        _check(0.0 < self.max_template_share <= 1.0, "max_template_share must be in (0, 1]")
         _check(self.judge_format in ("flow", "json"), f"judge_format must be flow or json, got {self.judge_format!r}")
         _check(self.genericizer_format in ("instruct", "query_templatizer"),
                f"genericizer_format must be instruct or query_templatizer, got {self.genericizer_format!r}")

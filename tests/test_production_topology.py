@@ -197,7 +197,7 @@ BACKFILL = ["template_bank", "template_index", "document_clusters", "documents",
 SHARDS = ["faq", "tutorial"]
 
 
-def test_sensors_then_a_daemon_backfill_materialize_every_partition_once_on_postgres_and_s3(topology):
+def test_sensors_then_a_daemon_backfill_materialize_every_partition_once_on_postgres_and_s3(topology, monkeypatch):
     from dagster import AssetKey, DagsterInstance
 
     from fineinstructions_dagster.lib.storage import TableStore
@@ -227,7 +227,9 @@ def test_sensors_then_a_daemon_backfill_materialize_every_partition_once_on_post
     assert backfill_status() in ("COMPLETED", "COMPLETED_SUCCESS"), topo.tail()
 
     # 3. Every partition materialized exactly once, in Postgres-backed storage.
-    os.environ.update({k: v for k, v in topo.env.items() if k.startswith(("DAGSTER_PG_", "AWS_", "FINEINSTR"))})
+    for k, v in topo.env.items():  # this process reads the same instance and bucket; undone after the test
+        if k.startswith(("DAGSTER_PG_", "AWS_", "FINEINSTR")):
+            monkeypatch.setenv(k, v)
     with DagsterInstance.from_config(topo.env["DAGSTER_HOME"]) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         for asset in BACKFILL:

@@ -15,7 +15,7 @@ JUDGE_SCALE = (1, 5)
 # room; a larger share means matching collapsed onto a hub template. The test sample (about 40 pairs over 14
 # templates) reaches 0.24 by chance, which is why a minimum applies: shares of a few dozen pairs are noise.
 # At paper scale (millions of templates) a far lower cap (e.g. 0.01) is the meaningful one.
-DEFAULT_MAX_TEMPLATE_SHARE = 0.2
+DEFAULT_MAX_TEMPLATE_SHARE = PipelineConfig.max_template_share  # the config's default, for tests and docs
 TEMPLATE_SHARE_MIN_PAIRS = 50
 
 # The tables the dbt project reads (its sources), i.e. the assets its models sit downstream of.
@@ -30,7 +30,7 @@ def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int]:
         "judge_threshold": int(cfg.judge_threshold),
         "judge_min_score": JUDGE_SCALE[0],
         "judge_max_score": JUDGE_SCALE[1],
-        "max_template_share": float(getattr(cfg, "max_template_share", DEFAULT_MAX_TEMPLATE_SHARE)),
+        "max_template_share": float(cfg.max_template_share),
         "template_share_min_pairs": TEMPLATE_SHARE_MIN_PAIRS,
     }
 

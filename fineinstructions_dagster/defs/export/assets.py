@@ -37,6 +37,6 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
     store.write(PACKED_TABLE, packed, shard)
     return MaterializeResult(metadata=stage_metadata(
         stats, chat, ["pair_id", "messages"], row_count=chat.height, tokenizer=packing.tokenizer,
-        seq_len=packing.seq_len, chat_parquet=MetadataValue.path(str(store.path(CHAT_TABLE, shard))),
-        chat_jsonl=MetadataValue.path(str(jsonl)),
-        packed_parquet=MetadataValue.path(str(store.path(PACKED_TABLE, shard))), **gate))
+        seq_len=packing.seq_len, chat_parquet=MetadataValue.path(store.uri_of(store.path(CHAT_TABLE, shard))),
+        chat_jsonl=MetadataValue.path(store.uri_of(jsonl)),
+        packed_parquet=MetadataValue.path(store.uri_of(store.path(PACKED_TABLE, shard))), **gate))
