@@ -13,6 +13,7 @@ from dagster import AssetKey, DagsterInstance, load_assets_from_modules, materia
 from fineinstructions_dagster.config import profile_config
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.quality.assets import (
+    INPUTS_AS_OF,
     QUALITY_CHECK_KEYS,
     QUALITY_PAIRS_KEY,
     dbt_quality,
@@ -103,6 +104,11 @@ def test_dbt_build_passes_on_the_demo_output_and_the_export_waits_for_a_fresh_on
     evaluations = built.get_asset_check_evaluations()
     assert built.success and len(evaluations) == len(QUALITY_CHECK_KEYS)
     assert [e.check_name for e in evaluations if not e.passed] == []
+    # Each model records the event-log id as of which dbt read its inputs (before its own materialization):
+    # the gate compares the pairs against that, so pairs recorded while dbt was reading do not count as tested.
+    pairs_mat = instance.fetch_materializations(QUALITY_PAIRS_KEY, limit=1).records[0]
+    as_of = pairs_mat.asset_materialization.metadata[INPUTS_AS_OF].value
+    assert 0 < as_of < pairs_mat.storage_id
     assert export("faq").success
 
     # New pairs for the shard: every test now predates them, so the export waits for the next dbt build.

@@ -27,6 +27,7 @@ from dagster import (
     DagsterInstance,
     Failure,
     MetadataValue,
+    Output,
 )
 from dagster_dbt import (
     DagsterDbtTranslator,
@@ -51,6 +52,7 @@ QUALITY_GROUP = "quality"
 QUALITY_PREFIX = "quality"  # model keys: quality/pairs, quality/templates, ... (never clash with the pipeline's)
 QUALITY_PAIRS_KEY = AssetKey([QUALITY_PREFIX, "pairs"])
 QUALITY_SELECTION = AssetSelection.groups(QUALITY_GROUP)
+INPUTS_AS_OF = "inputs_as_of_storage_id"  # model metadata: the event-log id as of which dbt read its inputs
 # The dbt next to this interpreter (the venv's), so that an un-activated venv still finds it.
 _VENV_DBT = Path(sys.executable).with_name("dbt")
 DBT_EXECUTABLE = str(_VENV_DBT) if _VENV_DBT.exists() else "dbt"
@@ -159,6 +161,9 @@ def dbt_quality(context: AssetExecutionContext, storage: StorageResource, pipeli
     (asset checks) the data-quality gates `pretraining_export` waits on. Thresholds come from the run's
     PipelineConfig (--vars); the storage root (its local working copy for s3://) from `storage`."""
     store = storage.store()
+    # What the tests can have seen: nothing recorded after this point (a shard's pairs materialized while dbt
+    # syncs and reads) counts as tested; the export gate compares against this id, not the models' own.
+    as_of = context.instance.event_log_storage.get_maximum_record_id() or 0
     store.sync(list(SOURCE_TABLES))  # an s3:// root: bring the working copy up to date first
     db = quality_db_path(store.root)
     variables = dbt_vars(pipeline.config())
@@ -167,7 +172,10 @@ def dbt_quality(context: AssetExecutionContext, storage: StorageResource, pipeli
     with _exclusive(db.with_name(".lock")):
         with _environ({"FINEINSTRUCTIONS_ROOT": str(store.root), "FINEINSTRUCTIONS_QUALITY_DB": str(db)}):
             invocation = dbt.cli(["build", "--vars", json.dumps(variables)], context=context, raise_on_error=False)
-        yield from invocation.stream()  # every check's evaluation is recorded, failed or not
+        for event in invocation.stream():  # every check's evaluation is recorded, failed or not
+            if isinstance(event, Output):
+                event = event.with_metadata({**event.metadata, INPUTS_AS_OF: as_of})
+            yield event
     if not invocation.is_successful():
         try:
             problems = summarize_dbt_failures(invocation.get_artifact("run_results.json")["results"])
@@ -203,14 +211,26 @@ def latest_check_evaluations(instance: DagsterInstance,
             run_starts[rec.run_id] = run.start_time if run is not None else None
         failed_rows = evaluation.metadata.get("dagster_dbt/failed_row_count")
         target = evaluation.target_materialization_data  # the model materialization this test evaluated
+        seq = _inputs_as_of(instance, key.asset_key, target.storage_id) if target is not None else None
         out.append(CheckEvaluation(
             name=key.name, passed=bool(evaluation.passed),
             evaluated_at=run_starts[rec.run_id] or rec.event.timestamp,  # type: ignore[union-attr]
             description=descriptions.get(key, ""),
             failed_rows=int(failed_rows.value) if failed_rows is not None else None,  # type: ignore[arg-type]
-            evaluated_seq=target.storage_id if target is not None else None,
+            evaluated_seq=seq,
         ))
     return out
+
+
+def _inputs_as_of(instance: DagsterInstance, key: AssetKey, storage_id: int) -> int:
+    """The event-log id as of which the dbt build read its inputs (recorded on the model's materialization);
+    the materialization's own id for builds recorded before that metadata existed."""
+    found = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, storage_ids=[storage_id]), limit=1)
+    if found.records:
+        value = found.records[0].asset_materialization.metadata.get(INPUTS_AS_OF)  # type: ignore[union-attr]
+        if value is not None:
+            return int(value.value)  # type: ignore[arg-type]
+    return storage_id
 
 
 # Each dbt model and the pipeline table it reads (partitioned by shard or not): its tests must be newer than it.
