@@ -19,10 +19,13 @@ from fineinstructions_dagster.stages.dedup import cluster_duplicates
 from fineinstructions_dagster.stages.documents import apply_duplicate_decisions, empty_documents, prepare_shard
 
 DOC_ID_UNIQUE = "doc_id_unique"
+FILTERED_IDS_UNIQUE = "filtered_doc_ids_unique_with_text"
 SIGNATURES = "document_signatures"
 
 
-@asset(partitions_def=corpus_shard_partitions, group_name="documents", kinds={"polars", "parquet"})
+@asset(partitions_def=corpus_shard_partitions, group_name="documents", kinds={"polars", "parquet"},
+       check_specs=[AssetCheckSpec(FILTERED_IDS_UNIQUE, asset="filtered_documents",
+                                   description="doc_id unique within the shard; no kept document without text")])
 def filtered_documents(context: AssetExecutionContext, storage: StorageResource, inputs: InputsResource,
                        pipeline: PipelineResource) -> MaterializeResult:
     """One corpus shard streamed in batches through boilerplate-line removal, Gopher quality and repetition
@@ -44,10 +47,14 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
         rejected = [pl.read_parquet(out.rejected)] if out.rejected else []
         store.write("filtered_documents", pl.concat([*rejected, out.malformed], how="diagonal_relaxed"), shard,
                     quarantine=True)
-    preview = pl.scan_parquet(store.path("filtered_documents", shard)).head(5).collect()  # not the whole shard
-    return MaterializeResult(metadata=stage_metadata(
-        out.stats, preview, ["doc_id", "url", "n_words", "language", "text"], minhash=cfg.minhash.version,
-        **{f"seconds_{k}": round(v, 3) for k, v in out.seconds.items()}))
+    kept = pl.scan_parquet(store.path("filtered_documents", shard))
+    preview = kept.head(5).collect()  # not the whole shard
+    bad = kept.select(pl.col("doc_id").is_duplicated().any() | (pl.col("text").str.len_chars() == 0).any()).collect()
+    return MaterializeResult(
+        metadata=stage_metadata(out.stats, preview, ["doc_id", "url", "n_words", "language", "text"],
+                                minhash=cfg.minhash.version,
+                                **{f"seconds_{k}": round(v, 3) for k, v in out.seconds.items()}),
+        check_results=[AssetCheckResult(check_name=FILTERED_IDS_UNIQUE, passed=not bool(bad.item()))])
 
 
 @asset(automation_condition=AutomationCondition.eager(),
