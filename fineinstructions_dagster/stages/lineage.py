@@ -4,6 +4,7 @@ source query and document, with the Dagster run that produced each step. DuckDB 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import duckdb
@@ -146,9 +147,13 @@ _STEPS = [
 ]
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+
+
 def _md_cell(text: Any, n: int = 300) -> str:
-    # Escape what markdown would read as table syntax or HTML (templates hold <fi>...</fi> slots).
-    return _short(text, n).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    # Model text is shown as text: markdown's own characters are escaped (so a stray backtick cannot open a code
+    # span) and angle brackets become entities (templates hold <fi>...</fi> slots, which would read as HTML).
+    return _MD_SPECIAL.sub(r"\\\1", _short(text, n)).replace("<", "&lt;").replace(">", "&gt;")
 
 
 def lineage_markdown(chain: dict[str, Any]) -> str:
