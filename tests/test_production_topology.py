@@ -122,61 +122,58 @@ def topology(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[Topology]
     # PostgreSQL: a throw-away cluster (trust auth on loopback only, fsync off: test data).
     # Outside pytest's tmp folders: those are private to the user running the tests (0700).
     pgdata = Path(tempfile.mkdtemp(prefix="fineinstructions-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(pgdata, "postgres", "postgres")
-    subprocess.run(as_postgres([pg_tool("initdb"), "-D", str(pgdata), "-A", "trust", "-U", "dagster", "-N"]),
-                   check=True, capture_output=True)
-    procs.append(start(as_postgres([pg_tool("postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(pg_port),
-                                    "-k", str(pgdata), "-F"]), dict(os.environ), logs / "postgres.log"))
-    wait_for("postgres", lambda: subprocess.run(
-        [pg_tool("pg_isready"), "-h", "127.0.0.1", "-p", str(pg_port)], capture_output=True).returncode == 0,
-        60, procs)
-    subprocess.run([pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "dagster", "dagster"],
-                   check=True, capture_output=True)
+    try:  # whatever started is stopped, also when a later server fails to come up
+        if os.geteuid() == 0:
+            shutil.chown(pgdata, "postgres", "postgres")
+        subprocess.run(as_postgres([pg_tool("initdb"), "-D", str(pgdata), "-A", "trust", "-U", "dagster", "-N"]),
+                       check=True, capture_output=True)
+        procs.append(start(as_postgres([pg_tool("postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(pg_port),
+                                        "-k", str(pgdata), "-F"]), dict(os.environ), logs / "postgres.log"))
+        wait_for("postgres", lambda: subprocess.run(
+            [pg_tool("pg_isready"), "-h", "127.0.0.1", "-p", str(pg_port)], capture_output=True).returncode == 0,
+            60, procs)
+        subprocess.run([pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", "dagster", "dagster"],
+                       check=True, capture_output=True)
 
-    # S3: moto's standalone server, the bucket created as an operator would.
-    procs.append(start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ),
-                       logs / "moto.log"))
-    endpoint = f"http://127.0.0.1:{s3_port}"
-    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    wait_for("moto", lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).status == 200, 60, procs)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
+        # S3: moto's standalone server, the bucket created as an operator would.
+        procs.append(start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ),
+                           logs / "moto.log"))
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        wait_for("moto", lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).status == 200, 60, procs)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
 
-    home = base / "dagster_home"
-    home.mkdir()
-    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, **creds, "DAGSTER_HOME": str(home),
-           "DAGSTER_PG_USER": "dagster", "DAGSTER_PG_PASSWORD": "unused-trust-auth", "DAGSTER_PG_HOST": "127.0.0.1",
-           "DAGSTER_PG_PORT": str(pg_port), "DAGSTER_PG_DB": "dagster",
-           "FINEINSTRUCTIONS_S3_BUCKET": BUCKET, "DAGSTER_USER_CODE_HOST": "127.0.0.1",
-           "DAGSTER_USER_CODE_PORT": str(grpc_port),
-           "FINEINSTRUCTIONS_ROOT": f"s3://{BUCKET}/data", "FINEINSTRUCTIONS_CACHE_DIR": str(base / "user_code_cache"),
-           "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
-           "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
-    workspace = str(REPO / "deploy" / "workspace.yaml")
-    procs.append(start([str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(grpc_port),
-                        "-m", "fineinstructions_dagster.definitions"], env, logs / "grpc.log"))
-    wait_for("user-code gRPC server", lambda: subprocess.run(
-        [str(BIN / "dagster"), "api", "grpc-health-check", "-p", str(grpc_port)], env=env,
-        capture_output=True).returncode == 0, 120, procs)
-    procs.append(start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(web_port), "-w", workspace],
-                       env, logs / "webserver.log"))
-    procs.append(start([str(BIN / "dagster-daemon"), "run", "-w", workspace], env, logs / "daemon.log"))
-    web = f"http://127.0.0.1:{web_port}"
-    wait_for("webserver", lambda: urllib.request.urlopen(f"{web}/server_info", timeout=2).status == 200, 120, procs)
-    topo = Topology(env, web, logs)
-    topo.procs = procs  # type: ignore[attr-defined]
-    try:
-        yield topo
+        home = base / "dagster_home"
+        home.mkdir()
+        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        env = {**os.environ, **creds, "DAGSTER_HOME": str(home),
+               "DAGSTER_PG_USER": "dagster", "DAGSTER_PG_PASSWORD": "unused-trust-auth", "DAGSTER_PG_HOST": "127.0.0.1",
+               "DAGSTER_PG_PORT": str(pg_port), "DAGSTER_PG_DB": "dagster",
+               "FINEINSTRUCTIONS_S3_BUCKET": BUCKET, "DAGSTER_USER_CODE_HOST": "127.0.0.1",
+               "DAGSTER_USER_CODE_PORT": str(grpc_port),
+               "FINEINSTRUCTIONS_ROOT": f"s3://{BUCKET}/data",
+               "FINEINSTRUCTIONS_CACHE_DIR": str(base / "user_code_cache"),
+               "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
+               "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+               "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
+        workspace = str(REPO / "deploy" / "workspace.yaml")
+        procs.append(start([str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(grpc_port),
+                            "-m", "fineinstructions_dagster.definitions"], env, logs / "grpc.log"))
+        wait_for("user-code gRPC server", lambda: subprocess.run(
+            [str(BIN / "dagster"), "api", "grpc-health-check", "-p", str(grpc_port)], env=env,
+            capture_output=True).returncode == 0, 120, procs)
+        procs.append(start([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(web_port), "-w", workspace],
+                           env, logs / "webserver.log"))
+        procs.append(start([str(BIN / "dagster-daemon"), "run", "-w", workspace], env, logs / "daemon.log"))
+        web = f"http://127.0.0.1:{web_port}"
+        wait_for("webserver", lambda: urllib.request.urlopen(f"{web}/server_info", timeout=2).status == 200, 120, procs)
+        yield Topology(env, web, logs)
     finally:
-        for p in reversed(procs[2:]):
-            stop(p)
-        stop(procs[1])
-        stop(procs[0], signal.SIGINT)  # postgres: "fast" shutdown
+        for i, p in reversed(list(enumerate(procs))):
+            stop(p, signal.SIGINT if i == 0 else signal.SIGTERM)  # postgres (first): SIGINT is its fast shutdown
         shutil.rmtree(pgdata, ignore_errors=True)
 
 
