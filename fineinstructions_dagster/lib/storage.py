@@ -304,6 +304,11 @@ class TableStore:
         self._sync_folder(base)
         return str(base / "*.parquet")
 
+    def glob_if_any(self, table: str, quarantine: bool = False) -> str | None:
+        """`glob()` when the table has a partition, else None: one sync (one listing with an S3 root)."""
+        found = self.glob(table, quarantine)
+        return found if any(Path(found).parent.glob("*.parquet")) else None
+
     def sync(self, tables: list[str] | None = None) -> None:
         """Bring whole tables (default: every table in the bucket) up to date, e.g. before dbt reads them."""
         if self.mirror is None:
@@ -324,10 +329,8 @@ class TableStore:
         return sorted(t for t in out if t and t != "quarantine" and not t.startswith((".", "_")))
 
     def scan_all(self, table: str, quarantine: bool = False) -> pl.LazyFrame | None:
-        parts = self.partitions(table, quarantine)
-        if not parts:
-            return None
-        return pl.scan_parquet(self.glob(table, quarantine))
+        found = self.glob_if_any(table, quarantine)
+        return pl.scan_parquet(found) if found else None
 
     def write_parts(self, table: str, parts: list[Path], empty: pl.DataFrame, partition: str = UNPARTITIONED,
                     quarantine: bool = False) -> Path:

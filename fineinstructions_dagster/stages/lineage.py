@@ -20,8 +20,11 @@ class LineageError(LookupError):
 
 def _one(con: duckdb.DuckDBPyConnection, store: TableStore, table: str, column: str, value: str,
          partition: str | None = None) -> dict[str, Any] | None:
-    source = str(store.path(table, partition)) if partition else store.glob(table)
-    if not (store.exists(table, partition) if partition else store.partitions(table)):
+    if partition:
+        source = str(store.path(table, partition)) if store.exists(table, partition) else None
+    else:
+        source = store.glob_if_any(table)
+    if source is None:
         return None
     rel = con.execute(f"SELECT * FROM read_parquet(?, union_by_name=true) WHERE {column} = ? LIMIT 1",
                       [source, value])
@@ -123,10 +126,11 @@ def trace_document(store: TableStore, key: str) -> dict[str, Any]:
     places = [("documents", False, "kept"), ("documents", True, "removed as duplicate"),
               ("filtered_documents", True, "dropped by a filter")]
     for table, quarantine, status in places:
-        if not store.partitions(table, quarantine):
+        source = store.glob_if_any(table, quarantine)
+        if source is None:
             continue
         rel = con.execute(f"SELECT * FROM read_parquet(?, union_by_name=true) WHERE {where} LIMIT 1",
-                          [store.glob(table, quarantine), key, key, key])
+                          [source, key, key, key])
         row = rel.fetchone()
         if row is not None:
             found = dict(zip([d[0] for d in rel.description], row, strict=True))

@@ -96,14 +96,14 @@ def rejection_counts(store: TableStore) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     con = duckdb.connect()
     for table in QUARANTINED_TABLES:
-        if not store.partitions(table, quarantine=True):
+        source = store.glob_if_any(table, quarantine=True)
+        if source is None:
             continue
-        rel = con.execute("SELECT * FROM read_parquet(?, union_by_name=true) LIMIT 0",
-                          [store.glob(table, quarantine=True)])
+        rel = con.execute("SELECT * FROM read_parquet(?, union_by_name=true) LIMIT 0", [source])
         if "reason" not in [d[0] for d in rel.description]:
             continue
         rows = con.execute("SELECT reason, count(*) FROM read_parquet(?, union_by_name=true) "
-                           "GROUP BY reason ORDER BY reason", [store.glob(table, quarantine=True)]).fetchall()
+                           "GROUP BY reason ORDER BY reason", [source]).fetchall()
         if rows:
             out[table] = {str(r): int(n) for r, n in rows}
     return out
