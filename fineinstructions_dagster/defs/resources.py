@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource, EnvVar, InitResourceContext
 from dagster_aws.s3.utils import construct_s3_client
 
 from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profile_config
+from fineinstructions_dagster.lib.process import die_with_parent
 from fineinstructions_dagster.lib.storage import TableStore
 from fineinstructions_dagster.llm.cache import GenerationCache
-from fineinstructions_dagster.llm.engines import LLMEngine, get_engine
+from fineinstructions_dagster.llm.engines import LLMEngine, get_engine, release_engines
 from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
 
 DEFAULT_SMOKE_MODEL = "models/smoke"
@@ -48,7 +49,12 @@ class InputsResource(ConfigurableResource):
 
 
 class LLMResource(ConfigurableResource):
-    """One generative model role. backend: vllm | openai | transformers | auto (vllm if installed)."""
+    """One generative model role. backend: vllm | openai | transformers | auto (vllm if installed).
+
+    The engine lives as long as the step's execution: set up lazily on first use, shut down when the step
+    ends (success, failure or Terminate), and a step process dies with its run worker, so a killed run
+    leaves no model in memory. `vllm_multiprocessing`: vLLM's engine core in its own process (large GPU
+    hosts) instead of in the step process (default)."""
 
     backend: str = "auto"
     model: str
@@ -59,6 +65,13 @@ class LLMResource(ConfigurableResource):
     enforce_eager: bool = True
     batch_size: int = 16  # transformers backend
     concurrency: int = 16  # openai backend
+    vllm_multiprocessing: bool = False
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        die_with_parent()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        release_engines()
 
     def engine(self) -> LLMEngine:
         backend = self.backend
@@ -74,7 +87,7 @@ class LLMResource(ConfigurableResource):
         if backend == "vllm":
             return get_engine("vllm", self.model, self.revision or None, max_model_len=self.max_model_len,
                               gpu_memory_utilization=self.gpu_memory_utilization,
-                              enforce_eager=self.enforce_eager)
+                              enforce_eager=self.enforce_eager, multiprocessing=self.vllm_multiprocessing)
         return get_engine(backend, self.model, self.revision or None, batch_size=self.batch_size,
                           max_model_len=self.max_model_len)
 

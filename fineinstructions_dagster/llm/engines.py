@@ -10,6 +10,7 @@ Every engine returns the exact prompt it sent, so lineage can show it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,11 +18,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from fineinstructions_dagster.lib.models import model_revision
 from fineinstructions_dagster.llm.smoke import smoke_model_revision
 
 log = logging.getLogger(__name__)
@@ -84,18 +87,34 @@ class LLMEngine(Protocol):
 
 
 def resolve_revision(model: str, revision: str | None) -> str:
-    """A revision that pins what was run: the given one, a smoke model's weight hash, or 'unpinned'."""
+    """A revision that pins what was run: the given one, a smoke model's weight hash, the Hub snapshot hash
+    of a cached repo, or a hash of a local model folder (`model_revision`)."""
     if revision:
         return revision
     if Path(model).is_dir():
-        return smoke_model_revision(model) or "local"
-    return "unpinned"
+        return smoke_model_revision(model) or model_revision(model)
+    return model_revision(model)
+
+
+def load_revision(model: str, revision: str | None) -> str | None:
+    """The revision to ask the loader for: the one recorded in lineage, so what runs is what is recorded
+    (a Hub snapshot hash), or None for a local folder."""
+    if Path(model).is_dir():
+        return None
+    resolved = resolve_revision(model, revision)
+    return None if resolved == "unknown" else resolved
 
 
 class VLLMEngine:
     def __init__(self, model: str, revision: str | None = None, *, max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
-                 dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0):
+                 dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0,
+                 multiprocessing: bool = False):
+        # By default the engine core runs in this process: nothing of it can outlive the step that started
+        # it (SIGKILL included) and no exit handler waits on a child. `multiprocessing=True` gives vLLM's own
+        # EngineCore process (overlaps scheduling with execution; for large GPU hosts); its workers end with
+        # it, and it ends with the step's close() or teardown.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiprocessing else "0")
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -106,10 +125,11 @@ class VLLMEngine:
             if current_platform.is_cpu() else {}
         )
         self.info = EngineInfo("vllm", model, resolve_revision(model, revision),
-                               {"max_model_len": max_model_len, "dtype": dtype})
+                               {"max_model_len": max_model_len, "dtype": dtype,
+                                "multiprocessing": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"})
         self._llm = LLM(
             model=model,
-            revision=revision if revision and not Path(model).is_dir() else None,
+            revision=load_revision(model, revision),
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
@@ -124,10 +144,14 @@ class VLLMEngine:
         self._tokenizer = self._llm.get_tokenizer()
 
     def close(self) -> None:
-        """Stop the engine's worker processes now rather than at interpreter exit."""
+        """Stop the engine now (its processes, if any) rather than at interpreter exit, and drop the model."""
         client = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
         if client is not None:
             client.shutdown()
+        self._llm = None
+        import gc
+
+        gc.collect()
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         from vllm import SamplingParams
@@ -166,7 +190,7 @@ class TransformersEngine:
 
         self.info = EngineInfo("transformers", model, resolve_revision(model, revision),
                                {"batch_size": batch_size, "max_model_len": max_model_len})
-        rev = revision if revision and not Path(model).is_dir() else None
+        rev = load_revision(model, revision)
         self._tok = AutoTokenizer.from_pretrained(model, revision=rev)
         self._tok.padding_side = "left"
         if self._tok.pad_token is None:
@@ -291,6 +315,7 @@ class OpenAIEngine:
 
 _ENGINES: dict[tuple[Any, ...], LazyEngine] = {}
 _LOCK = threading.Lock()
+_HOLDS = 0  # > 0 while a caller (the command-line runner) keeps engines across runs
 
 
 def vllm_available() -> bool:
@@ -342,6 +367,32 @@ def get_engine(backend: str, model: str, revision: str | None = None, **options:
         if key not in _ENGINES:
             _ENGINES[key] = LazyEngine(backend, model, revision, options)
         return _ENGINES[key]
+
+
+@contextlib.contextmanager
+def hold_engines() -> Iterator[None]:
+    """Keep engines loaded across the runs made inside this block (the command-line runner materializes the
+    graph as many in-process runs; loading a model once per run would cost a minute each). Closes every
+    engine when the block ends, also on error."""
+    global _HOLDS
+    with _LOCK:
+        _HOLDS += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _HOLDS -= 1
+            last = _HOLDS == 0
+        if last:
+            close_engines()
+
+
+def release_engines() -> None:
+    """End of a run's execution (the LLM resources' teardown): close every engine unless they are held."""
+    with _LOCK:
+        held = _HOLDS > 0
+    if not held:
+        close_engines()
 
 
 def close_engines() -> None:
