@@ -24,6 +24,10 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 [ -n "${FI_SKIP_BROWSER:-}" ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
+# The local instance follows deploy/dagster.local.yaml (run monitoring, pools, launcher).
+mkdir -p .dagster_home
+cmp -s deploy/dagster.local.yaml .dagster_home/dagster.yaml || { cp deploy/dagster.local.yaml .dagster_home/dagster.yaml; echo "setup: .dagster_home/dagster.yaml <- deploy/dagster.local.yaml"; }
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/fineinstructions" ]; then
   exit 0
 fi
@@ -45,7 +49,5 @@ pip_install -e ".[${EXTRAS}]" "torch==2.13.0"
 import torch
 assert torch.__version__.startswith("2.13.0") and "+cpu" in torch.__version__, torch.__version__
 PY
-mkdir -p .dagster_home
-[ -f .dagster_home/dagster.yaml ] || cp deploy/dagster.local.yaml .dagster_home/dagster.yaml
 echo "$want" > "$STAMP"
 echo "setup: done"
