@@ -42,18 +42,21 @@ def cmd_smoke_models(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
-    from fineinstructions_dagster.llm.engines import close_engines
     from fineinstructions_dagster.runner import run_pipeline
 
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
-    try:
-        run_pipeline(instance)
-    finally:
-        close_engines()
+    result = run_pipeline(instance)
     cmd_summary(args)
-    if args.show_lineage:
-        return _show_first_lineage(args)
-    return 0
+    code = _show_first_lineage(args) if args.show_lineage else 0
+    if result.failures:
+        print(f"\n!! {len(result.failures)} step(s) failed; everything that did not depend on them ran:",
+              file=sys.stderr)
+        for failure in result.failures:
+            print(f"  - {failure.describe()}", file=sys.stderr)
+        if result.skipped:
+            print(f"  not run because of them: {', '.join(result.skipped)}", file=sys.stderr)
+        return 1
+    return code
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -131,6 +134,9 @@ def cmd_document(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineinstructions", description=__doc__)
     parser.add_argument("--root", help="storage root (default: $FINEINSTRUCTIONS_ROOT or ./data)")
+    parser.add_argument("--online", action="store_true",
+                        help="allow model downloads from the Hugging Face Hub (default: offline, local cache only; "
+                             "or set FINEINSTRUCTIONS_ALLOW_DOWNLOADS=1)")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("sample", help="build query and corpus inputs from Debian's python3-doc")
@@ -165,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_document)
 
     args = parser.parse_args(argv)
+    if not (args.online or os.environ.get("FINEINSTRUCTIONS_ALLOW_DOWNLOADS") == "1"):
+        # Offline unless asked: a run never fetches an unpinned model behind the user's back, and every model
+        # it uses is recorded with the snapshot it loaded from the local cache.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return int(args.func(args))
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import polars as pl
-from dagster import AssetCheckResult, MaterializeResult, MetadataValue
+from dagster import AssetCheckResult, AssetMaterialization, Failure, MaterializeResult, MetadataValue
 
 from fineinstructions_dagster.lib.stats import StageStats
 
@@ -53,19 +53,37 @@ def for_each_partition(context: Any, one: Callable[[str], MaterializeResult]) ->
     """Run `one(partition)` for every partition of the run (a backfill batches several per run so a model
     loads once). One partition: its result as is. Several: each partition's own metadata (counts, drop
     reasons, preview) is attached to that partition's materialization, and a check passes only if it passed
-    for every partition (the failing ones are named)."""
+    for every partition (the failing ones are named). A partition that raises does not take the others with
+    it: the ones that succeeded are recorded as materialized, and the step then fails naming the others."""
     keys = list(context.partition_keys)
     if len(keys) == 1:
         return one(keys[0])
     checks: dict[str, tuple[bool, list[str]]] = {}
+    results: dict[str, MaterializeResult] = {}
+    errors: dict[str, str] = {}
     for key in keys:
-        res = one(key)
-        context.add_asset_metadata(dict(res.metadata or {}), partition_key=key)
+        try:
+            res = one(key)
+        except Exception as e:  # one bad partition (bad input, missing upstream) must not fail its batch-mates
+            errors[key] = f"{type(e).__name__}: {e}"
+            context.log.error(f"partition {key} failed: {errors[key]}")
+            continue
+        results[key] = res
         for check in res.check_results or []:
             passed, failed = checks.get(check.check_name, (True, []))
             if not check.passed:
                 failed.append(key)
             checks[check.check_name] = (passed and check.passed, failed)
+    if errors:
+        for key, res in results.items():
+            context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key,
+                                                   metadata=dict(res.metadata or {})))
+        raise Failure(
+            f"{len(errors)} of {len(keys)} partitions failed (the other {len(results)} are recorded as "
+            "materialized): " + "; ".join(f"{k}: {v}" for k, v in errors.items())[:4000],
+            metadata={"failed_partitions": ", ".join(errors), "materialized_partitions": ", ".join(results)})
+    for key, res in results.items():
+        context.add_asset_metadata(dict(res.metadata or {}), partition_key=key)
     return MaterializeResult(
         metadata={"partitions_in_run": len(keys)},
         check_results=[AssetCheckResult(check_name=name, passed=ok,

@@ -10,13 +10,12 @@ pooling, so positions (and chunk centres) are relative to the whole document, no
 from __future__ import annotations
 
 import functools
-import hashlib
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fineinstructions_dagster.lib.models import model_revision
 from fineinstructions_dagster.stages.pooling import CoveragePoolingConfig, gaussian_coverage_pool
 
 if TYPE_CHECKING:
@@ -55,29 +54,8 @@ class Embedder:
 
     @functools.cached_property
     def revision(self) -> str:
-        """What pins the weights: the Hub snapshot hash (from a cache path, or from the local Hub cache for a
-        repo id), else a hash of the model folder's file names, sizes and first 64 KiB, which changes when any
-        file is added, removed, resized or rewritten at its start."""
-        path = self.model_name
-        if not Path(path).exists():
-            try:
-                from huggingface_hub import snapshot_download
-
-                path = snapshot_download(self.model_name, local_files_only=True)
-            except Exception:  # not cached (yet): the name is all we know
-                return "unknown"
-        m = re.search(r"/snapshots/([0-9a-f]{7,40})(/|$)", str(path))
-        if m:
-            return m.group(1)
-        root = Path(path)
-        if not root.is_dir():
-            return "unknown"
-        h = hashlib.sha256()
-        for f in sorted(p for p in root.rglob("*") if p.is_file()):
-            h.update(f"{f.relative_to(root).as_posix()}\x1f{f.stat().st_size}\x1e".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(65536))
-        return h.hexdigest()[:12]
+        """What pins the weights (see `model_revision`)."""
+        return model_revision(self.model_name)
 
     @property
     def max_length(self) -> int:

@@ -27,8 +27,8 @@ def select_pairs(
     """Join every stage's row for each judged pair and apply the final gates. Returns (pairs, rejected
     with reason, stats)."""
     stats = StageStats(total=judgements.height)
-    if judgements.height == 0:
-        return pl.DataFrame(schema={c: pl.String for c in PAIR_COLUMNS}), pl.DataFrame(), stats
+    # No early return for an empty shard: the same joins over the (typed) empty inputs give the same column
+    # types as a full shard, so dbt and the report read every shard alike.
     j = judgements.select("judgement_id", "instantiation_id", pl.col("score").alias("judge_score"),
                           pl.col("model").alias("judge_model"), pl.col("run_id").alias("judgements_run_id"))
     i = instantiations.select("instantiation_id", "match_id", "instruction", "answer", "grounding",
