@@ -12,9 +12,8 @@ import logging
 import re
 import socket
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, DefaultRunLauncher, RunsFilter
-from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
-from dagster._core.storage.dagster_run import DagsterRun
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, DefaultRunLauncher, RunsFilter
+from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus  # a launcher's health-check types
 
 from fineinstructions_dagster.lib.process import pid_alive
 

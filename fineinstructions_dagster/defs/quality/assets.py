@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
@@ -25,9 +26,11 @@ from dagster import (
     AssetRecordsFilter,
     AssetSelection,
     DagsterInstance,
+    DagsterRunStatus,
     Failure,
     MetadataValue,
     Output,
+    RunsFilter,
 )
 from dagster_dbt import (
     DagsterDbtTranslator,
@@ -252,9 +255,39 @@ def latest_materialization(instance: DagsterInstance, key: AssetKey,
     return (result.records[0].storage_id, result.records[0].timestamp) if result.records else None
 
 
-def export_gate(context: AssetExecutionContext, shard: str) -> dict[str, Any]:
+_UNFINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+               DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+QUALITY_BUILD_WAIT_S = 900  # how long an export waits for another run's dbt build before refusing
+
+
+def quality_builds_in_progress(instance: DagsterInstance, own_run_id: str) -> list[str]:
+    """Ids of other runs, not finished, that build the quality models (their tests are being rewritten now)."""
+    keys = set(dbt_quality.keys)
+    return [r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=_UNFINISHED))
+            if r.dagster_run.run_id != own_run_id and keys & set(r.dagster_run.asset_selection or ())]
+
+
+def wait_for_quality_builds(context: AssetExecutionContext, timeout_s: float = QUALITY_BUILD_WAIT_S,
+                            poll_s: float = 5.0) -> list[str]:
+    """Wait while another run builds the quality tables (its test results are about to change); returns the
+    builds still running when the wait ran out."""
+    deadline = time.monotonic() + timeout_s
+    busy = quality_builds_in_progress(context.instance, context.run_id)
+    if busy:
+        context.log.info(f"waiting for run(s) {', '.join(busy)} to finish building the quality tables")
+    while busy and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        busy = quality_builds_in_progress(context.instance, context.run_id)
+    return busy
+
+
+def export_gate(context: AssetExecutionContext, shard: str,
+                wait_s: float = QUALITY_BUILD_WAIT_S) -> dict[str, Any]:
     """Raise Failure naming every dbt test that blocks the export of `shard`: its latest evaluation failed, it
-    has none, or it predates the shard's latest `fineinstructions` materialization. Returns metadata otherwise."""
+    has none, or it predates the shard's latest `fineinstructions` materialization. Returns metadata otherwise.
+    While another run builds the quality tables the gate waits for it, and if it is still building after
+    `wait_s`, refuses saying so: a scheduling race is not a data problem."""
+    busy = wait_for_quality_builds(context, wait_s)
     evaluations = latest_check_evaluations(context.instance)
     pairs_at = latest_materialization_time(context.instance, AssetKey("fineinstructions"), shard)
     inputs: dict[str, tuple[str, float | None, int | None]] = {}
@@ -266,6 +299,12 @@ def export_gate(context: AssetExecutionContext, shard: str) -> dict[str, Any]:
     evaluations = [replace(c, reads=inputs[m][0], reads_materialized_at=inputs[m][1], reads_seq=inputs[m][2])
                    if (m := model_of.get(c.name)) in inputs else c for c in evaluations]
     reasons = export_block_reasons(evaluations, pairs_at, shard)
+    if reasons and busy:
+        raise Failure(description=(
+            f"export of shard {shard!r} not run: another run ({', '.join(busy)}) is building the quality tables "
+            f"right now and was still building after {wait_s:.0f} s, so the dbt test results are not final; the "
+            "data is not known to be wrong. Re-run this export once that run has finished."),
+            metadata={"quality_builds_in_progress": MetadataValue.json(busy)})
     if reasons:
         raise Failure(description=describe_block(shard, reasons),
                       metadata={"blocking_dbt_tests": MetadataValue.json([r.test for r in reasons])})
