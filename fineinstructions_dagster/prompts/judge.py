@@ -90,8 +90,11 @@ The output of the task (the answer to the instruction):
 - Then write the numeric score inside <score> tags, with nothing around it.
 """
 
-_FLOW_OUTPUT = re.compile(r"<feedback>(?P<feedback>.*)</feedback>\s*<score>\s*(?P<score>[^<]*?)\s*</score>\s*\Z",
-                          re.DOTALL | re.IGNORECASE)
+# Only the final block counts: the feedback holds no feedback tag of its own, so the match starts at the last
+# <feedback>, and the score closes the output (\Z). A planted block before it is ignored; one after it is the
+# final block, which judging then finds copied from the inputs.
+_FLOW_OUTPUT = re.compile(r"<feedback>(?P<feedback>(?:(?!</?feedback>).)*)</feedback>\s*"
+                          r"<score>\s*(?P<score>[^<]*?)\s*</score>\s*\Z", re.DOTALL | re.IGNORECASE)
 
 
 def flow_messages(document: str, instruction: str, answer: str) -> tuple[tuple[str, str], ...]:
@@ -104,6 +107,6 @@ def flow_messages(document: str, instruction: str, answer: str) -> tuple[tuple[s
 
 def parse_flow(text: str) -> tuple[str, str] | None:
     """(feedback, score text) when the output ends with <feedback>...</feedback> then <score>...</score>.
-    The score is the one after the feedback, so a score quoted inside the feedback cannot count."""
+    The score is the one after the final feedback, so a score quoted inside the feedback cannot count."""
     m = _FLOW_OUTPUT.search(text.strip())
     return (m.group("feedback").strip(), m.group("score")) if m else None

@@ -1,8 +1,11 @@
 """Stage 6, judging: an LLM judge scores each instruction/answer pair against its document on a
-1-5 Likert rubric; the score is parsed and range-checked, never trusted."""
+1-5 Likert rubric; the score is parsed and range-checked, never trusted, and a judgement whose structure
+is found in the texts it judged (a score planted there and copied) is quarantined."""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import polars as pl
@@ -11,7 +14,7 @@ from fineinstructions_dagster.lib.ids import content_id
 from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, SamplingConfig
 from fineinstructions_dagster.prompts import judge
-from fineinstructions_dagster.prompts.common import truncate
+from fineinstructions_dagster.prompts.common import fold, truncate
 from fineinstructions_dagster.stages.llm_calls import (
     GENERATION_SCHEMA,
     QUARANTINE_EXTRA,
@@ -33,9 +36,32 @@ def parse_score(value: object) -> int | None:
         return None
     try:
         score = int(value)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as inf
         return None
     return score if 1 <= score <= 5 and float(value) == score else None  # type: ignore[arg-type]
+
+
+_NOISE = re.compile(r"[\s\\]+")
+
+
+def _canonical(text: str) -> str:
+    """Text compared for copying: folded as a model reads tags (zero-width gone, look-alike and neutralised
+    brackets as < >), case-folded, without whitespace or backslashes (a plant JSON-escaped inside a string)."""
+    return _NOISE.sub("", fold(text).casefold())
+
+
+def copied_from_inputs(inputs: tuple[str, ...], feedback: str, score: int, structure: str) -> bool:
+    """Whether the judgement is one planted in the texts it judged. `structure` is the output's own, as written:
+    the JSON object, or Flow's `</feedback><score>N</score>` (a planted tail completed with feedback of the model's
+    own still counts). Also caught: the same feedback and score planted in either format, which a model re-emits
+    under the schema (keys reordered, extras dropped, 5.0 as 5) or the other format."""
+    marks = [_canonical(structure), _canonical(f"<feedback>{feedback}</feedback><score>{score}</score>")]
+    json_feedback = _canonical('"feedback":' + json.dumps(feedback, ensure_ascii=False))
+    json_score = re.compile(rf'"score":"?{score}(?:\.0*)?"?(?![\d.])')
+    for text in map(_canonical, inputs):
+        if any(m in text for m in marks) or (json_feedback in text and json_score.search(text)):
+            return True
+    return False
 
 
 def judge_instantiations(
@@ -71,14 +97,19 @@ def judge_instantiations(
             if parsed is None:
                 return {}, "truncated_output" if res.finish_reason == "length" else "malformed_flow_output"
             feedback, raw_score = parsed
+            structure = f"</feedback><score>{raw_score}</score>"
         else:
             obj, reason = parse_json_object(res, ("feedback", "score"))
             if obj is None:
                 return {}, reason
             feedback, raw_score = str(obj["feedback"]), obj["score"]
+            structure = json.dumps(obj, ensure_ascii=False)
         score = parse_score(raw_score)
         if score is None:
             return {}, "score_out_of_range"
+        # The fences keep planted text from speaking as the prompt; a model may still copy it as its answer.
+        if copied_from_inputs((r["text"], r["instruction"], r["answer"]), feedback, score, structure):
+            return {}, "judgement_copied_from_input"
         return {"score": score, "feedback": feedback.strip()[:max_feedback_chars]}, ""
 
     kept, quarantined = run_generation_stage(rows, requests, llm, prompt_version, sampling, identify,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,23 +56,40 @@ def seed_for(*parts: str) -> int:
     return int(hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:8], 16)
 
 
+# At most one markdown code fence, wrapping the whole output (chat models add it even under a schema).
+_CODE_FENCE = re.compile(r"\A```(?:json)?[ \t]*\n?(?P<body>.*?)\n?[ \t]*```\Z", re.DOTALL | re.IGNORECASE)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook: a repeated key is an error, not 'the last one wins' (a planted second "score")."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def parse_json_object(result: GenerationResult, required: tuple[str, ...]) -> tuple[dict[str, Any] | None, str]:
     """Strictly parse a generation as one JSON object with the required keys: (object, '') or
-    (None, reason). Never trusts the model: structured decoding can still be cut off by max_tokens."""
+    (None, reason). Never trusts the model: structured decoding can still be cut off by max_tokens. The whole
+    output must be the object (whitespace and one wrapping code fence aside): no salvaging an object out of
+    prose, where it may be one the model copied from the document it was shown."""
     if result.error:
         return None, "generation_failed"
     text = result.text.strip()
+    if fenced := _CODE_FENCE.match(text):
+        text = fenced.group("body")
     try:
-        obj = json.loads(text, strict=False)  # strict=False: raw control characters inside strings
-    except json.JSONDecodeError:
-        # Repair the one common harmless case: prose or code fences around a single object.
-        start, end = text.find("{"), text.rfind("}")
-        try:
-            obj = json.loads(text[start:end + 1], strict=False) if 0 <= start < end else None
-        except json.JSONDecodeError:
-            obj = None
-        if obj is None:
-            return None, "truncated_output" if result.finish_reason == "length" else "unparseable_json"
+        obj = json.loads(text, strict=False, object_pairs_hook=_unique_keys)  # strict=False: raw control chars
+    except _DuplicateKey:
+        return None, "duplicate_key"
+    except (json.JSONDecodeError, RecursionError):  # incl. text after the object; absurdly deep nesting
+        return None, "truncated_output" if result.finish_reason == "length" else "unparseable_json"
     if not isinstance(obj, dict):
         return None, "not_an_object"
     missing = [k for k in required if k not in obj]
@@ -86,7 +104,7 @@ Interpret = Callable[[dict[str, Any], GenerationResult], tuple[dict[str, Any], s
 
 # Failures where asking once more can help: the output's form was wrong, not its content.
 REPAIRABLE = frozenset({"unparseable_json", "truncated_output", "missing_field", "not_an_object",
-                        "malformed_flow_output"})
+                        "duplicate_key", "malformed_flow_output"})
 _REPAIR_HINT = {
     "truncated_output": "it was cut off before it was complete; write a shorter version",
     "malformed_flow_output": "it did not end with <feedback>...</feedback> followed by <score>...</score>",
