@@ -2,25 +2,55 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import polars as pl
 
-from fineinstructions_dagster.lib.formats import discover_sources, malformed_frame, read_texts
+from fineinstructions_dagster.lib.formats import (
+    SkippedInput,
+    discover_sources,
+    malformed_frame,
+    read_texts,
+    scan_inputs,
+)
 
 
 def query_sources(queries_dir: str) -> dict[str, list[str]]:
+    """Top-level files and immediate subfolders of the queries folder, one source each."""
     return discover_sources(queries_dir, subfolders_are_sources=True)
 
 
 def corpus_shards(corpus_dir: str) -> dict[str, list[str]]:
+    """Every readable file under the corpus folder (subfolders included), one shard each."""
     return discover_sources(corpus_dir, subfolders_are_sources=False)
+
+
+def skipped_inputs(folder: str) -> list[SkippedInput]:
+    """Files under an input folder (queries or corpus: both are read recursively) that are in no partition,
+    with why (unsupported file type), to be logged and recorded in materialization metadata."""
+    return scan_inputs(folder, subfolders_are_sources=False).skipped
+
+
+def skipped_metadata(skipped: list[SkippedInput], limit: int = 50) -> dict[str, int | str]:
+    """Metadata entries for skipped input files: their count and the first `limit` as 'path: reason' lines."""
+    lines = [f"{s.path}: {s.reason}" for s in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"... and {len(skipped) - limit} more")
+    return {"skipped_input_files": len(skipped), "skipped_inputs": "\n".join(lines)}
+
+
+def log_skipped_inputs(log: Any, folder: str) -> list[SkippedInput]:
+    """Warn (run log / sensor log) about every input file that is in no partition; returns them."""
+    skipped = skipped_inputs(folder)
+    for s in skipped:
+        log.warning(f"input file not read: {s.path}: {s.reason}")
+    return skipped
 
 
 def read_partition_input(found: dict[str, list[str]], key: str, folder: str,
                          what: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(normalised rows, malformed-line quarantine rows) for one partition's input files."""
+    """(normalised rows, quarantine rows of bad input lines: source_file, source_row, reason, detail)."""
     if key not in found:
         raise FileNotFoundError(f"{what} {key!r}: no input file for it in {folder} (was it moved or deleted?)")
     raw, report = read_texts(found[key])
     return raw, malformed_frame(report)
-
-

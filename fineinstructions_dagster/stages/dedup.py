@@ -169,6 +169,11 @@ def cluster_duplicates(signatures: pl.DataFrame, cfg: MinhashConfig) -> pl.DataF
         return pl.DataFrame(schema={"doc_id": pl.String, "shard": pl.String, "cluster": pl.Int64,
                                     "kept": pl.Boolean, "duplicate_of": pl.String, "reason": pl.String,
                                     "similarity": pl.Float32})
+    repeated = signatures.filter(pl.col("doc_id").is_duplicated())
+    if repeated.height:  # one id for two rows would give two decisions for it, and the join would multiply rows
+        raise ValueError(f"{repeated['doc_id'].n_unique()} doc_ids have more than one signature row (e.g. "
+                         f"{repeated['doc_id'][0]} in shard {repeated['shard'][0]}): re-materialize "
+                         "filtered_documents for those shards")
     df = signatures.sort("doc_id").with_row_index("idx")
     edges: list[np.ndarray] = []
     # Exact duplicates share a normalised-text hash.

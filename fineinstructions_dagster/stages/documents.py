@@ -171,8 +171,10 @@ def filter_documents(
         pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().alias("_norm"),
     ).with_columns(
         content_id_expr("hash", "_norm").alias("text_hash"),
-        # rejected rows get their id too, so `fineinstructions document ID` can say why they are gone
-        content_id_expr("doc", "shard", "source_file", "source_id", "url", "text").alias("doc_id"),
+        # rejected rows get their id too, so `fineinstructions document ID` can say why they are gone;
+        # source_row tells apart the same row twice in a file (or a repeated source id): they become an
+        # exact duplicate in dedup instead of one id twice
+        content_id_expr("doc", "shard", "source_file", "source_row", "source_id", "url", "text").alias("doc_id"),
     ).drop("_norm")
     kept = df.filter(pl.col("reason").is_null()).select(DOCUMENT_COLUMNS)
     rejected = df.filter(pl.col("reason").is_not_null())
@@ -199,7 +201,8 @@ def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minha
                   scratch: Path, run_id: str = "", batch_rows: int = 20_000) -> PreparedShard:
     """Stream a shard's files batch by batch: filter, compute MinHash signatures of the survivors, write
     each batch's kept / signature / rejected rows as part files under `scratch` (memory stays at one
-    batch). Malformed JSON lines are counted and returned for quarantine."""
+    batch). Bad input lines (malformed JSON, invalid UTF-8, text not a string) are counted by reason and
+    returned for quarantine."""
     out = PreparedShard()
     report = ReadReport()
     batches = iter_text_batches(files, batch_rows, report)
@@ -226,7 +229,12 @@ def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minha
         out.stats.merge(stats)
         i += 1
     out.malformed = malformed_frame(report)
-    out.stats.count_unread("malformed_json", out.malformed.height)
+    for reason, n in out.malformed.group_by("reason").len().sort("reason").rows():
+        out.stats.count_unread(reason, n)
+    # A source id that repeats is kept (its rows differ by source_row) but worth knowing about.
+    ids = [pl.scan_parquet(p).select("source_id") for p in [*out.kept, *out.rejected]]
+    out.stats.extra["rows_with_repeated_source_id"] = int(pl.concat(ids).select(
+        (pl.col("source_id").is_duplicated() & pl.col("source_id").is_not_null()).sum()).collect().item()) if ids else 0
     out.stats.check_balanced()
     return out
 
@@ -240,6 +248,12 @@ def apply_duplicate_decisions(filtered: pl.DataFrame, decisions: pl.DataFrame,
     """Keep the shard's documents that the cross-shard clusters keep; the others become rejected rows
     that name the document they duplicate."""
     stats = StageStats(total=filtered.height)
+    for name, frame in (("filtered_documents", filtered), ("document_clusters", decisions)):
+        repeated = frame.filter(pl.col("doc_id").is_duplicated())["doc_id"]
+        if repeated.len():  # a join on a repeated id would multiply rows
+            raise ValueError(f"{name}: {repeated.n_unique()} doc_ids appear more than once (e.g. {repeated[0]}); "
+                             "it was written by an older version: re-materialize filtered_documents and "
+                             "document_clusters")
     joined = filtered.join(decisions.select("doc_id", "kept", "duplicate_of", "reason", "similarity", "cluster"),
                            on="doc_id", how="left")
     missing = joined.filter(pl.col("kept").is_null()).height

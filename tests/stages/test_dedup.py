@@ -70,3 +70,11 @@ def test_cross_shard_duplicate_found_whichever_shard_comes_first(order):
 
 def test_empty_input():
     assert cluster_duplicates(frame([], [], []), CFG).height == 0
+
+
+def test_same_text_under_two_ids_is_an_exact_duplicate_and_a_repeated_id_is_refused():
+    out = cluster_duplicates(frame([BASE[0], BASE[0], BASE[1]], ["d1", "d0", "d2"], ["s"] * 3), CFG)
+    assert out.filter(~pl.col("kept")).select("doc_id", "duplicate_of", "reason").rows() == [
+        ("d1", "d0", "exact_duplicate")]
+    with pytest.raises(ValueError, match="1 doc_ids have more than one signature row .*d0 in shard s"):
+        cluster_duplicates(frame([BASE[0], BASE[0]], ["d0", "d0"], ["s", "s"]), CFG)

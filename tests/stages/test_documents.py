@@ -79,3 +79,13 @@ def test_empty_shard_gives_empty_output():
                                "text": pl.String, "url": pl.String, "metadata": pl.String})
     kept, rejected, stats = filter_documents(raw, "empty", CFG)
     assert kept.height == 0 and rejected.height == 0 and stats.total == 0
+
+
+def test_same_row_twice_gets_two_stable_ids():
+    raw = pl.DataFrame({"source_file": "s.jsonl", "source_row": [1, 2, 3], "source_id": ["7", "7", None],
+                        "text": [GOOD, GOOD, GOOD], "url": "http://x/1", "metadata": "{}"})
+    kept, _, stats = filter_documents(raw, "shard1", CFG)
+    again, _, _ = filter_documents(raw, "shard1", CFG)
+    assert kept["doc_id"].n_unique() == 3 and kept["doc_id"].to_list() == again["doc_id"].to_list()
+    assert kept["text_hash"].n_unique() == 1  # dedup sees them as one text
+    assert stats.total == stats.kept == 3

@@ -37,3 +37,13 @@ def test_exact_duplicates_after_normalisation_are_dropped_and_ids_stable():
     again, _, _ = run(texts)
     assert kept["query_id"].to_list() == again["query_id"].to_list()
     assert kept["run_id"].to_list() == ["r1", "r1"]
+
+
+def test_same_query_twice_in_a_file_is_a_counted_duplicate():
+    text = "How do I reverse a list in Python?"
+    raw = pl.DataFrame({"source_file": "f.jsonl", "source_row": [1, 2], "source_id": ["q1", "q1"],
+                        "text": [text, text], "url": None, "metadata": "{}"}, schema_overrides={"url": pl.String})
+    kept, rejected, stats = clean_queries(raw, "src", CFG)
+    assert kept.height == 1 and kept["source_row"].to_list() == [1]
+    assert rejected.select("source_row", "reason").rows() == [(2, "duplicate")]
+    assert stats.total == stats.kept + stats.dropped_total == 2

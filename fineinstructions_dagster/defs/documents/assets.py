@@ -11,7 +11,7 @@ from dagster import (
     asset,
 )
 
-from fineinstructions_dagster.defs.inputs import corpus_shards
+from fineinstructions_dagster.defs.inputs import corpus_shards, log_skipped_inputs, skipped_metadata
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
@@ -36,6 +36,7 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
     found = corpus_shards(inputs.corpus_dir)
     if shard not in found:
         raise FileNotFoundError(f"corpus shard {shard!r}: no input file for it in {inputs.corpus_dir}")
+    skipped = log_skipped_inputs(context.log, inputs.corpus_dir)
     store = storage.store()
     with store.scratch(f"filtered_documents-{shard}") as scratch:
         out = prepare_shard(found[shard], shard, cfg.documents, cfg.minhash, scratch, context.run_id,
@@ -52,7 +53,7 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
     bad = kept.select(pl.col("doc_id").is_duplicated().any() | (pl.col("text").str.len_chars() == 0).any()).collect()
     return MaterializeResult(
         metadata=stage_metadata(out.stats, preview, ["doc_id", "url", "n_words", "language", "text"],
-                                minhash=cfg.minhash.version,
+                                minhash=cfg.minhash.version, **skipped_metadata(skipped),
                                 **{f"seconds_{k}": round(v, 3) for k, v in out.seconds.items()}),
         check_results=[AssetCheckResult(check_name=FILTERED_IDS_UNIQUE, passed=not bool(bad.item()))])
 

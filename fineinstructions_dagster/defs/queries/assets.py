@@ -3,7 +3,12 @@
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
-from fineinstructions_dagster.defs.inputs import query_sources, read_partition_input
+from fineinstructions_dagster.defs.inputs import (
+    log_skipped_inputs,
+    query_sources,
+    read_partition_input,
+    skipped_metadata,
+)
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
@@ -24,16 +29,19 @@ def user_queries(context: AssetExecutionContext, storage: StorageResource, input
     """Real user queries from one source: whitespace-normalised, filtered by length and a blocklist,
     exact-deduplicated. Dropped rows go to quarantine with their reason."""
 
+    skipped = log_skipped_inputs(context.log, inputs.queries_dir)
+
     def one(source: str) -> MaterializeResult:
         raw, malformed = read_partition_input(query_sources(inputs.queries_dir), source, inputs.queries_dir,
                                               "query source")
         kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id)
-        stats.count_unread("malformed_json", malformed.height)
+        for reason, n in malformed.group_by("reason").len().rows():  # bad lines, counted by what was wrong
+            stats.count_unread(reason, n)
         store = storage.store()
         store.write("user_queries", kept, source)
         store.write("user_queries", pl.concat([rejected, malformed], how="diagonal_relaxed"), source, quarantine=True)
         return MaterializeResult(
-            metadata=stage_metadata(stats, kept, ["query_id", "text"]),
+            metadata=stage_metadata(stats, kept, ["query_id", "text"], **skipped_metadata(skipped)),
             check_results=[AssetCheckResult(check_name=QUERY_ID_UNIQUE, passed=kept["query_id"].is_unique().all())],
         )
 
