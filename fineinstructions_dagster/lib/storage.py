@@ -2,8 +2,15 @@
 
 Layout: `<root>/<table>/<partition>.parquet` (partitioned) or `<root>/<table>/all.parquet`, plus
 `<root>/quarantine/<table>/<partition>.parquet` for rejected rows. A partition is written to a
-temporary file in the same folder and renamed into place, so readers never see half a file and a
-re-run replaces the partition exactly.
+temporary file in the same folder, fsynced and renamed into place, so readers never see half a file, a
+crash never publishes an empty one, and a re-run replaces the partition exactly. Published files get the
+mode `open()` would give them (0666 less the process umask). A folder of files kept together (the template
+index) is published as a new version, `<root>/<name>/v-<time>-<label>/`, and the pointer file
+`<root>/<name>/CURRENT` is switched to it in one rename.
+
+Temporary names carry their writer, `.tmp-<pid>@<host hash>.<name>.<random>`: building a TableStore (and
+opening a scratch folder) sweeps the leftovers of writers that are gone (a dead or replaced process on this
+host; on another host, untouched for `STALE_AFTER_S`), and never those of a live concurrent run.
 
 With an `s3://` root the bucket is the source of truth and a local folder is its working copy: every
 write is uploaded as one object PUT (S3 replaces an object whole, so readers never see a partial
@@ -14,35 +21,178 @@ files: DuckDB here cannot load its S3 extension, and local reads keep the lineag
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+log = logging.getLogger(__name__)
+
 UNPARTITIONED = "all"
+POINTER = "CURRENT"  # in a versioned folder: the name of the version readers use
+SCRATCH_DIR = ".scratch"
+STALE_AFTER_S = 24 * 3600.0  # leftovers whose owner cannot be checked (another host, older names): swept after
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,199}$")
+_VERSION = re.compile(r"^v-[A-Za-z0-9._=-]{1,200}$")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_LEFTOVER = re.compile(r"^\.tmp-(\d+)@([0-9a-f]{8})\.")
+# Names used before owners were recorded (mkstemp/mkdtemp suffixes): temporary files, staged and replaced folders.
+_LEGACY_FILE = re.compile(r"^\.[^.].*\.[a-z0-9_]{8}\.tmp$")
+_LEGACY_DIR = re.compile(r"^\.[^.].*\.([a-z0-9_]{8}|old)$")
+
+
+def _temp_prefix(name: str) -> str:
+    """The start of a temporary name: its owner (pid, host) lets a sweep tell a dead writer's file from a live one's."""
+    return f".tmp-{os.getpid()}@{_HOST}.{name}."
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once: from /proc on Linux (setting it to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename just made in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # some filesystems cannot fsync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+def _seal(tmp: str | Path) -> None:
+    """Make a finished temporary file publishable: the mode open() would give it (mkstemp makes 0600), on disk."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    _fsync(tmp)
+
+
+def _temp_file(target: Path) -> str:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return tmp
 
 
 @contextmanager
 def _atomic_file(target: Path) -> Iterator[str]:
     """A temporary path beside `target`, renamed onto it when the block succeeds and removed when it fails."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = _temp_file(target)
     try:
         yield tmp
+        _seal(tmp)
         os.replace(tmp, target)
+        _fsync(target.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _process(pid: int) -> tuple[str, float] | None:
+    """(state, start time) of a process from Linux /proc; None where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return fields[0], btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+
+
+def _abandoned(entry: os.DirEntry[str], in_scratch: bool, stale_after_s: float) -> bool:
+    """Whether a temporary file or folder's writer is gone: on this host its process is dead (or a zombie, or
+    its pid now belongs to a process started after the leftover was last written); for another host's, or a
+    name from before owners were recorded, it has not changed for `stale_after_s`."""
+    m = _LEFTOVER.match(entry.name)
+    legacy = (_LEGACY_DIR if entry.is_dir(follow_symlinks=False) else _LEGACY_FILE).match(entry.name)
+    if m is None and not (in_scratch or legacy):
+        return False
+    mtime = entry.stat(follow_symlinks=False).st_mtime
+    if m is None or m[2] != _HOST:
+        return time.time() - mtime > stale_after_s
+    pid = int(m[1])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    proc = _process(pid)
+    return proc is not None and (proc[0] == "Z" or mtime < proc[1] - 2)  # 2 s: /proc's boot time is whole seconds
+
+
+def sweep_leftovers(root: str | os.PathLike[str], stale_after_s: float = STALE_AFTER_S, depth: int = 2) -> int:
+    """Remove the temporary files and folders of writers that are gone (see `_abandoned`) from `root` and its
+    folders down to `depth` levels (tables, quarantine tables, versioned folders, scratch). Returns the count."""
+    swept, stack = 0, [(Path(root), 0)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # missing or unreadable
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+                if (e.name.startswith(".") or folder.name == SCRATCH_DIR) and _abandoned(
+                        e, folder.name == SCRATCH_DIR, stale_after_s):
+                    shutil.rmtree(e.path, ignore_errors=True) if is_dir else os.unlink(e.path)
+                    swept += 1
+                elif is_dir and level < depth and not _LEFTOVER.match(e.name):
+                    stack.append((Path(e.path), level + 1))
+            except OSError:
+                continue  # removed meanwhile (its owner finished, another sweep) or not ours to remove
+    if swept:
+        log.info("swept %d temporary file(s)/folder(s) left by dead writers under %s", swept, root)
+    return swept
+
+
+def read_pointer(folder: Path) -> str | None:
+    """The version a versioned folder's pointer names (None: no pointer, an unversioned folder)."""
+    try:
+        version = (folder / POINTER).read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not _VERSION.match(version):
+        raise ValueError(f"{folder / POINTER} names {version!r}, not a version folder")
+    return version
 
 
 def check_partition_key(key: str) -> str:
@@ -99,13 +249,8 @@ class S3Mirror:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """One process at a time syncs or publishes in this working copy (several runs may share it)."""
-        self.local.mkdir(parents=True, exist_ok=True)
-        with (self.local / ".s3-sync.lock").open("w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with _flock(self.local / ".s3-sync.lock"):
+            yield
 
     def upload(self, source: str | Path, target: Path) -> str:
         """Upload a complete file as the object for `target` (a path of the working copy); its ETag.
@@ -129,6 +274,21 @@ class S3Mirror:
             for obj in page.get("Contents", []):
                 found[obj["Key"][len(prefix):]] = obj["ETag"]
         return found
+
+    def subfolders(self, rel_folder: str) -> set[str]:
+        """Names of the folders directly under a folder (prefixes one level down)."""
+        prefix = self.key(rel_folder).rstrip("/") + "/"
+        return {p["Prefix"][len(prefix):].strip("/")
+                for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                                  Delimiter="/")
+                for p in page.get("CommonPrefixes", [])}
+
+    def delete_tree(self, rel_folder: str) -> None:
+        """Delete every object under a folder."""
+        prefix = self.key(rel_folder).rstrip("/") + "/"
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
 
     def pull_one(self, path: Path) -> None:
         """Bring one file up to date (download, or remove it locally if the object is gone)."""
@@ -174,8 +334,8 @@ class S3Mirror:
     def upload_folder(self, source: Path, folder: Path, last: str = "meta.json") -> dict[str, str]:
         """Make the objects under `folder`'s prefix equal to the files of `source` (built aside): upload each,
         `last` after the others, then delete the objects it no longer has. Returns name -> ETag.
-        A reader that syncs mid-way sees the old `last` (meta.json: embedder, bank hash, counts) with some new
-        files; opening the index then fails its meta check rather than using a mixed index."""
+        `staged_dir` uploads each version to a new folder that readers reach only through the pointer uploaded
+        after it; `last` (meta.json) still makes a half-uploaded folder fail the index's meta check."""
         rel_folder = folder.relative_to(self.local).as_posix()
         files = sorted((f for f in source.iterdir() if f.is_file() and not f.name.startswith(".")),
                        key=lambda f: (f.name == last, f.name))
@@ -191,7 +351,7 @@ class TableStore:
     with a local working copy (`working_copy`, default under FINEINSTRUCTIONS_CACHE_DIR)."""
 
     def __init__(self, root: str | os.PathLike[str], s3_client: Any = None,
-                 working_copy: str | os.PathLike[str] | None = None):
+                 working_copy: str | os.PathLike[str] | None = None, stale_after_s: float = STALE_AFTER_S):
         root = str(root)
         self.uri = root
         self.mirror: S3Mirror | None = None
@@ -206,6 +366,8 @@ class TableStore:
         else:
             self.root = Path(root).resolve()
             self.uri = str(self.root)
+        self.stale_after_s = stale_after_s
+        self.swept = sweep_leftovers(self.root, stale_after_s)  # what runs killed midway left behind
 
     def uri_of(self, path: Path) -> str:
         """Where a file of the working copy lives for users: its s3:// URI, or the local path."""
@@ -221,23 +383,28 @@ class TableStore:
             with self.mirror.lock():
                 self.mirror.pull_folder(folder)
 
+    def _lock(self, folder: Path) -> Any:
+        """Serialises publishers of a versioned folder (with an S3 root: of the working copy)."""
+        return self.mirror.lock() if self.mirror is not None else _flock(folder / ".publish.lock")
+
     @contextmanager
-    def _published(self, target: Path) -> Iterator[str]:
+    def _published(self, target: Path, locked: bool = False) -> Iterator[str]:
         """A temporary path for the new version of `target`. Locally it is renamed into place when the block
         succeeds; with an S3 root it is uploaded first and renamed only once the bucket holds it, so a failed
-        upload leaves both the bucket and the working copy at the previous version."""
+        upload leaves both the bucket and the working copy at the previous version. `locked`: the caller
+        already holds the working copy's lock."""
         if self.mirror is None:
             with _atomic_file(target) as tmp:
                 yield tmp
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
+        tmp = _temp_file(target)
         try:
             yield tmp
-            with self.mirror.lock():
+            _seal(tmp)
+            with self.mirror.lock() if not locked else nullcontext():
                 etag = self.mirror.upload(tmp, target)
                 os.replace(tmp, target)
+                _fsync(target.parent)
                 self.mirror.record(target, etag)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -261,10 +428,21 @@ class TableStore:
         return target
 
     def dir(self, name: str) -> Path:
-        """A folder of files kept together (the template index), brought up to date first."""
+        """A folder of files kept together, brought up to date first; for a versioned folder (`staged_dir`, e.g.
+        the template index) the version its pointer names."""
         folder = self.root / name
         self._sync_folder(folder)
-        return folder
+        version = read_pointer(folder)
+        if version is None:
+            return folder
+        if self.mirror is not None:
+            with self.mirror.lock():
+                self.mirror.pull_folder(folder / version)
+                live = self.mirror.subfolders(folder.relative_to(self.root).as_posix())
+                for d in folder.iterdir():  # versions the bucket no longer holds leave the working copy too
+                    if d.is_dir() and _VERSION.match(d.name) and d.name not in live:
+                        shutil.rmtree(d, ignore_errors=True)
+        return folder / version
 
     def write(
         self, table: str, df: pl.DataFrame, partition: str = UNPARTITIONED, quarantine: bool = False
@@ -345,34 +523,70 @@ class TableStore:
 
     @contextmanager
     def scratch(self, name: str) -> Iterator[Path]:
-        """A private folder for one run's intermediate files, removed afterwards whatever happens."""
-        base = self.root / ".scratch"
+        """A private folder for one run's intermediate files, removed afterwards whatever happens (and, if the
+        process is killed, by the next sweep: this one sweeps the scratch folders of dead runs first)."""
+        base = self.root / SCRATCH_DIR
         base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{name}.", dir=base))
+        sweep_leftovers(base, self.stale_after_s, depth=0)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(name), dir=base))
         try:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     @contextmanager
-    def staged_dir(self, name: str) -> Iterator[Path]:
-        """Build a folder (e.g. an index and its id map) aside, then swap it into place whole (with an S3 root:
-        uploaded first, meta.json last, and swapped locally only once the bucket holds it)."""
-        final = self.root / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    def staged_dir(self, name: str, label: str = "") -> Iterator[Path]:
+        """Build a folder of files kept together (e.g. an index and its id map) aside, then publish it whole:
+        it becomes the version `<name>/v-<UTC time>[-<label>]/` and the pointer `<name>/CURRENT` is switched to
+        it in one rename (`dir(name)` follows the pointer). Afterwards versions older than the one replaced are
+        removed; the replaced one stays for readers that resolved the pointer just before the switch, newer
+        ones may be another publisher's. With an S3 root the version is uploaded first (meta.json last), the
+        pointer after it, and the working copy switched only once the bucket holds both."""
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix("staged"), dir=folder))
         try:
             yield tmp
-            with self.mirror.lock() if self.mirror is not None else nullcontext():
-                etags = self.mirror.upload_folder(tmp, final) if self.mirror is not None else {}
-                old = final.with_name(f".{final.name}.old")
-                if final.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")  # fixed width: names sort by age
+            version = f"v-{stamp}-{label}" if label else f"v-{stamp}"
+            if not _VERSION.match(version):
+                raise ValueError(f"version label {label!r} is not a safe folder name")
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+            _fsync(tmp)
+            with self._lock(folder):
                 if self.mirror is not None:
-                    self.mirror._save_state(final, etags)
+                    self.mirror.pull_one(folder / POINTER)
+                previous = read_pointer(folder)
+                etags = self.mirror.upload_folder(tmp, folder / version) if self.mirror is not None else {}
+                os.rename(tmp, folder / version)
+                _fsync(folder)
+                if self.mirror is not None:
+                    self.mirror._save_state(folder / version, etags)
+                with self._published(folder / POINTER, locked=True) as ptr:
+                    Path(ptr).write_text(version + "\n")
+                self._prune_versions(folder, version, previous)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _prune_versions(self, folder: Path, current: str, previous: str | None) -> None:
+        """Remove versions older than `previous` and the files of the unversioned layout (before versions)."""
+        def old(v: str) -> bool:
+            return v != current and previous is not None and v < previous
+
+        rel = folder.relative_to(self.root).as_posix()
+        if self.mirror is not None:
+            for v in self.mirror.subfolders(rel):
+                if _VERSION.match(v) and old(v):
+                    self.mirror.delete_tree(f"{rel}/{v}")
+            for f in self.mirror._remote(rel):
+                if f != POINTER and not f.startswith("."):
+                    self.mirror.client.delete_object(Bucket=self.mirror.bucket, Key=self.mirror.key(f"{rel}/{f}"))
+        for p in folder.iterdir():
+            if p.is_dir() and _VERSION.match(p.name) and old(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.is_file() and p.name != POINTER and not p.name.startswith("."):
+                p.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +111,7 @@ class TemplateIndexMeta:
     expansion_add: int
     expansion_search: int
     next_key: int
-    build: str = "full"  # or "incremental"
+    build: str = "full"  # or "incremental"; "unchanged" (reported, never saved) when a re-run had nothing to do
     added: int = 0
     removed: int = 0
     parent_index_id: str = ""
@@ -131,6 +131,30 @@ def read_index_meta(folder: Path) -> TemplateIndexMeta | None:
     except (TypeError, ValueError) as e:
         raise StaleIndexError(f"template index meta {p} is from another version or damaged ({e}); "
                               "re-materialize template_index") from e
+
+
+def template_index_id(bank: pl.DataFrame, embedder: Embedder, cfg: IndexConfig | None = None) -> str:
+    """The id of the index of this bank with this embedder and these settings (the same for any build of it)."""
+    return _index_id(embedder, bank_hash(bank), cfg or IndexConfig())
+
+
+def _index_id(embedder: Embedder, bh: str, cfg: IndexConfig) -> str:
+    return content_id("index", embedder.name, embedder.revision, bh, *map(str, asdict(cfg).values()))
+
+
+def unchanged_template_index(previous: Path | None, index_id: str) -> TemplateIndexMeta | None:
+    """The meta of the index in `previous` (marked `build: unchanged`, its parent kept) when it already is the
+    complete index `index_id`: a re-run with nothing to add or remove, which need not rebuild or republish."""
+    try:
+        old = read_index_meta(previous) if previous is not None else None
+    except StaleIndexError:
+        return None
+    if old is None or old.index_id != index_id or not (previous / ID_MAP_FILE).exists():
+        return None
+    index = Index.restore(str(previous / INDEX_FILE), view=True) if (previous / INDEX_FILE).exists() else None
+    if index is None or len(index) != old.n_templates:
+        return None  # damaged: rebuild
+    return replace(old, build="unchanged", added=0, removed=0)
 
 
 def _embed_into(index: Index, texts: list[str], keys: np.ndarray, embedder: Embedder, batch_size: int) -> None:
@@ -183,11 +207,14 @@ def build_template_index(bank: pl.DataFrame, embedder: Embedder, out_dir: Path, 
         id_map = bank.select(pl.Series("key", keys), "template_id", "desc_hash")
         next_key = bank.height
     _embed_into(index, new["compatible_document_description"].to_list(), keys, embedder, batch_size)
+    index_id = _index_id(embedder, bh, cfg)
+    parent = ""
+    if reusable and old is not None:  # an update of the same index (nothing changed) keeps its parent, never itself
+        parent = old.index_id if old.index_id != index_id else old.parent_index_id
     meta = TemplateIndexMeta(
-        index_id=content_id("index", embedder.name, embedder.revision, bh, *map(str, asdict(cfg).values())),
-        embedder=embedder.name, embedder_revision=embedder.revision, dim=embedder.dim, n_templates=bank.height,
-        bank_hash=bh, **asdict(cfg), next_key=next_key, build="incremental" if reusable else "full",
-        added=new.height, removed=removed, parent_index_id=old.index_id if reusable and old else "")
+        index_id=index_id, embedder=embedder.name, embedder_revision=embedder.revision, dim=embedder.dim,
+        n_templates=bank.height, bank_hash=bh, **asdict(cfg), next_key=next_key,
+        build="incremental" if reusable else "full", added=new.height, removed=removed, parent_index_id=parent)
     index.save(str(out_dir / INDEX_FILE))
     id_map.sort("key").write_parquet(out_dir / ID_MAP_FILE)
     (out_dir / META_FILE).write_text(json.dumps(asdict(meta), indent=2))

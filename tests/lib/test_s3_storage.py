@@ -71,17 +71,28 @@ def test_a_failed_write_publishes_nothing(s3, tmp_path):
     assert list(store.root.joinpath("documents").glob("*.parquet")) == []
 
 
-def test_a_staged_folder_replaces_its_objects_whole(s3, tmp_path):
+def test_a_staged_folder_is_published_as_a_version_behind_a_pointer(s3, tmp_path):
     a = TableStore("s3://lake/p", working_copy=tmp_path / "a")
-    with a.staged_dir("template_index") as tmp:
-        (tmp / "index.usearch").write_bytes(b"v1")
-        (tmp / "old.parquet").write_bytes(b"x")
-    with a.staged_dir("template_index") as tmp:
-        (tmp / "index.usearch").write_bytes(b"v2")
-    assert keys(s3) == ["p/template_index/index.usearch"]
+    s3.put_object(Bucket="lake", Key="p/template_index/meta.json", Body=b"unversioned layout")
+    for n in (1, 2, 3):
+        with a.staged_dir("template_index", label=f"i{n}") as tmp:
+            (tmp / "index.usearch").write_bytes(f"v{n}".encode())
+            if n == 1:
+                (tmp / "old.parquet").write_bytes(b"x")
+    current = a.dir("template_index").name
+    objects = keys(s3)
+    # the pointer, the current version and the one it replaced; older versions and loose files are gone
+    assert "p/template_index/CURRENT" in objects and len(objects) == 3 and current.endswith("-i3")
+    assert f"p/template_index/{current}/index.usearch" in objects
+    assert not any("old.parquet" in k or k.endswith("/meta.json") for k in objects)
     b = TableStore("s3://lake/p", working_copy=tmp_path / "b")
-    assert (b.dir("template_index") / "index.usearch").read_bytes() == b"v2"
-    assert not (b.dir("template_index") / "old.parquet").exists()
+    assert (b.dir("template_index") / "index.usearch").read_bytes() == b"v3"
+    with a.staged_dir("template_index", label="i4") as tmp:
+        (tmp / "index.usearch").write_bytes(b"v4")
+    assert (b.dir("template_index") / "index.usearch").read_bytes() == b"v4"
+    # the reader's working copy keeps only the versions the bucket still holds
+    assert sorted(p.name for p in b.root.joinpath("template_index").iterdir() if p.is_dir()) == sorted(
+        {k.split("/")[2] for k in keys(s3) if k.count("/") == 3})
 
 
 def test_a_failed_upload_keeps_the_previous_version_in_the_bucket_and_the_working_copy(s3, tmp_path, monkeypatch):
@@ -100,7 +111,7 @@ def test_a_failed_upload_keeps_the_previous_version_in_the_bucket_and_the_workin
     assert [p.name for p in store.root.joinpath("documents").iterdir() if p.suffix == ".tmp"] == []
 
 
-def test_the_index_folder_uploads_its_meta_last(s3, tmp_path, monkeypatch):
+def test_the_index_version_uploads_its_meta_last_and_the_pointer_after(s3, tmp_path, monkeypatch):
     store = TableStore("s3://lake/p", working_copy=tmp_path / "a")
     order = []
     real = store.mirror.client.upload_file
@@ -109,4 +120,24 @@ def test_the_index_folder_uploads_its_meta_last(s3, tmp_path, monkeypatch):
     with store.staged_dir("template_index") as tmp:
         for name in ("meta.json", "id_map.parquet", "templates.usearch"):
             (tmp / name).write_bytes(b"x")
-    assert order[-1] == "meta.json" and sorted(order) == ["id_map.parquet", "meta.json", "templates.usearch"]
+    # the version's files first, its meta last among them, then the pointer that makes it current
+    assert order == ["id_map.parquet", "templates.usearch", "meta.json", "CURRENT"]
+
+
+def test_a_failed_version_upload_keeps_the_pointer_on_the_previous_version(s3, tmp_path, monkeypatch):
+    store = TableStore("s3://lake/p", working_copy=tmp_path / "a")
+    with store.staged_dir("template_index") as tmp:
+        (tmp / "meta.json").write_bytes(b"v1")
+    real = store.mirror.client.upload_file
+
+    def fail_on_pointer(src, bucket, key):
+        if key.endswith("/CURRENT"):
+            raise ConnectionError("network down")
+        real(src, bucket, key)
+
+    with monkeypatch.context() as mp, pytest.raises(ConnectionError), store.staged_dir("template_index") as tmp:
+        mp.setattr(store.mirror.client, "upload_file", fail_on_pointer)
+        (tmp / "meta.json").write_bytes(b"v2")
+    assert (store.dir("template_index") / "meta.json").read_bytes() == b"v1"
+    fresh = TableStore("s3://lake/p", working_copy=tmp_path / "b")
+    assert (fresh.dir("template_index") / "meta.json").read_bytes() == b"v1"

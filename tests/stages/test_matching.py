@@ -11,7 +11,9 @@ from fineinstructions_dagster.stages.matching import (
     match_documents,
     open_template_index,
     read_index_meta,
+    template_index_id,
     template_usage,
+    unchanged_template_index,
 )
 
 BANK = pl.DataFrame({
@@ -113,6 +115,24 @@ def test_incremental_update_adds_and_removes_only_what_changed(index_dir, tmp_pa
     other = tmp_path / "other"
     other.mkdir()
     assert build_template_index(grown, embedder, other, IndexConfig(dtype="i8"), previous=index_dir).build == "full"
+
+
+def test_a_rebuild_with_nothing_changed_is_unchanged_and_never_its_own_parent(index_dir, tmp_path, embedder):
+    first = read_index_meta(index_dir)
+    assert first.index_id == template_index_id(BANK, embedder) and first.parent_index_id == ""
+    same = unchanged_template_index(index_dir, template_index_id(BANK.reverse(), embedder))  # order is not content
+    assert (same.build, same.added, same.removed, same.index_id, same.parent_index_id) == (
+        "unchanged", 0, 0, first.index_id, "")
+    assert unchanged_template_index(index_dir, template_index_id(BANK.head(3), embedder)) is None
+    assert unchanged_template_index(tmp_path / "nothing", first.index_id) is None
+    # rebuilt anyway: the same id, and the parent stays the previous one's, not itself
+    out = tmp_path / "again"
+    out.mkdir()
+    again = build_template_index(BANK, embedder, out, previous=index_dir)
+    assert (again.build, again.added, again.removed, again.index_id) == ("incremental", 0, 0, first.index_id)
+    assert again.parent_index_id == first.parent_index_id != again.index_id
+    (index_dir / "templates.usearch").unlink()  # a damaged index is rebuilt, not reported unchanged
+    assert unchanged_template_index(index_dir, first.index_id) is None
 
 
 def test_document_shorter_than_n_tokens_and_empty_text(index_dir, embedder):

@@ -21,7 +21,9 @@ from fineinstructions_dagster.stages.matching import (
     match_documents,
     match_problems,
     open_template_index,
+    template_index_id,
     template_usage,
+    unchanged_template_index,
 )
 
 INDEX_DIR = "template_index"
@@ -37,20 +39,27 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
                    pipeline: PipelineResource) -> MaterializeResult:
     """Embeddings of every template's compatible document description in a usearch index, saved with its id
     map and a meta file pinning the embedder (name, revision), the bank and the index settings. When only
-    templates were added or removed, the previous index is updated rather than rebuilt."""
+    templates were added or removed, the previous index is updated rather than rebuilt; when nothing changed
+    it is left as it is (`build: unchanged`). A new index is published as a new version of the folder, made
+    current in one step (`TableStore.staged_dir`)."""
     store = storage.store()
     bank = store.read("template_bank")
+    emb, cfg = embedder.embedder(), pipeline.config().template_index
     current = store.dir(INDEX_DIR)
-    with store.staged_dir(INDEX_DIR) as tmp:
-        meta = build_template_index(bank, embedder.embedder(), tmp, pipeline.config().template_index,
-                                    previous=current if current.exists() else None)
+    previous = current if current.exists() else None
+    index_id = template_index_id(bank, emb, cfg)
+    meta = unchanged_template_index(previous, index_id)
+    if meta is None:
+        with store.staged_dir(INDEX_DIR, label=index_id) as tmp:
+            meta = build_template_index(bank, emb, tmp, cfg, previous=previous)
+        current = store.dir(INDEX_DIR)
     return MaterializeResult(metadata={
         "dagster/row_count": meta.n_templates, "index_id": meta.index_id,
         "embedder": f"{meta.embedder}@{meta.embedder_revision}", "dim": meta.dim, "bank_hash": meta.bank_hash,
         "index": f"{meta.metric}/{meta.dtype} M={meta.connectivity} ef_add={meta.expansion_add} "
                  f"ef_search={meta.expansion_search}",
-        "build": meta.build, "added": meta.added, "removed": meta.removed,
-        "path": MetadataValue.path(store.uri_of(store.root / INDEX_DIR)),
+        "build": meta.build, "added": meta.added, "removed": meta.removed, "parent_index_id": meta.parent_index_id,
+        "path": MetadataValue.path(store.uri_of(current)),
     }, check_results=[AssetCheckResult(check_name=INDEX_COVERS_BANK, passed=meta.n_templates == bank.height,
                                        metadata={"vectors": meta.n_templates, "templates": bank.height})])
 
