@@ -88,3 +88,15 @@ def alive(procs: list[psutil.Process]) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+@pytest.fixture(scope="package")
+def clean_run(tmp_path_factory, smoke_model, sample_inputs) -> tuple[Path, Path]:
+    """One uninterrupted `fineinstructions run` over the sample (vLLM when installed, empty cache): (home, root)."""
+    base = tmp_path_factory.mktemp("clean-run")
+    home, root = new_home(base / "home"), base / "root"
+    backend = "vllm" if vllm_available() else "transformers"
+    done = run_cli(cli_env(home, root, sample_inputs, smoke_model, backend))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert pair_ids(root)
+    return home, root

@@ -30,18 +30,9 @@ from tests.servers import REPO
 pytestmark = [needs_vllm, pytest.mark.vllm, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, smoke_model, sample_inputs) -> list[str]:
-    base = tmp_path_factory.mktemp("uninterrupted")
-    done = run_cli(cli_env(new_home(base / "home"), base / "root", sample_inputs, smoke_model))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ids = pair_ids(base / "root")
-    assert ids
-    return ids
-
-
 def test_sigkill_in_instantiations_then_the_next_run_completes_with_the_same_pairs(
-        tmp_path, smoke_model, sample_inputs, uninterrupted):
+        tmp_path, smoke_model, sample_inputs, clean_run):
+    uninterrupted = pair_ids(clean_run[1])
     home, root = new_home(tmp_path / "home"), tmp_path / "root"
     env = cli_env(home, root, sample_inputs, smoke_model)
     log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115 (closed below)

@@ -26,6 +26,7 @@ from dagster import (
     AssetRecordsFilter,
     AssetSelection,
     DagsterInstance,
+    DagsterRun,
     DagsterRunStatus,
     Failure,
     MetadataValue,
@@ -257,20 +258,35 @@ def latest_materialization(instance: DagsterInstance, key: AssetKey,
 
 _UNFINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
                DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+QUALITY_JOB = "quality_job"
+DBT_STEP = "dbt_quality"  # the step (op) of the dbt build
 QUALITY_BUILD_WAIT_S = 900  # how long an export waits for another run's dbt build before refusing
 
 
 def quality_builds_in_progress(instance: DagsterInstance, own_run_id: str) -> list[str]:
     """Ids of other runs, not finished, that build the quality models (their tests are being rewritten now)."""
-    keys = set(dbt_quality.keys)
     return [r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=_UNFINISHED))
-            if r.dagster_run.run_id != own_run_id and keys & set(r.dagster_run.asset_selection or ())]
+            if r.dagster_run.run_id != own_run_id and _builds_quality(instance, r.dagster_run)]
 
 
-def wait_for_quality_builds(context: AssetExecutionContext, timeout_s: float = QUALITY_BUILD_WAIT_S,
-                            poll_s: float = 5.0) -> list[str]:
+def _builds_quality(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """Whether the run executes the dbt step: by job, by asset selection, else by its execution plan (an
+    ad-hoc `materialize` run records neither)."""
+    if run.job_name == QUALITY_JOB or set(dbt_quality.keys) & set(run.asset_selection or ()):
+        return True
+    if run.step_keys_to_execute is not None:
+        return DBT_STEP in run.step_keys_to_execute
+    if not run.execution_plan_snapshot_id:
+        return False
+    plan = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+    return any(step.key == DBT_STEP for step in plan.steps)
+
+
+def wait_for_quality_builds(context: AssetExecutionContext, timeout_s: float | None = None,
+                            poll_s: float = 2.0) -> list[str]:
     """Wait while another run builds the quality tables (its test results are about to change); returns the
     builds still running when the wait ran out."""
+    timeout_s = QUALITY_BUILD_WAIT_S if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
     busy = quality_builds_in_progress(context.instance, context.run_id)
     if busy:
@@ -281,12 +297,12 @@ def wait_for_quality_builds(context: AssetExecutionContext, timeout_s: float = Q
     return busy
 
 
-def export_gate(context: AssetExecutionContext, shard: str,
-                wait_s: float = QUALITY_BUILD_WAIT_S) -> dict[str, Any]:
+def export_gate(context: AssetExecutionContext, shard: str, wait_s: float | None = None) -> dict[str, Any]:
     """Raise Failure naming every dbt test that blocks the export of `shard`: its latest evaluation failed, it
     has none, or it predates the shard's latest `fineinstructions` materialization. Returns metadata otherwise.
     While another run builds the quality tables the gate waits for it, and if it is still building after
     `wait_s`, refuses saying so: a scheduling race is not a data problem."""
+    wait_s = QUALITY_BUILD_WAIT_S if wait_s is None else wait_s
     busy = wait_for_quality_builds(context, wait_s)
     evaluations = latest_check_evaluations(context.instance)
     pairs_at = latest_materialization_time(context.instance, AssetKey("fineinstructions"), shard)

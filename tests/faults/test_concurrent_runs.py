@@ -1,0 +1,75 @@
+"""Two runs on one instance: an export while another run's dbt build is in progress (its tests planned, not yet
+evaluated) waits for that build and then exports; if the build is still running when the wait runs out, the
+export is refused with a message that says so, not that the data is wrong."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter, materialize
+
+from fineinstructions_dagster.defs.quality import assets as quality
+from tests.faults.conftest import cli_env, step_started, wait_until
+from tests.servers import REPO
+
+pytestmark = [pytest.mark.slow]
+
+BUILD = """
+from dagster import DagsterInstance, materialize
+from fineinstructions_dagster.definitions import STAGE_MODULES
+from dagster import load_assets_from_modules
+from fineinstructions_dagster.defs.quality.assets import QUALITY_SELECTION
+from fineinstructions_dagster.defs.resources import build_resources
+with DagsterInstance.get() as instance:
+    r = materialize(load_assets_from_modules(STAGE_MODULES), selection=QUALITY_SELECTION, instance=instance,
+                    resources=build_resources(), raise_on_error=False)
+    raise SystemExit(0 if r.success else 1)
+"""
+
+
+def export(instance: DagsterInstance, shard: str):
+    from dagster import load_assets_from_modules
+
+    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.defs.resources import build_resources
+
+    return materialize(load_assets_from_modules(STAGE_MODULES), selection=["pretraining_export"],
+                       partition_key=shard, instance=instance, resources=build_resources(), raise_on_error=False)
+
+
+def test_export_during_another_runs_dbt_build(clean_run, smoke_model, sample_inputs, monkeypatch):
+    home, root = clean_run
+    env = cli_env(home, root, sample_inputs, smoke_model)
+    for k in ("DAGSTER_HOME", "FINEINSTRUCTIONS_ROOT", "FINEINSTRUCTIONS_PROFILE", "FINEINSTRUCTIONS_SMOKE_MODEL",
+              "FINEINSTRUCTIONS_QUERIES", "FINEINSTRUCTIONS_CORPUS"):
+        monkeypatch.setenv(k, env[k])
+    lock = quality.quality_db_path(root).with_name(".lock")
+    with open(lock, "w") as held, DagsterInstance.from_config(str(home)) as instance:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the other build stalls inside its step, its tests planned
+        build = subprocess.Popen([sys.executable, "-c", BUILD], env={**os.environ, **env}, cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            building = wait_until("the other run's dbt build to start", lambda: step_started(
+                instance, "dbt_quality", RunsFilter(statuses=[DagsterRunStatus.STARTED])), timeout=300)
+            monkeypatch.setattr(quality, "QUALITY_BUILD_WAIT_S", 0)
+            refused = export(instance, "faq")
+            assert not refused.success
+            failure = next(e for e in refused.all_events if e.is_step_failure)
+            message = failure.step_failure_data.error.to_string()
+            assert f"another run ({building}) is building the quality tables" in message
+            assert "data is not known to be wrong" in message and "Fix the data" not in message
+
+            monkeypatch.setattr(quality, "QUALITY_BUILD_WAIT_S", 600)
+            threading.Timer(5, lambda: fcntl.flock(held, fcntl.LOCK_UN)).start()  # the build goes on soon
+            waited = export(instance, "faq")
+            assert waited.success
+            assert instance.get_run_by_id(building).status == DagsterRunStatus.SUCCESS
+            assert build.wait(timeout=300) == 0
+        finally:
+            if build.poll() is None:
+                build.kill()
