@@ -115,7 +115,8 @@ def _atomic_file(target: Path) -> Iterator[str]:
 
 
 @contextmanager
-def _flock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, held for the block: one writer per machine at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -249,7 +250,7 @@ class S3Mirror:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """One process at a time syncs or publishes in this working copy (several runs may share it)."""
-        with _flock(self.local / ".s3-sync.lock"):
+        with file_lock(self.local / ".s3-sync.lock"):
             yield
 
     def upload(self, source: str | Path, target: Path) -> str:
@@ -385,7 +386,7 @@ class TableStore:
 
     def _lock(self, folder: Path) -> Any:
         """Serialises publishers of a versioned folder (with an S3 root: of the working copy)."""
-        return self.mirror.lock() if self.mirror is not None else _flock(folder / ".publish.lock")
+        return self.mirror.lock() if self.mirror is not None else file_lock(folder / ".publish.lock")
 
     @contextmanager
     def _published(self, target: Path, locked: bool = False) -> Iterator[str]:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import urllib.error
@@ -86,6 +87,24 @@ class LLMEngine(Protocol):
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]: ...
 
 
+@contextlib.contextmanager
+def _hide_unscannable_modules() -> Iterator[None]:
+    """vLLM, starting in-process, rebinds Triton kernels by scanning every loaded module's globals with
+    `hasattr(value, "__dict__")`; a context-local proxy (werkzeug's, imported by Flask or moto) raises
+    RuntimeError there and the engine fails to start. Such modules hold no kernels: hide them for the start."""
+    hidden = {}
+    for name, module in list(sys.modules.items()):
+        try:
+            for value in list(getattr(module, "__dict__", {}).values()):
+                hasattr(value, "__dict__")
+        except Exception:
+            hidden[name] = sys.modules.pop(name)
+    try:
+        yield
+    finally:
+        sys.modules.update(hidden)
+
+
 def resolve_revision(model: str, revision: str | None) -> str:
     """A revision that pins what was run: the given one, a smoke model's weight hash, the Hub snapshot hash
     of a cached repo, or a hash of a local model folder (`model_revision`)."""
@@ -127,20 +146,21 @@ class VLLMEngine:
         self.info = EngineInfo("vllm", model, resolve_revision(model, revision),
                                {"max_model_len": max_model_len, "dtype": dtype,
                                 "multiprocessing": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"})
-        self._llm = LLM(
-            model=model,
-            revision=load_revision(model, revision),
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=True,  # k prompts per document share the document as a prefix
-            seed=seed,
-            # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
-            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-            **cpu_workaround,
-        )
+        with _hide_unscannable_modules():
+            self._llm = LLM(
+                model=model,
+                revision=load_revision(model, revision),
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enforce_eager=enforce_eager,
+                dtype=dtype,
+                tensor_parallel_size=tensor_parallel_size,
+                enable_prefix_caching=True,  # k prompts per document share the document as a prefix
+                seed=seed,
+                # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
+                structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+                **cpu_workaround,
+            )
         self._tokenizer = self._llm.get_tokenizer()
 
     def close(self) -> None:

@@ -5,7 +5,6 @@ checks on them. `export_gate` is what `pretraining_export` asks before it writes
 The manifest Dagster needs to build the assets is parsed once (`dbt parse`, a few seconds) and reused: the
 code location re-parses only when a file of the dbt project is newer than the manifest."""
 
-import fcntl
 import json
 import os
 import shutil
@@ -42,6 +41,7 @@ from dagster_dbt import (
 )
 
 from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
+from fineinstructions_dagster.lib.storage import file_lock
 from fineinstructions_dagster.stages.quality import (
     SOURCE_TABLES,
     CheckEvaluation,
@@ -131,18 +131,6 @@ def quality_db_path(root: Path) -> Path:
 
 
 @contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """One dbt process at a time per storage root: DuckDB lets one process write a database file."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables while the dbt subprocess is started (DbtCliResource copies os.environ and has no
     env argument), then restore them. Steps run one at a time per process, so nothing else sees the change."""
@@ -173,7 +161,7 @@ def dbt_quality(context: AssetExecutionContext, storage: StorageResource, pipeli
     variables = dbt_vars(pipeline.config())
     context.log.info(f"dbt build over {store.uri} with vars {variables}")
     dbt = DbtCliResource(project_dir=quality_project, dbt_executable=DBT_EXECUTABLE)
-    with _exclusive(db.with_name(".lock")):
+    with file_lock(db.with_name(".lock")):  # one dbt process per root: DuckDB lets one process write a file
         with _environ({"FINEINSTRUCTIONS_ROOT": str(store.root), "FINEINSTRUCTIONS_QUALITY_DB": str(db)}):
             invocation = dbt.cli(["build", "--vars", json.dumps(variables)], context=context, raise_on_error=False)
         for event in invocation.stream():  # every check's evaluation is recorded, failed or not
