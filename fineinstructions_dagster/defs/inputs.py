@@ -5,14 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+import pyarrow.fs as pafs
 
 from fineinstructions_dagster.lib.formats import (
     SkippedInput,
     discover_sources,
+    filesystem,
     malformed_frame,
     read_texts,
     scan_inputs,
 )
+
+
+def folder_exists(folder: str) -> bool:
+    """Whether an input folder exists, local or `s3://bucket/prefix` (credentials and AWS_ENDPOINT_URL from the
+    environment). S3 has no folders: a prefix exists when an object lies under it, or it is a bucket."""
+    fs, path = filesystem(folder)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def query_sources(queries_dir: str) -> dict[str, list[str]]:

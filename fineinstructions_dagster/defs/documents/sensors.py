@@ -1,10 +1,8 @@
 """`corpus_shard_sensor`: new shard files become `corpus_shard` partitions and `filtered_documents` runs."""
 
-from pathlib import Path
-
 from dagster import AssetSelection, DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from fineinstructions_dagster.defs.inputs import corpus_shards
+from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists
 from fineinstructions_dagster.defs.partitions import add_new_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
@@ -15,6 +13,6 @@ ASSETS = ["filtered_documents"]
         asset_selection=AssetSelection.assets(*ASSETS))
 def corpus_shard_sensor(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult | SkipReason:
     """One partition per shard file (Parquet or JSON Lines) in the corpus folder."""
-    if not Path(inputs.corpus_dir).is_dir():
+    if not folder_exists(inputs.corpus_dir):  # local or s3://
         return SkipReason(f"corpus folder {inputs.corpus_dir} does not exist")
     return add_new_partitions(context, corpus_shards(inputs.corpus_dir), corpus_shard_partitions, ASSETS)

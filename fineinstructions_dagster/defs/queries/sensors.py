@@ -1,10 +1,8 @@
 """`query_source_sensor`: new query files/folders become `query_source` partitions and runs."""
 
-from pathlib import Path
-
 from dagster import AssetSelection, DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from fineinstructions_dagster.defs.inputs import query_sources
+from fineinstructions_dagster.defs.inputs import folder_exists, query_sources
 from fineinstructions_dagster.defs.partitions import add_new_partitions, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
@@ -15,6 +13,6 @@ ASSETS = ["user_queries", "templates"]
         asset_selection=AssetSelection.assets(*ASSETS))
 def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult | SkipReason:
     """One partition per query file, or per subfolder of query files, in the queries folder."""
-    if not Path(inputs.queries_dir).is_dir():
+    if not folder_exists(inputs.queries_dir):  # local or s3://
         return SkipReason(f"queries folder {inputs.queries_dir} does not exist")
     return add_new_partitions(context, query_sources(inputs.queries_dir), query_source_partitions, ASSETS)
