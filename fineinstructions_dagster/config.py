@@ -94,6 +94,9 @@ class PipelineConfig:
     documents: DocumentFilterConfig = field(default_factory=DocumentFilterConfig)
     minhash: MinhashConfig = field(default_factory=MinhashConfig)
     document_batch_rows: int = 20_000  # rows per streamed batch of a corpus shard
+    # Rows per chunk of the per-shard stages after dedup (documents for matches; matches, instantiations,
+    # judgements, pairs for the rest): peak memory follows it, and a killed run loses at most one chunk's work.
+    chunk_rows: int = 1024
     max_template_chars: int = 400
     max_description_chars: int = 400
     templates_per_document: int = 5  # k
@@ -135,6 +138,7 @@ class PipelineConfig:
         _check(self.instantiator_format in ("instruct", "template_instantiator"),
                f"instantiator_format must be instruct or template_instantiator, got {self.instantiator_format!r}")
         _check(self.max_document_chars >= 200, "max_document_chars must be >= 200")
+        _check(self.chunk_rows >= 16, f"chunk_rows must be >= 16, got {self.chunk_rows}")
 
     def match_config(self) -> MatchConfig:
         return MatchConfig(k=self.templates_per_document, min_score=self.min_match_score,

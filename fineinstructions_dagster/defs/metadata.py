@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import polars as pl
 from dagster import AssetCheckResult, AssetMaterialization, Failure, MaterializeResult, MetadataValue
 
+from fineinstructions_dagster.lib.chunks import ChunkedRun, Progress, progress_bar
 from fineinstructions_dagster.lib.stats import StageStats
 
 
@@ -37,6 +39,33 @@ def stage_metadata(stats: StageStats, preview: pl.DataFrame | None = None, colum
     for k, v in extra.items():
         meta[k] = MetadataValue.md(v) if isinstance(v, str) and "\n" in v else v
     return meta
+
+
+def progress_reporter(context: Any) -> Callable[[Progress], None]:
+    """Each chunk's progress as a run-log line; also as a bar on the terminal when the command-line runner
+    asked for it (FINEINSTRUCTIONS_PROGRESS=1)."""
+    bar = os.environ.get("FINEINSTRUCTIONS_PROGRESS") == "1"
+
+    def report(p: Progress) -> None:
+        context.log.info(p.line())
+        if bar:
+            progress_bar(p)
+
+    return report
+
+
+def throughput_metadata(run: ChunkedRun, stats: StageStats) -> dict[str, Any]:
+    """What a materialization cost, so a backfill's cost can be read in the UI and projected to a corpus."""
+    seconds = max(run.seconds, 1e-9)
+    extra = stats.extra
+    out: dict[str, Any] = {"seconds": round(run.seconds, 3), "rows_per_s": round(run.rows / seconds, 2),
+                           "chunks": run.chunks, "chunks_resumed": run.chunks_resumed}
+    if "engine_seconds" in extra:
+        out.update(engine_seconds=float(extra["engine_seconds"]),
+                   requests_per_s=round(float(extra.get("engine_requests", 0)) / seconds, 2),
+                   prompt_tokens_per_s=round(float(extra.get("prompt_tokens", 0)) / seconds, 1),
+                   output_tokens_per_s=round(float(extra.get("completion_tokens", 0)) / seconds, 1))
+    return out
 
 
 def require_all_joined(left: pl.DataFrame, joined: pl.DataFrame, what: str) -> pl.DataFrame:

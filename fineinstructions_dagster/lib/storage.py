@@ -43,6 +43,9 @@ import polars as pl
 
 log = logging.getLogger(__name__)
 
+# Rows per Parquet row group: small enough that a reader looking for one chunk's ids (by range, the shard's
+# tables are sorted by doc_id) skips most of a large shard's file.
+ROW_GROUP_ROWS = 8192
 UNPARTITIONED = "all"
 POINTER = "CURRENT"  # in a versioned folder: the name of the version readers use
 SCRATCH_DIR = ".scratch"
@@ -450,7 +453,7 @@ class TableStore:
     ) -> Path:
         target = self.path(table, partition, quarantine)
         with self._published(target) as tmp:
-            df.write_parquet(tmp, compression="zstd", statistics=True)
+            df.write_parquet(tmp, compression="zstd", statistics=True, row_group_size=ROW_GROUP_ROWS)
         return target
 
     def exists(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> bool:
@@ -460,7 +463,8 @@ class TableStore:
                 self.mirror.pull_one(p)
         return p.exists()
 
-    def read(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> pl.DataFrame:
+    def file(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> Path:
+        """The partition's local file, brought up to date, for a reader that scans it lazily or in chunks."""
         p = self.path(table, partition, quarantine)
         if not self.exists(table, partition, quarantine):
             kind = "quarantine table" if quarantine else "table"
@@ -468,7 +472,10 @@ class TableStore:
                 f"{kind} {table!r} partition {partition!r} is not materialized yet (expected "
                 f"{self.uri_of(p)})"
             )
-        return pl.read_parquet(p)
+        return p
+
+    def read(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> pl.DataFrame:
+        return pl.read_parquet(self.file(table, partition, quarantine))
 
     def partitions(self, table: str, quarantine: bool = False) -> list[str]:
         base = self._folder(table, quarantine)
@@ -511,13 +518,28 @@ class TableStore:
         found = self.glob_if_any(table, quarantine)
         return pl.scan_parquet(found) if found else None
 
+    def read_json(self, name: str) -> Any | None:
+        """A small JSON document at `<root>/<name>` (brought up to date first), or None if there is none."""
+        target = self.root / name
+        if self.mirror is not None:
+            with self.mirror.lock():
+                self.mirror.pull_one(target)
+        return json.loads(target.read_text()) if target.exists() else None
+
+    def remove_dir(self, name: str) -> None:
+        """Delete a folder of the root (and, with an S3 root, its objects in the bucket)."""
+        if self.mirror is not None:
+            with self.mirror.lock():
+                self.mirror.delete_tree(name)
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
     def write_parts(self, table: str, parts: list[Path], empty: pl.DataFrame, partition: str = UNPARTITIONED,
                     quarantine: bool = False) -> Path:
         """Stream part files (written batch by batch) into one partition file, atomically."""
         target = self.path(table, partition, quarantine)
         with self._published(target) as tmp:
             if parts:
-                pl.scan_parquet(parts).sink_parquet(tmp, compression="zstd")
+                pl.scan_parquet(parts).sink_parquet(tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
             else:
                 empty.write_parquet(tmp, compression="zstd")
         return target

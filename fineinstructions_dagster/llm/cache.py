@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,16 +67,23 @@ class GenerationStats:
     failed_requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    engine_seconds: float = 0.0  # wall time inside the engine's generate calls
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = asdict(self)
+        out["engine_seconds"] = round(self.engine_seconds, 3)
+        return out
+
+
+ENGINE_BATCH = 256  # requests per engine call: the cache is written as each call returns
 
 
 def generate_cached(
     engine: LLMEngine, requests: list[GenerationRequest], prompt_version: str,
-    cache: GenerationCache | None, stats: GenerationStats | None = None,
+    cache: GenerationCache | None, stats: GenerationStats | None = None, batch: int = ENGINE_BATCH,
 ) -> list[GenerationResult]:
-    """Serve what the cache holds, send only the misses to the engine (deduplicated), store the new."""
+    """Serve what the cache holds, send only the misses to the engine (deduplicated) `batch` at a time, and
+    store each batch's results as it returns, so a crash loses at most the batch in flight."""
     stats = stats if stats is not None else GenerationStats()
     keys = [request_key(engine, prompt_version, r) for r in requests]
     hits = cache.get_many(keys) if cache else {}
@@ -84,11 +92,16 @@ def generate_cached(
         if k not in hits and k not in misses:
             misses[k] = r
     fresh: dict[str, GenerationResult] = {}
-    if misses:
-        outs = engine.generate(list(misses.values()))
-        fresh = dict(zip(misses.keys(), outs, strict=True))
+    pending = list(misses.items())
+    for start in range(0, len(pending), batch):
+        part = pending[start:start + batch]
+        began = time.monotonic()
+        outs = engine.generate([r for _, r in part])
+        stats.engine_seconds += time.monotonic() - began
+        done = dict(zip([k for k, _ in part], outs, strict=True))
         if cache:
-            cache.put_many(fresh)
+            cache.put_many(done)
+        fresh.update(done)
     results = [hits[k] if k in hits else fresh[k] for k in keys]
     stats.requests += len(requests)
     stats.cache_hits += sum(1 for k in keys if k in hits)

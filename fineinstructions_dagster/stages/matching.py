@@ -416,6 +416,15 @@ def template_usage(found: pl.DataFrame) -> pl.DataFrame:
             .select("template_id", "uses", "share", "top1"))
 
 
+def usage_summary_of(usage: pl.DataFrame, path: str | Path) -> dict[str, float | int]:
+    """`usage_summary` of a whole partition from its template usage and its file (read lazily)."""
+    if usage.height == 0:
+        return {"distinct_templates": 0, "top_template_share": 0.0, "chunk_match_share": 0.0}
+    chunk_share = pl.scan_parquet(path).select((pl.col("chunk") != "global").mean()).collect().item()
+    return {"distinct_templates": usage.height, "top_template_share": round(float(usage["share"][0]), 4),
+            "chunk_match_share": round(float(chunk_share), 4)}
+
+
 def usage_summary(found: pl.DataFrame) -> dict[str, float | int]:
     if found.height == 0:
         return {"distinct_templates": 0, "top_template_share": 0.0, "chunk_match_share": 0.0}

@@ -42,7 +42,7 @@ def export(instance: DagsterInstance, shard: str):
                        partition_key=shard, instance=instance, resources=build_resources(), raise_on_error=False)
 
 
-def test_export_during_another_runs_dbt_build(clean_run, smoke_model, sample_inputs, monkeypatch):
+def test_export_during_another_runs_dbt_build(clean_run, smoke_model, sample_inputs, monkeypatch, tmp_path):
     home, root = clean_run
     env = cli_env(home, root, sample_inputs, smoke_model)
     for k in ("DAGSTER_HOME", "FINEINSTRUCTIONS_ROOT", "FINEINSTRUCTIONS_PROFILE", "FINEINSTRUCTIONS_SMOKE_MODEL",
@@ -51,11 +51,17 @@ def test_export_during_another_runs_dbt_build(clean_run, smoke_model, sample_inp
     lock = quality.quality_db_path(root).with_name(".lock")
     with open(lock, "w") as held, DagsterInstance.from_config(str(home)) as instance:
         fcntl.flock(held, fcntl.LOCK_EX)  # the other build stalls inside its step, its tests planned
-        build = subprocess.Popen([sys.executable, "-c", BUILD], env={**os.environ, **env}, cwd=REPO,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp_path / "build.log"
+        with open(log, "wb") as out:
+            build = subprocess.Popen([sys.executable, "-c", BUILD], env={**os.environ, **env}, cwd=REPO,
+                                     stdout=out, stderr=subprocess.STDOUT)
+
+        def started() -> str | None:
+            assert build.poll() is None, f"the other build exited early:\n{log.read_text()[-3000:]}"
+            return step_started(instance, "dbt_quality", RunsFilter(statuses=[DagsterRunStatus.STARTED]))
+
         try:
-            building = wait_until("the other run's dbt build to start", lambda: step_started(
-                instance, "dbt_quality", RunsFilter(statuses=[DagsterRunStatus.STARTED])), timeout=300)
+            building = wait_until("the other run's dbt build to start", started, timeout=300)
             monkeypatch.setattr(quality, "QUALITY_BUILD_WAIT_S", 0)
             refused = export(instance, "faq")
             assert not refused.success

@@ -96,7 +96,7 @@ def documents(context: AssetExecutionContext, storage: StorageResource) -> Mater
     def one(shard: str) -> MaterializeResult:
         kept, removed, stats = apply_duplicate_decisions(store.read("filtered_documents", shard),
                                                          store.read("document_clusters"), context.run_id)
-        store.write("documents", kept, shard)
+        store.write("documents", kept.sort("doc_id"), shard)  # sorted: later stages read a chunk's ids by range
         store.write("documents", removed, shard, quarantine=True)
         return MaterializeResult(
             metadata=stage_metadata(stats, kept, ["doc_id", "url", "n_words", "text"],

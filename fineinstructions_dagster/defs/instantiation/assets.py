@@ -1,14 +1,29 @@
-"""`instantiations`: instruction + grounded answer per match."""
+"""`instantiations`: instruction + grounded answer per match, chunk by chunk (resumable inside a shard)."""
 
+import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
 from fineinstructions_dagster.defs.matching.assets import matches
-from fineinstructions_dagster.defs.metadata import for_each_partition, require_all_joined, stage_metadata
+from fineinstructions_dagster.defs.metadata import (
+    for_each_partition,
+    progress_reporter,
+    require_all_joined,
+    stage_metadata,
+    throughput_metadata,
+)
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.lib.chunks import (
+    ChunkOutput,
+    chunks_of,
+    count_rows,
+    definition_hash,
+    rows_for,
+    run_chunked,
+)
 from fineinstructions_dagster.llm.cache import GenerationStats
-from fineinstructions_dagster.stages.instantiation import instantiate_matches
-from fineinstructions_dagster.stages.llm_calls import LLMCall
+from fineinstructions_dagster.stages.instantiation import BASE_SCHEMA, INSTANTIATION_SCHEMA, instantiate_matches
+from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 
 GROUNDING_IN_RANGE = "grounding_in_unit_interval"
 
@@ -20,30 +35,47 @@ GROUNDING_IN_RANGE = "grounding_in_unit_interval"
 def instantiations(context: AssetExecutionContext, storage: StorageResource, instantiator_llm: LLMResource,
                    pipeline: PipelineResource) -> MaterializeResult:
     """Each matched template filled from its document, with an answer drawn from the document and
-    the share of the answer copied from it (grounding). Unusable outputs go to quarantine."""
+    the share of the answer copied from it (grounding). Unusable outputs go to quarantine. The shard's matches
+    are read `chunk_rows` at a time (a document's k together); each chunk's output is kept as a part on the
+    storage root, so a killed run resumes where it stopped."""
     cfg = pipeline.config()
     store = storage.store()
+    engine = instantiator_llm.engine()
+    bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
+    definition = definition_hash("instantiations", engine.info.backend, engine.info.model, engine.info.revision,
+                                 cfg.instantiator_sampling, cfg.instantiator_format, cfg.max_document_chars,
+                                 cfg.max_instruction_chars, cfg.max_answer_chars)
 
     def one(shard: str) -> MaterializeResult:
-        found = store.read("matches", shard).select("match_id", "doc_id", "template_id", "shard")
-        pending = require_all_joined(
-            found,
-            found.join(store.read("documents", shard).select("doc_id", "text"), on="doc_id", how="inner")
-            .join(store.read("template_bank").select("template_id", "template"), on="template_id", how="inner"),
-            f"matches[{shard}] -> documents/template_bank",
-        )
-        with storage.generation_cache() as cache:
-            llm = LLMCall(instantiator_llm.engine(), cache, GenerationStats())
+        source, docs = store.file("matches", shard), store.file("documents", shard)
+
+        def process(chunk: pl.DataFrame) -> ChunkOutput:
+            pending = require_all_joined(
+                chunk,
+                chunk.join(rows_for(docs, "doc_id", chunk["doc_id"], ["doc_id", "text"]), on="doc_id", how="inner")
+                .join(bank, on="template_id", how="inner"),
+                f"matches[{shard}] -> documents/template_bank")
             kept, quarantined, stats = instantiate_matches(
                 pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
                 cfg.max_answer_chars, context.run_id, cfg.instantiator_format)
-        store.write("instantiations", kept, shard)
-        store.write("instantiations", quarantined, shard, quarantine=True)
-        ok = kept.height == 0 or bool(kept["grounding"].is_between(0, 1).all())
+            return ChunkOutput(kept, quarantined, stats)
+
+        with storage.generation_cache() as cache:
+            llm = LLMCall(engine, cache, GenerationStats())
+            run = run_chunked(
+                store, "instantiations", shard,
+                chunks_of(source, cfg.chunk_rows, "doc_id", ["match_id", "doc_id", "template_id", "shard"]),
+                "match_id", definition, process, pl.DataFrame(schema=INSTANTIATION_SCHEMA),
+                pl.DataFrame(schema=BASE_SCHEMA | QUARANTINE_EXTRA), count_rows(source), progress_reporter(context))
+        kept = pl.scan_parquet(store.path("instantiations", shard))
+        summary = kept.select(pl.len().alias("n"), pl.col("grounding").mean().alias("mean"),
+                              pl.col("grounding").is_between(0, 1).all().alias("ok")).collect()
         return MaterializeResult(
-            metadata=stage_metadata(stats, kept, ["instruction", "answer", "grounding"],
-                                    mean_grounding=float(kept["grounding"].mean()) if kept.height else 0.0),
-            check_results=[AssetCheckResult(check_name=GROUNDING_IN_RANGE, passed=ok)],
+            metadata=stage_metadata(run.stats, kept.head(5).collect(), ["instruction", "answer", "grounding"],
+                                    mean_grounding=float(summary["mean"][0] or 0.0),
+                                    **throughput_metadata(run, run.stats)),
+            check_results=[AssetCheckResult(check_name=GROUNDING_IN_RANGE,
+                                            passed=summary["n"][0] == 0 or bool(summary["ok"][0]))],
         )
 
     return for_each_partition(context, one)

@@ -1,6 +1,7 @@
 """`template_index` (usearch over description embeddings) and `matches` (k templates per document by
 Gaussian coverage pooling, hubness correction and MMR diversity)."""
 
+import polars as pl
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
@@ -12,11 +13,19 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.documents.assets import documents
-from fineinstructions_dagster.defs.metadata import for_each_partition, preview_markdown, stage_metadata
+from fineinstructions_dagster.defs.metadata import (
+    for_each_partition,
+    preview_markdown,
+    progress_reporter,
+    stage_metadata,
+    throughput_metadata,
+)
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import EmbedderResource, PipelineResource, StorageResource
 from fineinstructions_dagster.defs.templates.assets import template_bank
+from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
 from fineinstructions_dagster.stages.matching import (
+    MATCH_SCHEMA,
     build_template_index,
     match_documents,
     match_problems,
@@ -24,6 +33,7 @@ from fineinstructions_dagster.stages.matching import (
     template_index_id,
     template_usage,
     unchanged_template_index,
+    usage_summary_of,
 )
 
 INDEX_DIR = "template_index"
@@ -70,22 +80,41 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
 def matches(context: AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource,
             pipeline: PipelineResource) -> MaterializeResult:
     """For each document of the shard, k templates: every Gaussian-coverage pooled vector of the document
-    queries the index; candidates merged per template (best chunk kept), hubness-corrected, chosen by MMR."""
+    queries the index; candidates merged per template (best chunk kept), hubness-corrected, chosen by MMR. The
+    shard's documents are read `chunk_rows` at a time (the hubness penalty is estimated per chunk), each chunk
+    kept as a part, so a killed run resumes."""
     cfg = pipeline.config().match_config()
+    chunk_rows = pipeline.config().chunk_rows
     store = storage.store()
     emb = embedder.embedder()
     tindex = open_template_index(store.dir(INDEX_DIR), emb, store.read("template_bank"))
 
+    definition = definition_hash("matches", tindex.meta.index_id, emb.name, emb.revision, cfg.describe(), cfg.k,
+                                 cfg.min_score, cfg.candidates_per_vector, cfg.max_candidates, cfg.hubness,
+                                 cfg.diversity)
+
     def one(shard: str) -> MaterializeResult:
-        found, stats = match_documents(store.read("documents", shard), tindex, emb, cfg, context.run_id)
-        store.write("matches", found, shard)
-        usage = template_usage(found)
-        problems = match_problems(found, cfg.k)
+        source = store.file("documents", shard)
+
+        def process(chunk: pl.DataFrame) -> ChunkOutput:
+            found, stats = match_documents(chunk, tindex, emb, cfg, context.run_id)
+            return ChunkOutput(found, pl.DataFrame(schema={"doc_id": pl.String}), stats)
+
+        run = run_chunked(store, "matches", shard, chunks_of(source, chunk_rows, None, ["doc_id", "shard", "text"]),
+                          "doc_id", definition, process, pl.DataFrame(schema=MATCH_SCHEMA),
+                          pl.DataFrame(schema={"doc_id": pl.String}), count_rows(source), progress_reporter(context))
+        path = store.path("matches", shard)
+        usage = template_usage(pl.read_parquet(path, columns=["template_id", "rank"]))
+        run.stats.extra.update(matches=int(usage["uses"].sum()) if usage.height else 0,
+                               **usage_summary_of(usage, path))
+        problems = sorted({p for part in chunks_of(path, chunk_rows, "doc_id") for p in match_problems(part, cfg.k)})
         return MaterializeResult(
             metadata=stage_metadata(
-                stats, found, ["match_id", "doc_id", "template_id", "chunk", "score", "rank"],
-                row_count=found.height, index_id=tindex.meta.index_id, matcher=cfg.describe(),
-                template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10))),
+                run.stats, pl.read_parquet(path, n_rows=5), ["match_id", "doc_id", "template_id", "chunk", "score",
+                                                              "rank"],
+                row_count=int(run.stats.extra["matches"]), index_id=tindex.meta.index_id, matcher=cfg.describe(),
+                template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10)),
+                **throughput_metadata(run, run.stats)),
             check_results=[AssetCheckResult(check_name=MATCHES_WELL_FORMED, passed=not problems,
                                             metadata={"problems": "; ".join(problems) or "none"})])
 

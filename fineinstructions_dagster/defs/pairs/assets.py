@@ -12,9 +12,22 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.judging.assets import judgements
-from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
+from fineinstructions_dagster.defs.metadata import (
+    for_each_partition,
+    progress_reporter,
+    stage_metadata,
+    throughput_metadata,
+)
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
+from fineinstructions_dagster.lib.chunks import (
+    ChunkOutput,
+    chunks_of,
+    count_rows,
+    definition_hash,
+    rows_for,
+    run_chunked,
+)
 from fineinstructions_dagster.stages.pairs import dataset_report as build_report
 from fineinstructions_dagster.stages.pairs import rejection_counts, select_pairs
 
@@ -30,27 +43,37 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
                      pipeline: PipelineResource) -> MaterializeResult:
     """The instruction/answer pairs of one shard that pass every gate (judge threshold, grounding,
     validity), each with the ids of its judgement, instantiation, match, template, query and document
-    and the run ids of every step."""
+    and the run ids of every step; joined `chunk_rows` judgements at a time."""
     cfg = pipeline.config()
     store = storage.store()
+    bank = store.read("template_bank").select("template_id", "template", "query_ids", "run_id")
+    definition = definition_hash("fineinstructions", cfg.judge_threshold, cfg.min_grounding)
 
     def one(shard: str) -> MaterializeResult:
-        pairs, rejected, stats = select_pairs(
-            store.read("judgements", shard), store.read("instantiations", shard), store.read("matches", shard),
-            store.read("documents", shard), store.read("template_bank"), cfg.judge_threshold, cfg.min_grounding,
-            context.run_id)
-        store.write("fineinstructions", pairs, shard)
-        store.write("fineinstructions", rejected, shard, quarantine=True)
-        complete = pairs.height == 0 or not pairs.select(pl.any_horizontal(
-            pl.col(c).is_null() for c in LINEAGE_ID_COLUMNS)).to_series().any()
+        source = store.file("judgements", shard)
+        upstream = {t: store.file(t, shard) for t in ("instantiations", "matches", "documents")}
+
+        def process(chunk: pl.DataFrame) -> ChunkOutput:
+            ids = chunk["doc_id"]  # every upstream table of the shard is sorted by doc_id: read that range only
+            inst, found, docs = (rows_for(upstream[t], "doc_id", ids) for t in upstream)
+            pairs, rejected, stats = select_pairs(chunk, inst, found, docs, bank, cfg.judge_threshold,
+                                                  cfg.min_grounding, context.run_id)
+            return ChunkOutput(pairs, rejected, stats)
+
+        empty = process(pl.read_parquet(source, n_rows=0))
+        run = run_chunked(store, "fineinstructions", shard, chunks_of(source, cfg.chunk_rows, "doc_id"),
+                          "judgement_id", definition, process, empty.kept, empty.quarantined, count_rows(source),
+                          progress_reporter(context))
+        pairs = pl.scan_parquet(store.path("fineinstructions", shard))
+        incomplete = pairs.select(pl.any_horizontal(pl.col(c).is_null() for c in LINEAGE_ID_COLUMNS).sum()).collect()
         extra = {"profile": cfg.profile}
         if cfg.relaxed:
             extra["warning"] = cfg.describe_relaxations()
         return MaterializeResult(
-            metadata=stage_metadata(stats, pairs, ["pair_id", "template_id", "doc_id", "instruction", "answer",
-                                                          "judge_score", "grounding"],
-                                    **extra),
-            check_results=[AssetCheckResult(check_name=LINEAGE_COMPLETE, passed=bool(complete))],
+            metadata=stage_metadata(run.stats, pairs.head(5).collect(),
+                                    ["pair_id", "template_id", "doc_id", "instruction", "answer", "judge_score",
+                                     "grounding"], **extra, **throughput_metadata(run, run.stats)),
+            check_results=[AssetCheckResult(check_name=LINEAGE_COMPLETE, passed=incomplete.item() == 0)],
         )
 
     return for_each_partition(context, one)
