@@ -45,6 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fineinstructions_dagster.runner import run_pipeline
 
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
+    if sys.stderr.isatty():  # a progress bar per stage on a terminal (the run log has a line per chunk anyway)
+        os.environ.setdefault("FINEINSTRUCTIONS_PROGRESS", "1")
     result = run_pipeline(instance)
     cmd_summary(args)
     code = _show_first_lineage(args) if args.show_lineage else 0
