@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dagster import ConfigurableResource, EnvVar, InitResourceContext
 from dagster_aws.s3.utils import construct_s3_client
+from pydantic import Field
 
 from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profile_config
 from fineinstructions_dagster.lib.process import die_with_parent
@@ -54,7 +55,9 @@ class LLMResource(ConfigurableResource):
     The engine lives as long as the step's execution: set up lazily on first use, shut down when the step
     ends (success, failure or Terminate), and a step process dies with its run worker, so a killed run
     leaves no model in memory. `vllm_multiprocessing`: vLLM's engine core in its own process (large GPU
-    hosts) instead of in the step process (default)."""
+    hosts) instead of in the step process (default). `cpu_kv_cache_gb`: vLLM's KV cache on CPU
+    (FINEINSTRUCTIONS_CPU_KV_CACHE_GB); 0 sizes it from the model and batch, not as a share of the machine's
+    RAM. On GPU, `gpu_memory_utilization` applies."""
 
     backend: str = "auto"
     model: str
@@ -66,6 +69,7 @@ class LLMResource(ConfigurableResource):
     batch_size: int = 16  # transformers backend
     concurrency: int = 16  # openai backend
     vllm_multiprocessing: bool = False
+    cpu_kv_cache_gb: float = Field(default=0.0, ge=0.0)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         die_with_parent()
@@ -87,7 +91,8 @@ class LLMResource(ConfigurableResource):
         if backend == "vllm":
             return get_engine("vllm", self.model, self.revision or None, max_model_len=self.max_model_len,
                               gpu_memory_utilization=self.gpu_memory_utilization,
-                              enforce_eager=self.enforce_eager, multiprocessing=self.vllm_multiprocessing)
+                              enforce_eager=self.enforce_eager, multiprocessing=self.vllm_multiprocessing,
+                              cpu_kv_cache_gb=self.cpu_kv_cache_gb)
         return get_engine(backend, self.model, self.revision or None, batch_size=self.batch_size,
                           max_model_len=self.max_model_len)
 
@@ -110,10 +115,12 @@ class PipelineResource(ConfigurableResource):
     templates_per_document: int | None = None
     judge_threshold: int | None = None
     min_grounding: float | None = None
+    chunk_rows: int | None = None
 
     def config(self) -> PipelineConfig:
         return profile_config(self.profile, templates_per_document=self.templates_per_document,
-                              judge_threshold=self.judge_threshold, min_grounding=self.min_grounding)
+                              judge_threshold=self.judge_threshold, min_grounding=self.min_grounding,
+                              chunk_rows=self.chunk_rows)
 
 
 # Every environment variable the platform reads, with its default: the one place they are named.
@@ -130,6 +137,7 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_JUDGE_BASE_URL": "",
     "FINEINSTRUCTIONS_SMOKE_MODEL": DEFAULT_SMOKE_MODEL,
     "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
+    "FINEINSTRUCTIONS_CPU_KV_CACHE_GB": "0",
 }
 
 
@@ -150,13 +158,16 @@ def build_resources() -> dict[str, ConfigurableResource]:
     backend = _env("FINEINSTRUCTIONS_LLM_BACKEND")
     base_url = _env("FINEINSTRUCTIONS_OPENAI_BASE_URL")
     smoke = env_value("FINEINSTRUCTIONS_SMOKE_MODEL")
+    # A number: EnvVar carries only strings (and ints) into resource config, so it is read here.
+    cpu_kv_cache_gb = float(env_value("FINEINSTRUCTIONS_CPU_KV_CACHE_GB"))
 
     def llm(role: str) -> LLMResource:
         default = smoke if profile == "demo" else PAPER_MODELS[role]
         # One vLLM server serves one model: each role may have its own (FINEINSTRUCTIONS_<ROLE>_BASE_URL).
         own_url = f"FINEINSTRUCTIONS_{role.upper()}_BASE_URL"
         return LLMResource(backend=backend, model=_env(f"FINEINSTRUCTIONS_{role.upper()}_MODEL", default),
-                           base_url=EnvVar(own_url) if os.environ.get(own_url) else base_url)
+                           base_url=EnvVar(own_url) if os.environ.get(own_url) else base_url,
+                           cpu_kv_cache_gb=cpu_kv_cache_gb)
 
     return {
         "storage": StorageResource(

