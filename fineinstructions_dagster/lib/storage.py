@@ -424,6 +424,14 @@ class TableStore:
             df.write_ndjson(tmp)
         return target
 
+    def write_jsonl_from(self, table: str, partition: str = UNPARTITIONED) -> Path:
+        """The partition as JSON Lines beside its Parquet file, streamed from that file, atomically."""
+        source = self.path(table, partition)
+        target = source.with_suffix(".jsonl")
+        with self._published(target) as tmp:
+            pl.scan_parquet(source).sink_ndjson(tmp)
+        return target
+
     def write_json(self, name: str, obj: Any) -> Path:
         """A small JSON document (e.g. the dataset report) at `<root>/<name>`, atomically."""
         target = self.root / name

@@ -5,12 +5,21 @@ any of them failed, or has not been evaluated since the shard's pairs were last 
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
-from fineinstructions_dagster.defs.metadata import stage_metadata
+from fineinstructions_dagster.defs.metadata import progress_reporter, stage_metadata, throughput_metadata
 from fineinstructions_dagster.defs.pairs.assets import fineinstructions
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, export_gate
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
-from fineinstructions_dagster.stages.export import PackingConfig, chat_records, load_tokenizer, pack, tokenize_pairs
+from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
+from fineinstructions_dagster.lib.stats import StageStats
+from fineinstructions_dagster.stages.export import (
+    PACKED_SCHEMA,
+    PackingConfig,
+    chat_records,
+    load_tokenizer,
+    pack,
+    tokenize_pairs,
+)
 
 CHAT_TABLE = "export_chat"
 PACKED_TABLE = "export_packed"
@@ -31,20 +40,47 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
     gate = export_gate(context, shard)
     cfg = pipeline.config()
     store = storage.store()
-    pairs = store.read("fineinstructions", shard)
-    chat = chat_records(pairs)
-    store.write(CHAT_TABLE, chat, shard)
-    jsonl = store.write_jsonl(CHAT_TABLE, chat, shard)
+    source = store.file("fineinstructions", shard)
+    total = count_rows(source)
     packing = PackingConfig(tokenizer=cfg.export_tokenizer or instantiator_llm.model, seq_len=cfg.export_seq_len)
     tok = load_tokenizer(packing.tokenizer)
-    packed, stats = pack(tokenize_pairs(pairs, tok), packing.seq_len, tok.pad_token_id or 0, shard)
-    store.write(PACKED_TABLE, packed, shard)
-    packed_ids = packed["pair_ids"].explode().drop_nulls() if packed.height else pl.Series([], dtype=pl.String)
-    ok = (sorted(chat["pair_id"]) == sorted(pairs["pair_id"]) and packed_ids.is_unique().all()
-          and packed_ids.is_in(pairs["pair_id"].implode()).all())
+    report = progress_reporter(context)
+
+    def chat(chunk: pl.DataFrame) -> ChunkOutput:
+        return ChunkOutput(chat_records(chunk), pl.DataFrame(schema={"pair_id": pl.String}),
+                           StageStats(total=chunk.height, kept=chunk.height))
+
+    def packed(chunk: pl.DataFrame) -> ChunkOutput:
+        # Sequences never cross a chunk: at most one part-filled sequence per chunk of `chunk_rows` pairs.
+        seqs, stats = pack(tokenize_pairs(chunk, tok), packing.seq_len, tok.pad_token_id or 0,
+                           f"{shard}:{chunk['pair_id'].min()}")
+        stats.extra.pop("fill", None)
+        return ChunkOutput(seqs, pl.DataFrame(schema={"pair_id": pl.String}), stats)
+
+    no_rows = pl.DataFrame(schema={"pair_id": pl.String})
+    run_chunked(store, CHAT_TABLE, shard, chunks_of(source, cfg.chunk_rows, None), "pair_id",
+                definition_hash(CHAT_TABLE), chat, chat(pl.read_parquet(source, n_rows=0)).kept, no_rows, total, report)
+    jsonl = store.write_jsonl_from(CHAT_TABLE, shard)
+    run = run_chunked(store, PACKED_TABLE, shard, chunks_of(source, cfg.chunk_rows, None), "pair_id",
+                      definition_hash(PACKED_TABLE, packing), packed, pl.DataFrame(schema=PACKED_SCHEMA), no_rows,
+                      total, report)
+    stats = run.stats
+    sequences = pl.scan_parquet(store.path(PACKED_TABLE, shard))
+    summary = sequences.select(pl.len().alias("n"), (pl.col("attention_mask").list.sum() / packing.seq_len).mean()
+                               .alias("fill")).collect()
+    stats.extra.update(sequences=int(summary["n"][0]), fill=round(float(summary["fill"][0] or 0.0), 4))
+    chat_ids = pl.scan_parquet(store.path(CHAT_TABLE, shard)).select("pair_id")
+    packed_ids = sequences.select(pl.col("pair_ids").explode().alias("pair_id")).drop_nulls()
+    pair_ids = pl.scan_parquet(source).select("pair_id")
+    ok = (chat_ids.select(pl.len()).collect().item() == total
+          and chat_ids.join(pair_ids, on="pair_id", how="anti").select(pl.len()).collect().item() == 0
+          and not packed_ids.select(pl.col("pair_id").is_duplicated().any()).collect().item()
+          and packed_ids.join(pair_ids, on="pair_id", how="anti").select(pl.len()).collect().item() == 0)
+    preview = pl.read_parquet(store.path(CHAT_TABLE, shard), n_rows=5)
     return MaterializeResult(check_results=[AssetCheckResult(check_name=EXPORTED_ONCE, passed=bool(ok))],
                              metadata=stage_metadata(
-        stats, chat, ["pair_id", "messages"], row_count=chat.height, tokenizer=packing.tokenizer,
+        stats, preview, ["pair_id", "messages"], row_count=total, tokenizer=packing.tokenizer,
         seq_len=packing.seq_len, chat_parquet=MetadataValue.path(store.uri_of(store.path(CHAT_TABLE, shard))),
         chat_jsonl=MetadataValue.path(store.uri_of(jsonl)),
-        packed_parquet=MetadataValue.path(store.uri_of(store.path(PACKED_TABLE, shard))), **gate))
+        packed_parquet=MetadataValue.path(store.uri_of(store.path(PACKED_TABLE, shard))),
+        **throughput_metadata(run, stats), **gate))
