@@ -54,12 +54,14 @@ def materialize_step(selection: list[str], partition: str | None) -> dict:
     from dagster import AssetSelection, DagsterInstance, load_assets_from_modules, materialize
 
     from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
 
     with DagsterInstance.get() as instance:
+        release_dead_runs(instance)  # the run SIGKILLed below must not keep the gpu slot from its resume
         result = materialize(load_assets_from_modules(STAGE_MODULES),
                              selection=AssetSelection.groups("quality") if selection == ["quality"] else selection,
                              partition_key=partition, instance=instance, resources=bench_resources(),
-                             raise_on_error=False)
+                             raise_on_error=False, tags=runner_tags())
         if not result.success:
             failure = next((e for e in result.all_events if e.is_step_failure), None)
             raise SystemExit(f"{selection}[{partition}] failed: "
@@ -124,26 +126,13 @@ def build_inputs(work: Path, n: int) -> dict[str, int]:
     return sizes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--step")
-    parser.add_argument("--partition")
-    args = parser.parse_args()
-    if args.step:  # child: one step
-        print(json.dumps(materialize_step([args.step], args.partition)))
-        return
-
+def run_chain(n: int, env: dict[str, str]) -> tuple[dict[str, int], dict]:
+    """Shared steps, then the shard chain on both shards, each step in its own process."""
     shutil.rmtree(WORK, ignore_errors=True)
-    home = WORK / "home"
+    home = Path(env["DAGSTER_HOME"])
     home.mkdir(parents=True)
     shutil.copy(REPO / "deploy" / "dagster.local.yaml", home / "dagster.yaml")
-    sizes = build_inputs(WORK, args.n)
-    env = {**os.environ, "DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(WORK / "root"),
-           "FINEINSTRUCTIONS_QUERIES": str(WORK / "inputs" / "queries"),
-           "FINEINSTRUCTIONS_CORPUS": str(WORK / "inputs" / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
-           "FINEINSTRUCTIONS_LLM_BACKEND": "vllm", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    sizes = build_inputs(WORK, n)
     from dagster import DagsterInstance
 
     with DagsterInstance.from_config(str(home)) as instance:
@@ -167,14 +156,47 @@ def main() -> None:
             stages[stage]["rows"].append(int(rows))
             print(f"  {stage:<20} [{shard:>3}] {int(rows):>7} rows  {got['seconds']:7.1f} s  "
                   f"{got['peak_rss_mb']:7.0f} MB", flush=True)
-            if stage == "instantiations" and shard == "n":
-                full = got["meta"]
+    return sizes, stages
 
-    # Resume: a second root with everything before instantiations, an empty generation cache, a SIGKILL once
-    # about half of the shard's chunks are on the root, then the same step again.
-    root, resumed_root = WORK / "root", WORK / "root-resume"
-    shutil.copytree(root, resumed_root, ignore=shutil.ignore_patterns("_cache", "instantiations", "judgements",
-                                                                      "fineinstructions", "export_*", "_parts"))
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--step")
+    parser.add_argument("--partition")
+    parser.add_argument("--resume-only", action="store_true",
+                        help="redo only the kill-and-resume part, over the last run's work folder")
+    args = parser.parse_args()
+    if args.step:  # child: one step
+        print(json.dumps(materialize_step([args.step], args.partition)))
+        return
+
+    home = WORK / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(WORK / "root"),
+           "FINEINSTRUCTIONS_QUERIES": str(WORK / "inputs" / "queries"),
+           "FINEINSTRUCTIONS_CORPUS": str(WORK / "inputs" / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+           "FINEINSTRUCTIONS_LLM_BACKEND": "vllm", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    if args.resume_only:
+        saved = json.loads((WORK / "chain.json").read_text())
+        sizes, stages = saved["sizes"], saved["stages"]
+    else:
+        sizes, stages = run_chain(args.n, env)
+        (WORK / "chain.json").write_text(json.dumps({"sizes": sizes, "stages": stages}))
+
+    # Resume: two copies of the root with everything before instantiations and an empty generation cache; on one
+    # the step runs uninterrupted, on the other it is SIGKILLed once about half of the shard's chunks are on the
+    # root and then run again.
+    root = WORK / "root"
+    keep_out = shutil.ignore_patterns("_cache", "instantiations", "judgements", "fineinstructions", "export_*",
+                                      "_parts")
+    copies = {}
+    for name in ("root-full", "root-resume"):
+        copies[name] = WORK / name
+        shutil.rmtree(copies[name], ignore_errors=True)
+        shutil.copytree(root, copies[name], ignore=keep_out)
+    full = run_stage({**env, "FINEINSTRUCTIONS_ROOT": str(copies["root-full"])}, "instantiations", "n")["meta"]
+    resumed_root = copies["root-resume"]
     renv = {**env, "FINEINSTRUCTIONS_ROOT": str(resumed_root)}
     total_chunks = max(1, -(-stages["instantiations"]["rows"][0] // CHUNK_ROWS))
     parts = resumed_root / "_parts" / "instantiations" / "n"
@@ -188,7 +210,7 @@ def main() -> None:
     def rows(r: Path) -> pl.DataFrame:
         return pl.read_parquet(r / "instantiations" / "n.parquet").drop("run_id").sort("instantiation_id")
 
-    identical = rows(root).equals(rows(resumed_root))
+    identical = rows(copies["root-full"]).equals(rows(resumed_root))
     result = {
         "sizes": [sizes["n"], sizes["n8"]],
         "chunk_rows": CHUNK_ROWS,

@@ -31,11 +31,14 @@ def runner_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def run_worker_pid(instance: DagsterInstance, run: DagsterRun) -> int | None:
+def run_worker_pid(instance: DagsterInstance, run: DagsterRun, from_events: bool = True) -> int | None:
     """The pid of the process executing `run` on this host, or None where it is not known here: the runner's
-    tag, else the engine event the code server logs when it starts a run worker."""
+    tag (with this host's name), else, with `from_events` (one-host deployments only: the event names no
+    host), the engine event the code server logs when it starts a run worker."""
     if PID_TAG in run.tags:
         return int(run.tags[PID_TAG]) if run.tags.get(HOST_TAG) == socket.gethostname() else None
+    if not from_events:
+        return None
     for record in instance.all_logs(run.run_id, of_type=DagsterEventType.ENGINE_EVENT):
         m = _STARTED.search(record.message or "")
         if m:
@@ -44,19 +47,20 @@ def run_worker_pid(instance: DagsterInstance, run: DagsterRun) -> int | None:
 
 
 def worker_gone(instance: DagsterInstance, run: DagsterRun) -> bool:
-    pid = run_worker_pid(instance, run)
+    pid = run_worker_pid(instance, run, from_events=False)
     return pid is not None and not pid_alive(pid)
 
 
 def release_dead_runs(instance: DagsterInstance) -> list[str]:
-    """Mark every live-looking run whose worker process is gone as failed and free its concurrency slots.
-    Returns the run ids released."""
+    """Mark every live-looking run of this host's command-line runner (tagged with its pid and host) whose
+    process is gone as failed, and free the concurrency slots of every finished run. Runs launched by a daemon
+    are its run monitoring's business (they may live on other hosts). Returns the run ids released."""
     released = []
     for record in instance.get_run_records(RunsFilter(statuses=_LIVE)):
         run = record.dagster_run
         if not worker_gone(instance, run):
             continue
-        msg = f"run worker (pid {run_worker_pid(instance, run)}) is gone: marked failed, its pool slots freed"
+        msg = f"run worker (pid {run.tags.get(PID_TAG)}) is gone: marked failed, its pool slots freed"
         if run.status == DagsterRunStatus.CANCELING:
             instance.report_run_canceled(run, msg)
         else:

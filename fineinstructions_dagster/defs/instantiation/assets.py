@@ -55,13 +55,13 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
                 chunk.join(rows_for(docs, "doc_id", chunk["doc_id"], ["doc_id", "text"]), on="doc_id", how="inner")
                 .join(bank, on="template_id", how="inner"),
                 f"matches[{shard}] -> documents/template_bank")
+            llm = LLMCall(engine, cache, GenerationStats())  # per chunk: a part's counts are its own
             kept, quarantined, stats = instantiate_matches(
                 pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
                 cfg.max_answer_chars, context.run_id, cfg.instantiator_format)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:
-            llm = LLMCall(engine, cache, GenerationStats())
             run = run_chunked(
                 store, "instantiations", shard,
                 chunks_of(source, cfg.chunk_rows, "doc_id", ["match_id", "doc_id", "template_id", "shard"]),

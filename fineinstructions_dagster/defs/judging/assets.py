@@ -52,12 +52,12 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
                 chunk, chunk.join(rows_for(docs, "doc_id", chunk["doc_id"], ["doc_id", "text"]), on="doc_id",
                                   how="inner"),
                 f"instantiations[{shard}] -> documents")
+            llm = LLMCall(engine, cache, GenerationStats())  # per chunk: a part's counts are its own
             kept, quarantined, stats = judge_instantiations(pending, llm, cfg.judge_sampling, cfg.max_document_chars,
                                                             cfg.max_feedback_chars, context.run_id, cfg.judge_format)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:
-            llm = LLMCall(engine, cache, GenerationStats())
             run = run_chunked(
                 store, "judgements", shard,
                 chunks_of(source, cfg.chunk_rows, "doc_id",
