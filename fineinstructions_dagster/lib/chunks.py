@@ -153,7 +153,8 @@ def run_chunked(
         name = hashlib.sha256((definition + "\x1e" + "\x1f".join(ids.to_list())).encode()).hexdigest()[:24]
         done = store.read_json(f"{folder}/{name}.json")  # written last: a part is complete when it exists
         if done is not None and store.exists(folder, name) and store.exists(folder, f"{name}-q"):
-            stats = StageStats(total=done["total"], kept=done["kept"], extra=done["extra"])
+            # Rows are accounted for; the work (engine requests, tokens, seconds) was another run's, not this one's.
+            stats = StageStats(total=done["total"], kept=done["kept"])
             stats.dropped.update(done["dropped"])
             run.chunks_resumed += 1
         else:
@@ -168,7 +169,7 @@ def run_chunked(
         total.merge(stats)
         run.rows += chunk.height
         run.chunks += 1
-        tokens += int(stats.extra.get("completion_tokens", 0)) if done is None else 0
+        tokens += int(stats.extra.get("completion_tokens", 0))
         if report is not None:
             report(Progress(table, partition, run.rows, rows_total, run.chunks, run.chunks_resumed,
                             time.monotonic() - started, tokens))
