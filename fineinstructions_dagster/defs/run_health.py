@@ -15,12 +15,13 @@ import socket
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, DefaultRunLauncher, RunsFilter
 from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus  # a launcher's health-check types
 
-from fineinstructions_dagster.lib.process import pid_alive
+from fineinstructions_dagster.lib.process import pid_alive, process_start
 
 log = logging.getLogger(__name__)
 
 PID_TAG = "fineinstructions/pid"  # set by the command-line runner on its in-process runs
 HOST_TAG = "fineinstructions/host"
+START_TAG = "fineinstructions/pid_start"  # the process's start time: a reused pid is another process
 _STARTED = re.compile(r"Started process for run \(pid: (\d+)\)")
 _LIVE = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 
@@ -28,7 +29,7 @@ _LIVE = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.C
 def runner_tags() -> dict[str, str]:
     import os
 
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), START_TAG: process_start(os.getpid()) or ""}
 
 
 def run_worker_pid(instance: DagsterInstance, run: DagsterRun, from_events: bool = True) -> int | None:
@@ -47,8 +48,13 @@ def run_worker_pid(instance: DagsterInstance, run: DagsterRun, from_events: bool
 
 
 def worker_gone(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """The runner that tagged `run` on this host is not running any more (its pid is gone, or now belongs to a
+    process that started at another time)."""
     pid = run_worker_pid(instance, run, from_events=False)
-    return pid is not None and not pid_alive(pid)
+    if pid is None:
+        return False
+    started = run.tags.get(START_TAG)
+    return not pid_alive(pid) or bool(started and process_start(pid) != started)
 
 
 def release_dead_runs(instance: DagsterInstance) -> list[str]:

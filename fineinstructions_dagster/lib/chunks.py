@@ -46,10 +46,11 @@ class Progress:
     chunks_resumed: int
     seconds: float
     completion_tokens: int = 0
+    rows_processed: int = 0  # rows_done minus the resumed chunks' rows: what this run's time was spent on
 
     @property
     def rows_per_s(self) -> float:
-        return self.rows_done / self.seconds if self.seconds > 0 else 0.0
+        return self.rows_processed / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def eta_s(self) -> float | None:
@@ -85,6 +86,7 @@ class ChunkedRun:
 
     stats: StageStats
     rows: int = 0
+    rows_processed: int = 0  # excluding resumed chunks
     chunks: int = 0
     chunks_resumed: int = 0
     seconds: float = 0.0
@@ -168,11 +170,12 @@ def run_chunked(
         quarantined_parts.append(store.path(folder, f"{name}-q"))
         total.merge(stats)
         run.rows += chunk.height
+        run.rows_processed += chunk.height if done is None else 0
         run.chunks += 1
         tokens += int(stats.extra.get("completion_tokens", 0))
         if report is not None:
             report(Progress(table, partition, run.rows, rows_total, run.chunks, run.chunks_resumed,
-                            time.monotonic() - started, tokens))
+                            time.monotonic() - started, tokens, run.rows_processed))
     store.write_parts(table, kept_parts, empty_kept, partition)
     store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True)
     store.remove_dir(folder)

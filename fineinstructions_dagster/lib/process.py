@@ -19,8 +19,9 @@ def die_with_parent() -> bool:
     multiprocessing children (Dagster's step processes): a SIGKILLed run worker then takes its steps and
     their in-process LLM engines with it instead of leaving them to hold memory and the `gpu` slot.
     The command-line runner is a top-level process and is left alone. True when set."""
-    if not sys.platform.startswith("linux") or multiprocessing.parent_process() is None:
-        return False
+    parent = multiprocessing.parent_process()
+    if not sys.platform.startswith("linux") or parent is None or parent.pid != os.getppid():
+        return False  # not a direct child of the run worker (e.g. started by a forkserver): nothing to tie to
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -28,8 +29,7 @@ def die_with_parent() -> bool:
     except (OSError, AttributeError) as e:
         log.warning("could not tie this process to its parent's lifetime: %s", e)
         return False
-    parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid != os.getppid():  # the parent died before prctl took effect
+    if parent.pid != os.getppid():  # the parent died between the check above and prctl
         os.kill(os.getpid(), signal.SIGKILL)
     return True
 
@@ -47,3 +47,13 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def process_start(pid: int) -> str | None:
+    """When the process started (clock ticks since boot, /proc/<pid>/stat field 22): with the pid, it names one
+    process, so a pid reused after a restart (a container's pid 1) is not mistaken for the old one."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None

@@ -416,6 +416,18 @@ def template_usage(found: pl.DataFrame) -> pl.DataFrame:
             .select("template_id", "uses", "share", "top1"))
 
 
+def template_usage_of(path: str | Path) -> pl.DataFrame:
+    """`template_usage` of a partition's file, aggregated lazily (memory follows the templates, not the rows)."""
+    scan = pl.scan_parquet(path).select("template_id", "rank")
+    n = scan.select(pl.len()).collect().item()
+    if n == 0:
+        return template_usage(pl.DataFrame(schema={"template_id": pl.String, "rank": pl.Int32}))
+    return (scan.group_by("template_id").agg(pl.len().alias("uses"), (pl.col("rank") == 1).sum().alias("top1"))
+            .with_columns((pl.col("uses") / n).alias("share"))
+            .sort(["uses", "template_id"], descending=[True, False])
+            .select("template_id", "uses", "share", "top1").collect())
+
+
 def usage_summary_of(usage: pl.DataFrame, path: str | Path) -> dict[str, float | int]:
     """`usage_summary` of a whole partition from its template usage and its file (read lazily)."""
     if usage.height == 0:

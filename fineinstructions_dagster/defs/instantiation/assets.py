@@ -22,6 +22,7 @@ from fineinstructions_dagster.lib.chunks import (
     run_chunked,
 )
 from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.prompts import instantiate
 from fineinstructions_dagster.stages.instantiation import BASE_SCHEMA, INSTANTIATION_SCHEMA, instantiate_matches
 from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 
@@ -43,6 +44,7 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     engine = instantiator_llm.engine()
     bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
     definition = definition_hash("instantiations", engine.info.backend, engine.info.model, engine.info.revision,
+                                 instantiate.PROMPT_VERSION, instantiate.RELEASED_PROMPT_VERSION,
                                  cfg.instantiator_sampling, cfg.instantiator_format, cfg.max_document_chars,
                                  cfg.max_instruction_chars, cfg.max_answer_chars)
 

@@ -22,6 +22,7 @@ from fineinstructions_dagster.lib.chunks import (
     run_chunked,
 )
 from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.prompts import judge
 from fineinstructions_dagster.stages.judging import BASE_SCHEMA, JUDGEMENT_SCHEMA, judge_instantiations
 from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 
@@ -41,8 +42,8 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     store = storage.store()
     engine = judge_llm.engine()
     definition = definition_hash("judgements", engine.info.backend, engine.info.model, engine.info.revision,
-                                 cfg.judge_sampling, cfg.judge_format, cfg.max_document_chars,
-                                 cfg.max_feedback_chars)
+                                 judge.PROMPT_VERSION, judge.FLOW_PROMPT_VERSION, cfg.judge_sampling,
+                                 cfg.judge_format, cfg.max_document_chars, cfg.max_feedback_chars)
 
     def one(shard: str) -> MaterializeResult:
         source, docs = store.file("instantiations", shard), store.file("documents", shard)

@@ -31,7 +31,7 @@ from fineinstructions_dagster.stages.matching import (
     match_problems,
     open_template_index,
     template_index_id,
-    template_usage,
+    template_usage_of,
     unchanged_template_index,
     usage_summary_of,
 )
@@ -104,7 +104,7 @@ def matches(context: AssetExecutionContext, storage: StorageResource, embedder: 
                           "doc_id", definition, process, pl.DataFrame(schema=MATCH_SCHEMA),
                           pl.DataFrame(schema={"doc_id": pl.String}), count_rows(source), progress_reporter(context))
         path = store.path("matches", shard)
-        usage = template_usage(pl.read_parquet(path, columns=["template_id", "rank"]))
+        usage = template_usage_of(path)
         run.stats.extra.update(matches=int(usage["uses"].sum()) if usage.height else 0,
                                **usage_summary_of(usage, path))
         problems = sorted({p for part in chunks_of(path, chunk_rows, "doc_id") for p in match_problems(part, cfg.k)})

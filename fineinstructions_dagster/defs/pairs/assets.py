@@ -47,7 +47,9 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     cfg = pipeline.config()
     store = storage.store()
     bank = store.read("template_bank").select("template_id", "template", "query_ids", "run_id")
-    definition = definition_hash("fineinstructions", cfg.judge_threshold, cfg.min_grounding)
+    # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part.
+    definition = definition_hash("fineinstructions", cfg.judge_threshold, cfg.min_grounding,
+                                 bank.select("template_id", "run_id").sort("template_id").rows())
 
     def one(shard: str) -> MaterializeResult:
         source = store.file("judgements", shard)

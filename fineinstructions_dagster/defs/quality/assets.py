@@ -244,8 +244,9 @@ def latest_materialization(instance: DagsterInstance, key: AssetKey,
     return (result.records[0].storage_id, result.records[0].timestamp) if result.records else None
 
 
-_UNFINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-               DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+# Only builds that run now: a queued one may wait for the very run slots exports hold (and the gate's staleness
+# check already refuses pairs newer than the last build).
+_BUILDING = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 QUALITY_JOB = "quality_job"
 DBT_STEP = "dbt_quality"  # the step (op) of the dbt build
 QUALITY_BUILD_WAIT_S = 900  # how long an export waits for another run's dbt build before refusing
@@ -253,7 +254,7 @@ QUALITY_BUILD_WAIT_S = 900  # how long an export waits for another run's dbt bui
 
 def quality_builds_in_progress(instance: DagsterInstance, own_run_id: str) -> list[str]:
     """Ids of other runs, not finished, that build the quality models (their tests are being rewritten now)."""
-    return [r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=_UNFINISHED))
+    return [r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(statuses=_BUILDING))
             if r.dagster_run.run_id != own_run_id and _builds_quality(instance, r.dagster_run)]
 
 
