@@ -7,7 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import polars as pl
-from dagster import AssetCheckResult, AssetMaterialization, Failure, MaterializeResult, MetadataValue
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckResult,
+    AssetMaterialization,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+)
 
 from fineinstructions_dagster.lib.chunks import ChunkedRun, Progress, progress_bar
 from fineinstructions_dagster.lib.stats import StageStats
@@ -107,6 +114,10 @@ def for_each_partition(context: Any, one: Callable[[str], MaterializeResult]) ->
         for key, res in results.items():
             context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key,
                                                    metadata=dict(res.metadata or {})))
+            for check in res.check_results or []:  # the good partitions' checks count too
+                context.log_event(AssetCheckEvaluation(
+                    asset_key=check.asset_key or context.asset_key, check_name=check.check_name or "",
+                    passed=check.passed, metadata=dict(check.metadata or {}), partition=key))
         raise Failure(
             f"{len(errors)} of {len(keys)} partitions failed (the other {len(results)} are recorded as "
             "materialized): " + "; ".join(f"{k}: {v}" for k, v in errors.items())[:4000],

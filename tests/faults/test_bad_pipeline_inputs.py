@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, materialize
+from dagster import AssetCheckKey, AssetKey, AssetRecordsFilter, DagsterInstance, materialize
 
 from fineinstructions_dagster.llm.engines import vllm_available
 from tests.faults.conftest import cli_env, new_home, run_cli
@@ -112,4 +112,8 @@ def test_a_batched_run_records_the_partitions_that_succeeded(tmp_path, sample_in
         done = {r.partition_key for r in instance.fetch_materializations(
             AssetRecordsFilter(asset_key=AssetKey("user_queries")), limit=10).records}
         assert done == {"python_faq"}
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [AssetCheckKey(AssetKey("user_queries"), "query_id_unique")])
+        evaluation = next(iter(check.values())).event.asset_check_evaluation
+        assert evaluation.passed and evaluation.partition == "python_faq"
     assert Path(tmp_path / "root" / "user_queries" / "python_faq.parquet").exists()
