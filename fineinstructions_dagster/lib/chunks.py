@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 
 from fineinstructions_dagster.lib.stats import StageStats
-from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.lib.storage import TableStore, file_lock
 
 PARTS_DIR = "_parts"
 LOOKAHEAD_ROWS = 256  # rows read past a chunk's end to find where its last group ends
@@ -142,7 +142,19 @@ def run_chunked(
 ) -> ChunkedRun:
     """Process `chunks` (each a frame with `id_column`) into parts, skipping parts that exist, then publish the
     partition of `table` (and its quarantine) whole. `definition`: `definition_hash(...)` of the stage's
-    config, model and prompt; with the chunk's ids it names the part, so a changed config never reuses a part."""
+    config, model and prompt; with the chunk's ids it names the part, so a changed config never reuses a part.
+    Two runs of one partition on one working copy take turns (a lock per partition), so the second never lists
+    parts the first then publishes and removes."""
+    with file_lock(store.root / PARTS_DIR / table / f".{partition}.lock"):
+        return _run_chunked(store, table, partition, chunks, id_column, definition, process, empty_kept,
+                            empty_quarantined, rows_total, report)
+
+
+def _run_chunked(
+    store: TableStore, table: str, partition: str, chunks: Iterator[pl.DataFrame], id_column: str,
+    definition: str, process: Callable[[pl.DataFrame], ChunkOutput], empty_kept: pl.DataFrame,
+    empty_quarantined: pl.DataFrame, rows_total: int, report: Callable[[Progress], None] | None,
+) -> ChunkedRun:
     folder = f"{PARTS_DIR}/{table}/{partition}"
     total = StageStats()
     kept_parts: list[Path] = []

@@ -88,3 +88,35 @@ def test_a_changed_definition_reuses_no_part(tmp_path, matches):
     calls: list[int] = []
     again = run(store, matches, calls, definition=definition_hash("v2", 0.5))
     assert again.chunks_resumed == 0 and len(calls) == again.chunks
+
+
+def test_two_runs_of_one_partition_take_turns(tmp_path, matches):
+    import threading
+    import time
+
+    store = TableStore(tmp_path / "root")
+    results, errors = [], []
+
+    def slow(chunk: pl.DataFrame, calls: list[int], pause: float) -> ChunkOutput:
+        time.sleep(pause)
+        return double(chunk, calls)
+
+    def one(pause: float, delay: float) -> None:
+        time.sleep(delay)  # the second run starts while the first is half-way, and works more slowly
+        try:
+            empty = pl.read_parquet(matches, n_rows=0)
+            results.append(run_chunked(store, "doubled", "s1", chunks_of(matches, 100, "doc_id"), "match_id", "v1",
+                                       lambda c: slow(c, [], pause), empty.with_columns(pl.lit(0).alias("n2")),
+                                       empty.with_columns(pl.lit("").alias("reason")), 3000))
+        except Exception as e:  # the failure this guards against: parts removed under the second run
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(0.01, 0.0)), threading.Thread(target=one, args=(0.05, 0.1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2
+    reference = TableStore(tmp_path / "ref")
+    run(reference, matches, [])
+    assert store.read("doubled", "s1").equals(reference.read("doubled", "s1"))
