@@ -61,10 +61,10 @@ def progress_reporter(context: Any) -> Callable[[Progress], None]:
     return report
 
 
-def throughput_metadata(run: ChunkedRun, stats: StageStats) -> dict[str, Any]:
+def throughput_metadata(run: ChunkedRun) -> dict[str, Any]:
     """What a materialization cost, so a backfill's cost can be read in the UI and projected to a corpus."""
     seconds = max(run.seconds, 1e-9)
-    extra = stats.extra
+    extra = run.stats.extra
     out: dict[str, Any] = {"seconds": round(run.seconds, 3), "rows_per_s": round(run.rows_processed / seconds, 2),
                            "chunks": run.chunks, "chunks_resumed": run.chunks_resumed}
     if "engine_seconds" in extra:

@@ -9,6 +9,7 @@ deploy/dagster.local.yaml), and the command-line runner, which has no daemon, ca
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 
@@ -27,8 +28,7 @@ _LIVE = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.C
 
 
 def runner_tags() -> dict[str, str]:
-    import os
-
+    """Tags the command-line runner puts on its runs, so a later runner can tell whether their process lives."""
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), START_TAG: process_start(os.getpid()) or ""}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,6 @@ class ChunkedRun:
     chunks: int = 0
     chunks_resumed: int = 0
     seconds: float = 0.0
-    throughput: dict[str, float] = field(default_factory=dict)
 
 
 def definition_hash(*parts: Any) -> str:
@@ -146,51 +145,43 @@ def run_chunked(
     Two runs of one partition on one working copy take turns (a lock per partition), so the second never lists
     parts the first then publishes and removes."""
     with file_lock(store.root / PARTS_DIR / table / f".{partition}.lock"):
-        return _run_chunked(store, table, partition, chunks, id_column, definition, process, empty_kept,
-                            empty_quarantined, rows_total, report)
-
-
-def _run_chunked(
-    store: TableStore, table: str, partition: str, chunks: Iterator[pl.DataFrame], id_column: str,
-    definition: str, process: Callable[[pl.DataFrame], ChunkOutput], empty_kept: pl.DataFrame,
-    empty_quarantined: pl.DataFrame, rows_total: int, report: Callable[[Progress], None] | None,
-) -> ChunkedRun:
-    folder = f"{PARTS_DIR}/{table}/{partition}"
-    total = StageStats()
-    kept_parts: list[Path] = []
-    quarantined_parts: list[Path] = []
-    run = ChunkedRun(total)
-    started = time.monotonic()
-    tokens = 0
-    for chunk in chunks:
-        ids = chunk[id_column].cast(pl.String)
-        name = hashlib.sha256((definition + "\x1e" + "\x1f".join(ids.to_list())).encode()).hexdigest()[:24]
-        done = store.read_json(f"{folder}/{name}.json")  # written last: a part is complete when it exists
-        if done is not None and store.exists(folder, name) and store.exists(folder, f"{name}-q"):
-            # Rows are accounted for; the work (engine requests, tokens, seconds) was another run's, not this one's.
-            stats = StageStats(total=done["total"], kept=done["kept"])
-            stats.dropped.update(done["dropped"])
-            run.chunks_resumed += 1
-        else:
-            out = process(chunk)
-            stats = out.stats
-            store.write(folder, out.kept, name)
-            store.write(folder, out.quarantined, f"{name}-q")
-            store.write_json(f"{folder}/{name}.json", {"total": stats.total, "kept": stats.kept,
-                                                       "dropped": dict(stats.dropped), "extra": stats.extra})
-        kept_parts.append(store.path(folder, name))
-        quarantined_parts.append(store.path(folder, f"{name}-q"))
-        total.merge(stats)
-        run.rows += chunk.height
-        run.rows_processed += chunk.height if done is None else 0
-        run.chunks += 1
-        tokens += int(stats.extra.get("completion_tokens", 0))
-        if report is not None:
-            report(Progress(table, partition, run.rows, rows_total, run.chunks, run.chunks_resumed,
-                            time.monotonic() - started, tokens, run.rows_processed))
-    store.write_parts(table, kept_parts, empty_kept, partition)
-    store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True)
-    store.remove_dir(folder)
-    run.seconds = time.monotonic() - started
-    total.check_balanced()
-    return run
+        folder = f"{PARTS_DIR}/{table}/{partition}"
+        total = StageStats()
+        kept_parts: list[Path] = []
+        quarantined_parts: list[Path] = []
+        run = ChunkedRun(total)
+        started = time.monotonic()
+        tokens = 0
+        for chunk in chunks:
+            ids = chunk[id_column].cast(pl.String)
+            name = hashlib.sha256((definition + "\x1e" + "\x1f".join(ids.to_list())).encode()).hexdigest()[:24]
+            done = store.read_json(f"{folder}/{name}.json")  # written last: a part is complete when it exists
+            resumed = done is not None and store.exists(folder, name) and store.exists(folder, f"{name}-q")
+            if resumed:
+                # Rows are accounted for; the work (engine requests, tokens, seconds) was another run's.
+                stats = StageStats(total=done["total"], kept=done["kept"])
+                stats.dropped.update(done["dropped"])
+                run.chunks_resumed += 1
+            else:
+                out = process(chunk)
+                stats = out.stats
+                store.write(folder, out.kept, name)
+                store.write(folder, out.quarantined, f"{name}-q")
+                store.write_json(f"{folder}/{name}.json", {"total": stats.total, "kept": stats.kept,
+                                                           "dropped": dict(stats.dropped), "extra": stats.extra})
+            kept_parts.append(store.path(folder, name))
+            quarantined_parts.append(store.path(folder, f"{name}-q"))
+            total.merge(stats)
+            run.rows += chunk.height
+            run.rows_processed += 0 if resumed else chunk.height
+            run.chunks += 1
+            tokens += int(stats.extra.get("completion_tokens", 0))
+            if report is not None:
+                report(Progress(table, partition, run.rows, rows_total, run.chunks, run.chunks_resumed,
+                                time.monotonic() - started, tokens, run.rows_processed))
+        store.write_parts(table, kept_parts, empty_kept, partition)
+        store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True)
+        store.remove_dir(folder)
+        run.seconds = time.monotonic() - started
+        total.check_balanced()
+        return run

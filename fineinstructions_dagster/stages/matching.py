@@ -34,6 +34,8 @@ MATCH_SCHEMA = {
     "rank": pl.Int32(), "index_id": pl.String(), "pooling": pl.String(), "run_id": pl.String(),
 }
 MATCH_COLUMNS = list(MATCH_SCHEMA)
+NO_MATCH = "no_template_above_min_score"
+UNMATCHED_SCHEMA = {"doc_id": pl.String(), "shard": pl.String(), "reason": pl.String()}
 
 
 class StaleIndexError(RuntimeError):
@@ -376,11 +378,17 @@ def match_documents(docs: pl.DataFrame, tindex: TemplateIndex, embedder: Embedde
     )
     matched = found["doc_id"].n_unique() if found.height else 0
     if docs.height - matched:
-        stats.drop("no_template_above_min_score", docs.height - matched)
+        stats.drop(NO_MATCH, docs.height - matched)
     stats.kept = matched
     stats.extra.update(matches=found.height, **usage_summary(found))
     stats.check_balanced()
     return found, stats
+
+
+def unmatched_documents(docs: pl.DataFrame, found: pl.DataFrame) -> pl.DataFrame:
+    """The documents that got no template (quarantine rows with the reason `match_documents` counts)."""
+    return (docs.filter(~pl.col("doc_id").is_in(found["doc_id"].implode()))
+            .select("doc_id", "shard", pl.lit(NO_MATCH).alias("reason")).cast(UNMATCHED_SCHEMA))  # type: ignore[arg-type]
 
 
 def match_problems(found: pl.DataFrame, k: int) -> list[str]:

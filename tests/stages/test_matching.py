@@ -14,6 +14,7 @@ from fineinstructions_dagster.stages.matching import (
     template_index_id,
     template_usage,
     unchanged_template_index,
+    unmatched_documents,
 )
 
 BANK = pl.DataFrame({
@@ -145,6 +146,9 @@ def test_min_score_drop_is_counted(index_dir, embedder):
     cfg = MatchConfig(k=2, min_score=0.99)
     found, stats = match_documents(DOCS, open_template_index(index_dir, embedder), embedder, cfg)
     assert found.height == 0 and stats.dropped["no_template_above_min_score"] == 2
+    quarantined = unmatched_documents(DOCS, found)  # and each such document is a quarantine row with the reason
+    assert sorted(quarantined["doc_id"]) == sorted(DOCS["doc_id"])
+    assert set(quarantined["reason"]) == {"no_template_above_min_score"}
 
 
 def test_diversity_avoids_near_identical_templates(index_dir, embedder):

@@ -46,18 +46,18 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
     tok = load_tokenizer(packing.tokenizer)
     report = progress_reporter(context)
 
+    no_rows = pl.DataFrame(schema={"pair_id": pl.String})  # the export rejects nothing: empty quarantine parts
+
     def chat(chunk: pl.DataFrame) -> ChunkOutput:
-        return ChunkOutput(chat_records(chunk), pl.DataFrame(schema={"pair_id": pl.String}),
-                           StageStats(total=chunk.height, kept=chunk.height))
+        return ChunkOutput(chat_records(chunk), no_rows, StageStats(total=chunk.height, kept=chunk.height))
 
     def packed(chunk: pl.DataFrame) -> ChunkOutput:
         # Sequences never cross a chunk: at most one part-filled sequence per chunk of `chunk_rows` pairs.
         seqs, stats = pack(tokenize_pairs(chunk, tok), packing.seq_len, tok.pad_token_id or 0,
                            f"{shard}:{chunk['pair_id'].min()}")
         stats.extra.pop("fill", None)
-        return ChunkOutput(seqs, pl.DataFrame(schema={"pair_id": pl.String}), stats)
+        return ChunkOutput(seqs, no_rows, stats)
 
-    no_rows = pl.DataFrame(schema={"pair_id": pl.String})
     run_chunked(store, CHAT_TABLE, shard, chunks_of(source, cfg.chunk_rows, None), "pair_id",
                 definition_hash(CHAT_TABLE), chat, chat(pl.read_parquet(source, n_rows=0)).kept, no_rows, total, report)
     jsonl = store.write_jsonl_from(CHAT_TABLE, shard)
@@ -83,4 +83,4 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
         seq_len=packing.seq_len, chat_parquet=MetadataValue.path(store.uri_of(store.path(CHAT_TABLE, shard))),
         chat_jsonl=MetadataValue.path(store.uri_of(jsonl)),
         packed_parquet=MetadataValue.path(store.uri_of(store.path(PACKED_TABLE, shard))),
-        **throughput_metadata(run, stats), **gate))
+        **throughput_metadata(run), **gate))

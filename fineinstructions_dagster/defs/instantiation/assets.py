@@ -75,7 +75,7 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
         return MaterializeResult(
             metadata=stage_metadata(run.stats, kept.head(5).collect(), ["instruction", "answer", "grounding"],
                                     mean_grounding=float(summary["mean"][0] or 0.0),
-                                    **throughput_metadata(run, run.stats)),
+                                    **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=GROUNDING_IN_RANGE,
                                             passed=summary["n"][0] == 0 or bool(summary["ok"][0]))],
         )

@@ -73,7 +73,7 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
         return MaterializeResult(
             metadata=stage_metadata(run.stats, kept.head(5).collect(), ["judgement_id", "score", "feedback"],
                                     score_histogram=hist, judge_format=cfg.judge_format,
-                                    **throughput_metadata(run, run.stats)),
+                                    **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=SCORES_ON_SCALE, passed=ok, metadata={"histogram": hist})])
 
     return for_each_partition(context, one)

@@ -26,6 +26,7 @@ from fineinstructions_dagster.defs.templates.assets import template_bank
 from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
 from fineinstructions_dagster.stages.matching import (
     MATCH_SCHEMA,
+    UNMATCHED_SCHEMA,
     build_template_index,
     match_documents,
     match_problems,
@@ -33,6 +34,7 @@ from fineinstructions_dagster.stages.matching import (
     template_index_id,
     template_usage_of,
     unchanged_template_index,
+    unmatched_documents,
     usage_summary_of,
 )
 
@@ -98,11 +100,11 @@ def matches(context: AssetExecutionContext, storage: StorageResource, embedder: 
 
         def process(chunk: pl.DataFrame) -> ChunkOutput:
             found, stats = match_documents(chunk, tindex, emb, cfg, context.run_id)
-            return ChunkOutput(found, pl.DataFrame(schema={"doc_id": pl.String}), stats)
+            return ChunkOutput(found, unmatched_documents(chunk, found), stats)
 
         run = run_chunked(store, "matches", shard, chunks_of(source, chunk_rows, None, ["doc_id", "shard", "text"]),
                           "doc_id", definition, process, pl.DataFrame(schema=MATCH_SCHEMA),
-                          pl.DataFrame(schema={"doc_id": pl.String}), count_rows(source), progress_reporter(context))
+                          pl.DataFrame(schema=UNMATCHED_SCHEMA), count_rows(source), progress_reporter(context))
         path = store.path("matches", shard)
         usage = template_usage_of(path)
         run.stats.extra.update(matches=int(usage["uses"].sum()) if usage.height else 0,
@@ -114,7 +116,7 @@ def matches(context: AssetExecutionContext, storage: StorageResource, embedder: 
                                                               "rank"],
                 row_count=int(run.stats.extra["matches"]), index_id=tindex.meta.index_id, matcher=cfg.describe(),
                 template_usage=MetadataValue.md(preview_markdown(usage, list(usage.columns), rows=10)),
-                **throughput_metadata(run, run.stats)),
+                **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=MATCHES_WELL_FORMED, passed=not problems,
                                             metadata={"problems": "; ".join(problems) or "none"})])
 

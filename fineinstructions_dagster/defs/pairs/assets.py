@@ -74,7 +74,7 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
         return MaterializeResult(
             metadata=stage_metadata(run.stats, pairs.head(5).collect(),
                                     ["pair_id", "template_id", "doc_id", "instruction", "answer", "judge_score",
-                                     "grounding"], **extra, **throughput_metadata(run, run.stats)),
+                                     "grounding"], **extra, **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=LINEAGE_COMPLETE, passed=incomplete.item() == 0)],
         )
 

@@ -271,11 +271,9 @@ def _builds_quality(instance: DagsterInstance, run: DagsterRun) -> bool:
     return any(step.key == DBT_STEP for step in plan.steps)
 
 
-def wait_for_quality_builds(context: AssetExecutionContext, timeout_s: float | None = None,
-                            poll_s: float = 2.0) -> list[str]:
+def wait_for_quality_builds(context: AssetExecutionContext, timeout_s: float, poll_s: float = 2.0) -> list[str]:
     """Wait while another run builds the quality tables (its test results are about to change); returns the
     builds still running when the wait ran out."""
-    timeout_s = QUALITY_BUILD_WAIT_S if timeout_s is None else timeout_s
     deadline = time.monotonic() + timeout_s
     busy = quality_builds_in_progress(context.instance, context.run_id)
     if busy:
