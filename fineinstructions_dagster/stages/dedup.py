@@ -1,5 +1,12 @@
-"""Near-duplicate detection across corpus shards: MinHash signatures per shard, LSH buckets and duplicate
-clusters over all shards at once.
+"""Near-duplicate detection across corpus shards, in three steps that each bound their memory:
+
+1. per shard (`shard_signatures`): MinHash signatures, and one *band row* per (band, document) with the band's
+   key and a bucket number, sorted by bucket: compact integers (the doc_id's 64 bits), never strings;
+2. per bucket range (`candidate_edges`): the range's band rows of every shard, read a few hundred thousand
+   rows at a time, grouped by key; documents sharing a key become candidate edges, confirmed by the estimated
+   Jaccard similarity of their signatures (fetched for the candidates only);
+3. once (`decide_duplicates`): connected components over the confirmed edges only (memory grows with the
+   number of duplicates, not documents) and one decision per document in a component.
 
 Written by hand (not datasketch) because a per-batch vectorised pipeline is much faster than hashing
 shingle by shingle in Python: DuckDB builds word 5-gram shingles and hashes them with MD5 (stable across
@@ -7,13 +14,18 @@ versions and machines, so signatures stored today still match signatures compute
 applies the permutations and takes per-document minima with `minimum.reduceat`, and SciPy finds the
 connected components of the candidate graph. `benchmarks/documents.py` measures it against datatrove.
 
-Decisions are a function of the set of shards, not of the order they ran in: each cluster keeps the
-member with the smallest `doc_id`.
+Two rules for who is kept (README, "Near-duplicate removal"): `stable` (default) never changes a decision
+already made: documents of shards decided before keep their decisions, and a new shard's documents that
+duplicate them are removed; `rebuild` decides from scratch over every shard, each cluster keeping its smallest
+doc_id (a function of the set of shards, not of the order they ran in).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -35,10 +47,16 @@ class MinhashConfig:
     # Candidates from a shared bucket are confirmed only if their estimated Jaccard similarity
     # (share of equal signature values) reaches this; it is what lets shorter bands keep precision.
     min_similarity: float = 0.5
+    # Who is kept when a cluster spans shards: "stable" (decisions once made stay put) or "rebuild".
+    keep: str = "stable"
 
     def __post_init__(self) -> None:
         if self.ngram < 1 or self.bands < 1 or self.rows < 1:
             raise ValueError(f"ngram, bands and rows must be >= 1: {self}")
+        if self.bands >= EXACT_BAND:
+            raise ValueError(f"at most {EXACT_BAND - 1} bands")
+        if self.keep not in ("stable", "rebuild"):
+            raise ValueError(f"minhash keep must be 'stable' or 'rebuild', got {self.keep!r}")
         if not 0.0 <= self.min_similarity <= 1.0:
             raise ValueError("min_similarity must be in [0, 1]")
 
@@ -50,6 +68,27 @@ class MinhashConfig:
     def version(self) -> str:
         """Signatures are comparable only under the same version string."""
         return f"minhash-md5-{self.ngram}g-{self.bands}x{self.rows}-s{self.seed}"
+
+
+# Bucket numbers are the top bits of a band row's key: 65,536 buckets, split into BUCKET_RANGES ranges of equal
+# size; each range is one partition of the bucket step (a static partition set, so a backfill spreads them).
+BUCKET_BITS = 16
+BUCKETS = 1 << BUCKET_BITS
+BUCKET_RANGES = 16
+EXACT_BAND = 255  # the band number of the exact-duplicate row (key = normalised-text hash)
+
+
+def bucket_range_keys() -> list[str]:
+    return [f"{i:02d}" for i in range(BUCKET_RANGES)]
+
+
+def bucket_range(key: str) -> tuple[int, int]:
+    """[lo, hi) bucket numbers of a bucket-range partition key ("00".."15")."""
+    i = int(key)
+    if not 0 <= i < BUCKET_RANGES:
+        raise ValueError(f"bucket range {key!r} is not one of {bucket_range_keys()[0]}..{bucket_range_keys()[-1]}")
+    width = BUCKETS // BUCKET_RANGES
+    return i * width, (i + 1) * width
 
 
 def _permutations(cfg: MinhashConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -149,70 +188,259 @@ def band_keys(sig: np.ndarray, cfg: MinhashConfig) -> np.ndarray:
     return key
 
 
-def signature_frame(doc_ids: list[str], texts: list[str], cfg: MinhashConfig) -> pl.DataFrame:
-    """Per-document signature rows for one shard: doc_id, band keys, full signature."""
-    sig = minhash_signatures(texts, cfg)
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every output bit depends on every input bit (bucket = top bits)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def id_keys(ids: pl.Series) -> np.ndarray:
+    """The 64 bits of content ids ("d" + 16 hex digits): the same order as the strings, 8 bytes each."""
+    bad = ids.is_null() | (ids.str.len_bytes() != 17)
+    if bad.any():
+        raise ValueError(f"not a 64-bit content id: {ids.filter(bad)[0]!r}")
+    return ids.str.slice(1).str.to_integer(base=16, dtype=pl.UInt64).to_numpy()
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def key_ids(keys: np.ndarray, kind: str = "d") -> pl.Series:
+    """Back from 64-bit keys to content-id strings, vectorised (no Python string per row)."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    chars = np.empty((keys.size, 17), dtype=np.uint8)
+    chars[:, 0] = ord(kind)
+    shifts = np.arange(60, -1, -4, dtype=np.uint64)
+    chars[:, 1:] = _HEX[((keys[:, None] >> shifts) & np.uint64(15)).astype(np.intp)]
+    return pl.Series(chars.view("S17").ravel(), dtype=pl.Binary).cast(pl.String)
+
+
+BAND_SCHEMA = {"bucket": pl.UInt32, "band": pl.UInt8, "key": pl.UInt64, "doc_key": pl.UInt64}
+
+
+SIGNATURE_SCHEMA: dict[str, pl.DataType] = {"doc_key": pl.UInt64(), "signature": pl.Binary()}
+
+
+def signature_blobs(sig: np.ndarray) -> pl.Series:
+    """(n, num_perm) uint32 -> one bytes value per row: Parquet decodes a blob ~5x faster than a list column,
+    and the bucket step reads every shard's signatures once per bucket range."""
+    import pyarrow as pa
+
+    sig = np.ascontiguousarray(sig, dtype=np.uint32)
+    n, width = sig.shape
+    blobs = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width * 4), n, [None, pa.py_buffer(sig.tobytes())])
+    return pl.Series("signature", blobs).cast(pl.Binary)
+
+
+def signature_matrix(blobs: pl.Series, num_perm: int) -> np.ndarray:
+    """The inverse of `signature_blobs`; a blob of the wrong length names the signature version mismatch."""
+    if blobs.len() == 0:
+        return np.zeros((0, num_perm), dtype=np.uint32)
+    lengths = blobs.bin.size()
+    if (lengths != num_perm * 4).any():
+        raise ValueError(f"signatures of {lengths.filter(lengths != num_perm * 4)[0] // 4} values, expected "
+                         f"{num_perm}: written under another MinHash setting; re-materialize filtered_documents")
+    arr = blobs.rechunk().to_arrow()
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64 if "large" in str(arr.type) else np.int32)
+    start = offsets[arr.offset]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[start:start + len(arr) * num_perm * 4]
+    return data.view(np.uint32).reshape(len(arr), num_perm)
+
+
+def shard_signatures(doc_ids: pl.Series, text_hashes: pl.Series, texts: list[str],
+                     cfg: MinhashConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One batch of a shard -> (signatures: doc_key + signature, band rows: bucket, band, key, doc_key)."""
+    return signature_rows(id_keys(doc_ids), id_keys(text_hashes), minhash_signatures(texts, cfg), cfg)
+
+
+def signature_rows(doc_key: np.ndarray, text_key: np.ndarray, sig: np.ndarray,
+                   cfg: MinhashConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Signatures (n, num_perm) of documents -> their signature rows and band rows, sorted by bucket.
+
+    Each document gets one band row per LSH band (key = hash of the band number and its rows) and one for
+    the exact band (key = hash of its normalised text), so exact and near duplicates meet in the same buckets.
+    """
+    n = doc_key.size
     keys = band_keys(sig, cfg)
-    return pl.DataFrame({
-        "doc_id": doc_ids,
-        "band_keys": pl.Series(keys.tolist(), dtype=pl.List(pl.UInt64)),
-        "signature": pl.Series(sig.tolist(), dtype=pl.List(pl.UInt32)),
-    })
+    with np.errstate(over="ignore"):
+        keys = _mix64(keys + np.arange(1, cfg.bands + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        exact = _mix64(text_key.astype(np.uint64) ^ np.uint64(0xD6E8FEB86659FD93))
+    all_keys = np.concatenate([keys.reshape(-1), exact])
+    bands = np.concatenate([np.tile(np.arange(cfg.bands, dtype=np.uint8), n), np.full(n, EXACT_BAND, np.uint8)])
+    docs = np.concatenate([np.repeat(doc_key, cfg.bands), doc_key])
+    rows = pl.DataFrame({"bucket": (all_keys >> np.uint64(64 - BUCKET_BITS)).astype(np.uint32), "band": bands,
+                         "key": all_keys, "doc_key": docs}, schema=BAND_SCHEMA).sort("bucket", "key")
+    signatures = pl.DataFrame({"doc_key": doc_key, "signature": signature_blobs(sig)}, schema=SIGNATURE_SCHEMA)
+    return signatures, rows
 
 
-def cluster_duplicates(signatures: pl.DataFrame, cfg: MinhashConfig) -> pl.DataFrame:
-    """Duplicate clusters over every shard's signatures (columns doc_id, shard, text_hash, band_keys,
-    signature). Returns one row per document: kept, duplicate_of (the kept member), reason
-    (exact_duplicate | near_duplicate | None) and the estimated similarity to the kept member."""
-    n = signatures.height
-    if n == 0:
-        return pl.DataFrame(schema={"doc_id": pl.String, "shard": pl.String, "cluster": pl.Int64,
-                                    "kept": pl.Boolean, "duplicate_of": pl.String, "reason": pl.String,
-                                    "similarity": pl.Float32})
-    repeated = signatures.filter(pl.col("doc_id").is_duplicated())
-    if repeated.height:  # one id for two rows would give two decisions for it, and the join would multiply rows
-        raise ValueError(f"{repeated['doc_id'].n_unique()} doc_ids have more than one signature row (e.g. "
-                         f"{repeated['doc_id'][0]} in shard {repeated['shard'][0]}): re-materialize "
-                         "filtered_documents for those shards")
-    df = signatures.sort("doc_id").with_row_index("idx")
-    edges: list[np.ndarray] = []
-    # Exact duplicates share a normalised-text hash.
-    exact = df.group_by("text_hash").agg(pl.col("idx")).filter(pl.col("idx").list.len() > 1)
-    for members in exact["idx"].to_list():
-        m = np.asarray(members, dtype=np.int64)
-        edges.append(np.stack([np.full(len(m) - 1, m[0]), m[1:]], axis=1))
-    # Near duplicates share an LSH bucket and pass the similarity check.
-    sig = np.asarray(df["signature"].to_list(), dtype=np.uint32)
-    keys = np.asarray(df["band_keys"].to_list(), dtype=np.uint64)
-    for band in range(cfg.bands):
-        order = np.lexsort((np.arange(n), keys[:, band]))
-        k = keys[order, band]
-        same = np.flatnonzero(k[1:] == k[:-1])
-        if same.size == 0:
+def sort_band_rows(parts: Sequence[Path], target: Path, scratch: Path, memory_limit: str = "1GB") -> None:
+    """Merge a shard's per-batch band rows into one file sorted by bucket (what lets the bucket step read only
+    its range: row-group statistics), out of core: DuckDB spills to `scratch` past `memory_limit`."""
+    con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(scratch / "duckdb-spill"),
+                                 "preserve_insertion_order": False, "threads": 2})
+    try:
+        files = ", ".join(f"'{p}'" for p in parts)
+        con.execute(f"COPY (SELECT * FROM read_parquet([{files}]) ORDER BY bucket, key) TO '{target}' "
+                    "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 131072)")
+    finally:
+        con.close()
+
+
+def _bucket_chunks(band_files: Sequence[Path], lo: int, hi: int, chunk_rows: int) -> Iterator[tuple[int, int]]:
+    """Sub-ranges of [lo, hi) holding about `chunk_rows` band rows each, from the files' row counts (bucket
+    numbers are uniform hashes, so rows spread evenly over buckets)."""
+    import pyarrow.parquet as pq
+
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in band_files)
+    in_range = total * (hi - lo) / BUCKETS
+    step = max(1, math.floor((hi - lo) * chunk_rows / max(in_range, 1)))
+    for a in range(lo, hi, step):
+        yield a, min(hi, a + step)
+
+
+def candidate_edges(band_files: Sequence[Path], lo: int, hi: int, chunk_rows: int = 1_000_000) -> pl.DataFrame:
+    """Unconfirmed edges (a, b, exact) between documents that share a band key in buckets [lo, hi) of any shard.
+
+    Each bucket group links its members to its smallest doc_key (a star: components are the same as with every
+    pair, with n-1 edges instead of n(n-1)/2). Memory: one chunk of band rows plus the edges found."""
+    found: list[pl.DataFrame] = []
+    for a, b in _bucket_chunks(band_files, lo, hi, chunk_rows):
+        rows = (pl.scan_parquet(list(band_files)).filter(pl.col("bucket").is_between(a, b, closed="left"))
+                .select("key", "doc_key", "band").collect())
+        if rows.height < 2:
             continue
-        # Link each member to the first member of its bucket run.
-        run_start = np.maximum.accumulate(np.where(np.r_[True, k[1:] != k[:-1]], np.arange(n), 0))
-        left, right = order[run_start[same + 1]], order[same + 1]
-        sim = (sig[left] == sig[right]).mean(axis=1)
-        ok = sim >= cfg.min_similarity
-        edges.append(np.stack([left[ok], right[ok]], axis=1))
-    pairs = np.concatenate(edges) if edges else np.zeros((0, 2), dtype=np.int64)
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    # Rows are sorted by doc_id, so the first index of each component is its smallest doc_id.
-    first = np.full(labels.max() + 1, n, dtype=np.int64)
-    np.minimum.at(first, labels, np.arange(n))
-    keeper = first[labels]
+        key, doc, band = rows["key"].to_numpy(), rows["doc_key"].to_numpy(), rows["band"].to_numpy()
+        order = np.lexsort((doc, key))
+        key, doc, band = key[order], doc[order], band[order]
+        same = key[1:] == key[:-1]
+        if not same.any():
+            continue
+        n = key.size
+        run_start = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(n), 0))
+        right = np.flatnonzero(same) + 1
+        left = run_start[right]
+        ok = doc[left] != doc[right]  # a document whose two bands collide is not its own duplicate
+        found.append(pl.DataFrame({"a": doc[left[ok]], "b": doc[right[ok]], "exact": band[right[ok]] == EXACT_BAND}))
+    if not found:
+        return pl.DataFrame(schema={"a": pl.UInt64, "b": pl.UInt64, "exact": pl.Boolean})
+    return pl.concat(found).group_by("a", "b").agg(pl.col("exact").any())
+
+
+def confirm_edges(edges: pl.DataFrame, signature_files: Mapping[str, Path], cfg: MinhashConfig) -> pl.DataFrame:
+    """Keep the candidate edges whose documents' signatures agree on at least `min_similarity` of their values
+    (exact-text edges always). Signatures are read for the candidates' documents only; each end gets its shard.
+    Returns a, b (doc keys, a < b), a_shard, b_shard, similarity, exact."""
+    schema = {"a": pl.UInt64, "b": pl.UInt64, "a_shard": pl.String, "b_shard": pl.String,
+              "similarity": pl.Float32, "exact": pl.Boolean}
+    if edges.height == 0:
+        return pl.DataFrame(schema=schema)
+    wanted = pl.concat([edges["a"], edges["b"]]).unique()
+    found = [pl.scan_parquet(path).filter(pl.col("doc_key").is_in(wanted.implode()))
+             .with_columns(pl.lit(shard).alias("shard")).collect() for shard, path in sorted(signature_files.items())]
+    nodes = pl.concat(found).unique("doc_key", keep="first").sort("doc_key")
+    keys = nodes["doc_key"].to_numpy()
+    sig = signature_matrix(nodes["signature"], cfg.num_perm)
+    ia, ib = np.searchsorted(keys, edges["a"].to_numpy()), np.searchsorted(keys, edges["b"].to_numpy())
+    present = (ia < keys.size) & (ib < keys.size)
+    present &= (keys[np.minimum(ia, keys.size - 1)] == edges["a"].to_numpy())
+    present &= (keys[np.minimum(ib, keys.size - 1)] == edges["b"].to_numpy())
+    if not present.all():  # band rows without signatures: the two tables of a shard were not written together
+        missing = edges.filter(~pl.Series(present)).head(1)
+        raise ValueError(f"document {key_ids(missing['a'].to_numpy())[0]} has band rows but no signature: "
+                         "re-materialize filtered_documents for its shard")
+    sim = (sig[ia] == sig[ib]).mean(axis=1).astype(np.float32)
+    exact = edges["exact"].to_numpy()
+    ok = exact | (sim >= cfg.min_similarity)
+    shard = nodes["shard"].to_numpy()
+    lo, hi = np.minimum(ia, ib)[ok], np.maximum(ia, ib)[ok]
+    return pl.DataFrame({"a": keys[lo], "b": keys[hi], "a_shard": shard[lo], "b_shard": shard[hi],
+                         "similarity": np.where(exact[ok], np.float32(1.0), sim[ok]), "exact": exact[ok]},
+                        schema=schema).sort("a", "b")
+
+
+DECISION_SCHEMA: dict[str, pl.DataType] = {
+    "doc_id": pl.String(), "shard": pl.String(), "cluster": pl.String(), "kept": pl.Boolean(),
+    "duplicate_of": pl.String(), "duplicate_of_shard": pl.String(), "reason": pl.String(),
+    "similarity": pl.Float32(),
+}
+
+
+def decide_duplicates(edges: pl.DataFrame, cfg: MinhashConfig,
+                      prior: pl.DataFrame | None = None, decided_shards: set[str] | frozenset[str] = frozenset(),
+                      ) -> pl.DataFrame:
+    """Connected components over confirmed edges -> one decision row per document in a component (documents
+    without a duplicate have no row: kept). Memory follows the number of edges, not of documents.
+
+    `prior` (DECISION_SCHEMA rows) and `decided_shards`: the decisions of shards decided before, kept as they
+    are under the `stable` rule: their documents stay kept (or removed), and a new shard's document in a cluster
+    with one of them is removed as a duplicate of the smallest such kept document. Clusters of new documents
+    only, and every cluster under `rebuild`, keep their smallest doc_id. `cluster` is that keeper's doc_id."""
+    if edges.height == 0:
+        return pl.DataFrame(schema=DECISION_SCHEMA)
+    # The same two documents meet in several bands, so in several bucket ranges: one edge, exact if any was.
+    edges = edges.group_by("a", "b").agg(pl.col("a_shard", "b_shard").first(), pl.col("similarity").max(),
+                                         pl.col("exact").any())
+    a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
+    keys, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+    n = keys.size
+    ia, ib = inverse[: a.size], inverse[a.size:]
+    shard = np.empty(n, dtype=object)
+    shard[ia], shard[ib] = edges["a_shard"].to_numpy(), edges["b_shard"].to_numpy()
+    _, labels = connected_components(coo_matrix((np.ones(a.size, np.int8), (ia, ib)), shape=(n, n)), directed=False)
+    exact = edges["exact"].to_numpy()
+    _, exact_labels = connected_components(coo_matrix((np.ones(int(exact.sum()), np.int8), (ia[exact], ib[exact])),
+                                                      shape=(n, n)), directed=False)
     idx = np.arange(n)
-    kept = keeper == idx
-    text_hash = df["text_hash"].to_numpy()
-    same_text = text_hash == text_hash[keeper]
-    similarity = (sig == sig[keeper]).mean(axis=1).astype(np.float32)
-    doc_ids = df["doc_id"].to_numpy()
-    reason = np.where(kept, None, np.where(same_text, "exact_duplicate", "near_duplicate"))
-    return pl.DataFrame({
-        "doc_id": doc_ids, "shard": df["shard"], "cluster": labels.astype(np.int64), "kept": kept,
-        "duplicate_of": pl.Series(np.where(kept, None, doc_ids[keeper]).tolist(), dtype=pl.String),
-        "reason": pl.Series(reason.tolist(), dtype=pl.String),
-        "similarity": np.where(same_text, np.float32(1.0), similarity).astype(np.float32),
-    })
+    # Under `stable`: documents of decided shards are pinned to their earlier decision.
+    pinned = np.zeros(n, dtype=bool)
+    pinned_kept = np.zeros(n, dtype=bool)
+    if cfg.keep == "stable" and decided_shards:
+        pinned = np.isin(shard, list(decided_shards))
+        removed_before = np.zeros(n, dtype=bool)
+        if prior is not None and prior.height:
+            gone = prior.filter(~pl.col("kept") & pl.col("shard").is_in(list(decided_shards)))
+            removed_before = np.isin(keys, id_keys(gone["doc_id"]))
+        pinned_kept = pinned & ~removed_before
+    # Keeper of each component: its smallest pinned-kept document, else its smallest document (keys are sorted,
+    # so the smallest index is the smallest doc_id).
+    big = np.int64(n)
+    first_pinned = np.full(labels.max() + 1, big)
+    np.minimum.at(first_pinned, labels[pinned_kept], idx[pinned_kept])
+    first_any = np.full(labels.max() + 1, big)
+    np.minimum.at(first_any, labels[~pinned], idx[~pinned])
+    keeper = np.where(first_pinned[labels] < big, first_pinned[labels], first_any[labels])
+    kept = np.where(pinned, pinned_kept, keeper == idx)
+    # Similarity to the keeper where the two share an edge (a star links most members to it directly).
+    direct = pl.DataFrame({"i": np.concatenate([ia, ib]), "j": np.concatenate([ib, ia]),
+                           "s": np.concatenate([edges["similarity"].to_numpy()] * 2)})
+    to_keeper = (pl.DataFrame({"i": idx, "j": keeper}).join(direct, on=["i", "j"], how="left")
+                 .group_by("i", maintain_order=True).agg(pl.col("s").max()).sort("i"))["s"].to_numpy()
+    same_text = exact_labels == exact_labels[keeper]
+    doc_ids = key_ids(keys)
+    out = pl.DataFrame({
+        "doc_id": doc_ids, "shard": pl.Series(shard.tolist(), dtype=pl.String),
+        "cluster": doc_ids.gather(keeper), "kept": kept,
+        "duplicate_of": pl.Series(np.where(kept, None, doc_ids.to_numpy()[keeper]).tolist(), dtype=pl.String),
+        "duplicate_of_shard": pl.Series(np.where(kept, None, shard[keeper]).tolist(), dtype=pl.String),
+        "reason": pl.Series(np.where(kept, None, np.where(same_text, "exact_duplicate", "near_duplicate")).tolist(),
+                            dtype=pl.String),
+        "similarity": pl.Series(np.where(kept, np.nan, np.where(same_text, 1.0, to_keeper)), dtype=pl.Float32)
+        .fill_nan(None),
+    }, schema=DECISION_SCHEMA)
+    if prior is not None and prior.height and cfg.keep == "stable":
+        # A pinned document's row is its earlier one (same duplicate_of, reason, similarity), not a new guess.
+        old = prior.filter(pl.col("shard").is_in(list(decided_shards)))
+        out = pl.concat([out.filter(~pl.col("doc_id").is_in(old["doc_id"].implode())),
+                         old.filter(pl.col("doc_id").is_in(out["doc_id"].implode()))]).sort("doc_id")
+    return out
+
+
+def range_edges(band_files: Mapping[str, Path], signature_files: Mapping[str, Path], range_key: str,
+                cfg: MinhashConfig, chunk_rows: int = 1_000_000) -> pl.DataFrame:
+    """The bucket step for one bucket range: confirmed edges between documents of any shard."""
+    lo, hi = bucket_range(range_key)
+    return confirm_edges(candidate_edges([band_files[s] for s in sorted(band_files)], lo, hi, chunk_rows),
+                         signature_files, cfg)
