@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
     if sys.stderr.isatty():  # a progress bar per stage on a terminal (the run log has a line per chunk anyway)
         os.environ.setdefault("FINEINSTRUCTIONS_PROGRESS", "1")
-    result = run_pipeline(instance)
+    result = run_pipeline(instance, force=args.force)
     cmd_summary(args)
     code = _show_first_lineage(args) if args.show_lineage else 0
     if result.failures:
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="materialize the whole asset graph on the configured inputs")
     p.add_argument("--show-lineage", action="store_true", help="print the lineage of one final pair")
     p.add_argument("--require-pairs", action="store_true", help="exit 1 if no pair passes every gate")
+    p.add_argument("--force", action="store_true",
+                   help="run every step, even those a run already made from the same inputs and settings")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("summary", help="row counts, rejections and dataset statistics")

@@ -10,6 +10,7 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.documents import assets as documents
+from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.export import assets as export
 from fineinstructions_dagster.defs.instantiation import assets as instantiation
@@ -34,10 +35,13 @@ queries_job = define_asset_job("queries_job", selection=["user_queries", "templa
                                description="Clean one query source and genericize it into templates.")
 template_index_job = define_asset_job("template_index_job", selection=["template_bank", "template_index"],
                                       description="Merge all templates into the bank and index it.")
-filter_job = define_asset_job("filter_job", selection=["filtered_documents"], partitions_def=corpus_shard_partitions,
-                              description="Stream one corpus shard through the quality filters and sign it.")
-dedup_job = define_asset_job("dedup_job", selection=["document_clusters"],
-                             description="Exact and near-duplicate clusters across every filtered shard.")
+filter_job = define_asset_job("filter_job", selection=FILTER_ASSETS, partitions_def=corpus_shard_partitions,
+                              description="Stream one corpus shard through the quality filters; write its "
+                                          "MinHash signatures and LSH band rows.")
+dedup_job = define_asset_job("dedup_job", selection=["duplicate_edges", "document_clusters"],
+                             description="Exact and near duplicates across every filtered shard: launch it for "
+                                         "every bucket range (a backfill spreads the ranges over runs), the "
+                                         "components and per-shard removal lists follow.")
 shard_job = define_asset_job("shard_job", partitions_def=corpus_shard_partitions,
                              selection=["documents", "matches", "instantiations", "judgements", "fineinstructions"],
                              description="Documents -> matches -> instantiations -> judgements -> pairs for a shard.")

@@ -10,9 +10,15 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, materialize
 
-from fineinstructions_dagster.defs.documents.assets import document_clusters, documents, filtered_documents
+from fineinstructions_dagster.defs.documents.assets import (
+    document_clusters,
+    documents,
+    duplicate_edges,
+    filtered_documents,
+)
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.runner import EVERY_BUCKET_RANGE
 
 random.seed(3)
 WORDS = ("the of and to in is that it with as for was on are be this by have from or at which one an all "
@@ -51,6 +57,13 @@ def corpus(tmp_path):
     return folder
 
 
+def dedup(instance, resources) -> None:
+    """Every bucket range in one run (the partition-range tags the runner uses), then the components."""
+    assert materialize([duplicate_edges, document_clusters, filtered_documents],
+                       selection=["duplicate_edges", "document_clusters"], instance=instance, resources=resources,
+                       tags=EVERY_BUCKET_RANGE).success
+
+
 def run(corpus, root, order: list[str]):
     resources = {"storage": StorageResource(root=str(root)),
                  "inputs": InputsResource(queries_dir=str(corpus), corpus_dir=str(corpus)),
@@ -61,8 +74,7 @@ def run(corpus, root, order: list[str]):
                               raise_on_error=False) for s in order}
     good = [s for s in order if results[s].success]
     instance.delete_dynamic_partition("corpus_shard", "shard-bad")
-    assert materialize([document_clusters, filtered_documents], selection=["document_clusters"],
-                       instance=instance, resources=resources).success
+    dedup(instance, resources)
     for s in good:
         assert materialize([documents, filtered_documents, document_clusters], selection=["documents"],
                            partition_key=s, instance=instance, resources=resources).success

@@ -11,8 +11,14 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, SensorDefinition, SensorResult, SkipReason, build_sensor_context, materialize
 
-from fineinstructions_dagster.defs.documents.assets import document_clusters, documents, filtered_documents
+from fineinstructions_dagster.defs.documents.assets import (
+    document_clusters,
+    documents,
+    duplicate_edges,
+    filtered_documents,
+)
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
+from fineinstructions_dagster.defs.partitions import EVERY_BUCKET_RANGE
 from fineinstructions_dagster.defs.queries.sensors import query_source_sensor
 from fineinstructions_dagster.defs.resources import InputsResource, build_resources
 from fineinstructions_dagster.lib.storage import TableStore
@@ -109,8 +115,9 @@ def test_s3_corpus_runs_through_the_documents_stage(s3, tmp_path: Path, monkeypa
         for key in keys:
             assert materialize([filtered_documents], partition_key=key, instance=instance,
                                resources=resources).success
-        assert materialize([document_clusters, filtered_documents], selection=["document_clusters"],
-                           instance=instance, resources=resources).success
+        assert materialize([duplicate_edges, document_clusters, filtered_documents],
+                           selection=["duplicate_edges", "document_clusters"], instance=instance,
+                           resources=resources, tags=EVERY_BUCKET_RANGE).success
         for key in keys:
             assert materialize([documents, filtered_documents, document_clusters], selection=["documents"],
                                partition_key=key, instance=instance, resources=resources).success

@@ -11,10 +11,18 @@ from dagster import (
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
+    StaticPartitionsDefinition,
 )
+
+from fineinstructions_dagster.stages.dedup import bucket_range_keys
 
 query_source_partitions = DynamicPartitionsDefinition(name="query_source")
 corpus_shard_partitions = DynamicPartitionsDefinition(name="corpus_shard")
+# Ranges of LSH buckets: the dedup step's unit of work, fixed whatever the number of shards.
+bucket_range_partitions = StaticPartitionsDefinition(bucket_range_keys())
+# Dagster's partition-range tags for one run over every bucket range (as a single-run backfill launches it).
+EVERY_BUCKET_RANGE = {"dagster/asset_partition_range_start": bucket_range_keys()[0],
+                      "dagster/asset_partition_range_end": bucket_range_keys()[-1]}
 
 # Backfill policies are beta in Dagster 1.13 (a warning per asset otherwise); the assets importing this set them.
 warnings.filterwarnings("ignore", category=BetaWarning, message=".*backfill_policy.*")
@@ -45,11 +53,14 @@ def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[s
 
 
 def shards_to_refresh(shards: list[str], latest: dict[str, dict[str, int]], shared: dict[str, int | None],
-                      chain: list[str], shared_inputs: dict[str, list[str]]) -> dict[str, tuple[str, int]]:
+                      chain: list[str], shared_inputs: dict[str, list[str]],
+                      per_shard: dict[str, dict[str, int]] | None = None) -> dict[str, tuple[str, int]]:
     """Shards whose chain is missing a step or has a step older than its input.
 
     `latest[asset][shard]`: storage id (the event log's ever-increasing id, so comparable across assets) of
-    the asset's latest materialization of that shard; `shared[name]`: the same for an unpartitioned input.
+    the asset's latest materialization of that shard; `shared[name]`: the same for an unpartitioned input;
+    `per_shard[name][shard]`, where given, replaces it for an unpartitioned input that changes shard by shard
+    (the dedup removal lists: a new shard's decisions do not make the other shards stale).
     The first asset of `chain` is the source: a shard without it is left to the shard sensor. Returns
     shard -> (reason, newest storage id seen), the id standing for "this upstream state".
     """
@@ -64,7 +75,8 @@ def shards_to_refresh(shards: list[str], latest: dict[str, dict[str, int]], shar
         reason = None
         for k in range(1, len(chain)):
             asset, cur = chain[k], ids[k]
-            inputs = [ids[k - 1]] + [shared.get(n) for n in shared_inputs.get(asset, [])]
+            inputs = [ids[k - 1]] + [(per_shard[n].get(shard) if per_shard and n in per_shard else shared.get(n))
+                                     for n in shared_inputs.get(asset, [])]
             if cur is None:
                 reason = f"{asset} missing"
             elif any(i is not None and i > cur for i in inputs):

@@ -444,3 +444,24 @@ def range_edges(band_files: Mapping[str, Path], signature_files: Mapping[str, Pa
     lo, hi = bucket_range(range_key)
     return confirm_edges(candidate_edges([band_files[s] for s in sorted(band_files)], lo, hi, chunk_rows),
                          signature_files, cfg)
+
+
+def dedup_in_one_process(shards: Mapping[str, tuple[Sequence[Path], Sequence[Path]]], scratch: Path,
+                         cfg: MinhashConfig, prior: pl.DataFrame | None = None,
+                         decided_shards: set[str] | frozenset[str] = frozenset()) -> pl.DataFrame:
+    """The three steps in one process, for tests and small corpora: `shards` maps each shard to its
+    (signature part files, band part files) as the filter step writes them."""
+    bands, signatures = {}, {}
+    for shard, (sig_parts, band_parts) in shards.items():
+        folder = scratch / f"dedup-{shard}"
+        folder.mkdir(parents=True, exist_ok=True)
+        bands[shard] = folder / "bands.parquet"
+        if band_parts:
+            sort_band_rows(list(band_parts), bands[shard], folder)
+        else:
+            pl.DataFrame(schema=BAND_SCHEMA).write_parquet(bands[shard])
+        signatures[shard] = folder / "signatures.parquet"
+        frames = [pl.read_parquet(p) for p in sig_parts]
+        (pl.concat(frames) if frames else pl.DataFrame(schema=SIGNATURE_SCHEMA)).write_parquet(signatures[shard])
+    edges = pl.concat([range_edges(bands, signatures, r, cfg) for r in bucket_range_keys()])
+    return decide_duplicates(edges, cfg, prior, decided_shards)

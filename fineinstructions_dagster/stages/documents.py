@@ -19,7 +19,7 @@ from fineinstructions_dagster.config import DocumentFilterConfig
 from fineinstructions_dagster.lib.formats import ReadReport, iter_text_batches, malformed_frame
 from fineinstructions_dagster.lib.ids import content_id_expr
 from fineinstructions_dagster.lib.stats import StageStats
-from fineinstructions_dagster.stages.dedup import MinhashConfig, signature_frame
+from fineinstructions_dagster.stages.dedup import DECISION_SCHEMA, MinhashConfig, shard_signatures
 
 DOCUMENT_SCHEMA: dict[str, pl.DataType] = {
     "doc_id": pl.String(), "shard": pl.String(), "source_file": pl.String(), "source_row": pl.Int64(),
@@ -191,6 +191,7 @@ class PreparedShard:
 
     kept: list[Path] = field(default_factory=list)
     signatures: list[Path] = field(default_factory=list)
+    bands: list[Path] = field(default_factory=list)  # per batch, each sorted by bucket (merged by the caller)
     rejected: list[Path] = field(default_factory=list)
     stats: StageStats = field(default_factory=StageStats)
     seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "filter": 0.0, "signatures": 0.0})
@@ -217,11 +218,10 @@ def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minha
         kept, rejected, stats = filter_documents(batch, shard, cfg, run_id)
         out.seconds["filter"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        sig = signature_frame(kept["doc_id"].to_list(), kept["text"].to_list(), minhash).with_columns(
-            kept["shard"], kept["text_hash"])
+        sig, bands = shard_signatures(kept["doc_id"], kept["text_hash"], kept["text"].to_list(), minhash)
         out.seconds["signatures"] += time.perf_counter() - t0
         for name, frame, parts in (("kept", kept, out.kept), ("sig", sig, out.signatures),
-                                   ("rejected", rejected.drop("text"), out.rejected)):
+                                   ("bands", bands, out.bands), ("rejected", rejected.drop("text"), out.rejected)):
             if frame.height:
                 path = scratch / f"{name}-{i:06d}.parquet"
                 frame.write_parquet(path)
@@ -245,8 +245,9 @@ def empty_documents() -> pl.DataFrame:
 
 def apply_duplicate_decisions(filtered: pl.DataFrame, decisions: pl.DataFrame,
                               run_id: str = "") -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
-    """Keep the shard's documents that the cross-shard clusters keep; the others become rejected rows
-    that name the document they duplicate."""
+    """Keep the shard's documents that dedup did not remove; removed ones become rejected rows naming the
+    document they duplicate (and its shard). `decisions`: this shard's rows of `document_clusters` (documents
+    in a duplicate cluster only; a document without a row has no duplicate)."""
     stats = StageStats(total=filtered.height)
     for name, frame in (("filtered_documents", filtered), ("document_clusters", decisions)):
         repeated = frame.filter(pl.col("doc_id").is_duplicated())["doc_id"]
@@ -254,14 +255,15 @@ def apply_duplicate_decisions(filtered: pl.DataFrame, decisions: pl.DataFrame,
             raise ValueError(f"{name}: {repeated.n_unique()} doc_ids appear more than once (e.g. {repeated[0]}); "
                              "it was written by an older version: re-materialize filtered_documents and "
                              "document_clusters")
-    joined = filtered.join(decisions.select("doc_id", "kept", "duplicate_of", "reason", "similarity", "cluster"),
-                           on="doc_id", how="left")
-    missing = joined.filter(pl.col("kept").is_null()).height
-    if missing:
-        raise ValueError(f"{missing} documents of this shard have no dedup decision: document_clusters is older "
-                         "than this shard's filtered_documents; re-materialize document_clusters")
-    kept = joined.filter(pl.col("kept")).select(filtered.columns).with_columns(pl.lit(run_id).alias("run_id"))
-    removed = joined.filter(~pl.col("kept")).drop("text", "kept")
+    removals = decisions.filter(~pl.col("kept")).select([c for c in DECISION_SCHEMA if c not in ("shard", "kept")])
+    unknown = removals.join(filtered.select("doc_id"), on="doc_id", how="anti")
+    if unknown.height:
+        raise ValueError(f"{unknown.height} dedup decisions name documents this shard does not have (e.g. "
+                         f"{unknown['doc_id'][0]}): document_clusters was decided against another version of "
+                         "the shard's filtered_documents; re-materialize duplicate_edges and document_clusters")
+    kept = (filtered.join(removals, on="doc_id", how="anti").select(filtered.columns)
+            .with_columns(pl.lit(run_id).alias("run_id")))
+    removed = filtered.drop("text").join(removals, on="doc_id", how="inner")
     stats.drop_counts(removed["reason"])
     stats.kept = kept.height
     stats.check_balanced()

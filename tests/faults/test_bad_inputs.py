@@ -11,7 +11,7 @@ import pytest
 
 from fineinstructions_dagster.config import DocumentFilterConfig, QueryFilterConfig
 from fineinstructions_dagster.defs.inputs import corpus_shards, query_sources, read_partition_input, skipped_inputs
-from fineinstructions_dagster.stages.dedup import MinhashConfig, cluster_duplicates
+from fineinstructions_dagster.stages.dedup import MinhashConfig, dedup_in_one_process
 from fineinstructions_dagster.stages.documents import apply_duplicate_decisions, prepare_shard
 from fineinstructions_dagster.stages.queries import clean_queries
 
@@ -37,9 +37,10 @@ def run_documents(shards: dict[str, list[str]], tmp_path: Path) -> dict[str, tup
         scratch = tmp_path / "scratch" / shard
         scratch.mkdir(parents=True)
         prepared[shard] = prepare_shard(files, shard, DOCS, MinhashConfig(), scratch, batch_rows=2)
-    decisions = cluster_duplicates(pl.concat([pl.read_parquet(p.signatures) for p in prepared.values()]),
-                                   MinhashConfig())
-    return {shard: (p, *apply_duplicate_decisions(pl.read_parquet(p.kept), decisions)) for shard, p in prepared.items()}
+    decisions = dedup_in_one_process({s: (p.signatures, p.bands) for s, p in prepared.items()}, tmp_path / "dedup",
+                                     MinhashConfig())
+    return {shard: (p, *apply_duplicate_decisions(pl.read_parquet(p.kept), decisions.filter(pl.col("shard") == shard)))
+            for shard, p in prepared.items()}
 
 
 @pytest.mark.parametrize("name,with_id", [("s.jsonl", True), ("s.jsonl", False), ("s.parquet", True),

@@ -2,11 +2,12 @@
 
 from dagster import AssetSelection, DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
+from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
 from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists
 from fineinstructions_dagster.defs.partitions import add_new_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
-ASSETS = ["filtered_documents"]
+ASSETS = FILTER_ASSETS
 
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,

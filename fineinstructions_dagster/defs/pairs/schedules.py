@@ -19,6 +19,7 @@ from dagster import (
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from fineinstructions_dagster.defs.partitions import (
+    EVERY_BUCKET_RANGE,
     corpus_shard_partitions,
     exports_to_refresh,
     shards_to_refresh,
@@ -29,10 +30,14 @@ from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, QUAL
 # The per-shard chain in dependency order, and the unpartitioned assets it reads.
 SHARD_CHAIN = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
 SHARED_INPUTS = {"documents": ["document_clusters"], "matches": ["template_index"]}
+# The dedup step: every bucket range of duplicate_edges in one run (Dagster's partition-range tags), then the
+# components.
+DEDUP_ASSETS = ["duplicate_edges", "document_clusters"]
+
 
 
 @schedule(cron_schedule="0 * * * *",
-          target=AssetSelection.assets(*SHARD_CHAIN, "pretraining_export", "document_clusters", "template_index")
+          target=AssetSelection.assets(*SHARD_CHAIN, "pretraining_export", *DEDUP_ASSETS, "template_index")
           | QUALITY_SELECTION,
           default_status=DefaultScheduleStatus.STOPPED)
 def missing_or_stale_shards(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
@@ -52,11 +57,15 @@ def refresh_requests(instance: DagsterInstance) -> list[RunRequest] | SkipReason
                                     shared["template_index"])
     if first:  # the chain would fail (no dedup decision) or match against an old index: these go first
         return [RunRequest(run_key=f"{name}:{max(filtered.values(), default=0)}:{shared['template_bank']}",
-                           asset_selection=[AssetKey(name)], tags={"fineinstructions/reason": "inputs changed"})
+                           asset_selection=[AssetKey(a) for a in (DEDUP_ASSETS if name == "document_clusters"
+                                                                  else [name])],
+                           tags={"fineinstructions/reason": "inputs changed",
+                                 **(EVERY_BUCKET_RANGE if name == "document_clusters" else {})})
                 for name in first]
     busy = _partitions_in_progress(instance)
     todo = shards_to_refresh([s for s in shards if s not in busy], latest, shared,
-                             ["filtered_documents", *SHARD_CHAIN], SHARED_INPUTS)
+                             ["filtered_documents", *SHARD_CHAIN], SHARED_INPUTS,
+                             {"document_clusters": _decisions_changed(instance, shards)})
     if todo:
         return [RunRequest(run_key=f"refresh:{shard}:{state}", partition_key=shard,
                            asset_selection=[AssetKey(a) for a in SHARD_CHAIN],
@@ -86,6 +95,20 @@ def _latest(instance: DagsterInstance, asset: str) -> int | None:
     """Storage id of the asset's latest materialization (any partition)."""
     records = instance.fetch_materializations(AssetKey(asset), limit=1).records
     return records[0].storage_id if records else None
+
+
+def _decisions_changed(instance: DagsterInstance, shards: list[str]) -> dict[str, int]:
+    """shard -> storage id of the latest document_clusters materialization that changed its removal list (its
+    `changed_shards` metadata); a materialization without that field counts as changing every shard."""
+    out: dict[str, int] = {}
+    for record in instance.fetch_materializations(AssetKey("document_clusters"), limit=200).records:  # newest first
+        changed = record.asset_materialization.metadata.get("changed_shards") if record.asset_materialization else None
+        names = shards if changed is None else [s for s in str(changed.value).split(", ") if s]
+        for shard in names:
+            out.setdefault(shard, record.storage_id)
+        if changed is None or len(out) == len(shards):
+            break
+    return out
 
 
 def _partitions_in_progress(instance: DagsterInstance) -> set[str]:
