@@ -110,7 +110,8 @@ def _settings_fingerprint(resources: dict) -> str:
 
     env = {k: v for k, v in os.environ.items()
            if k.startswith("FINEINSTRUCTIONS_") and k != "FINEINSTRUCTIONS_PROGRESS"}
-    return _fingerprint(repr(resources["pipeline"].config()), env, getattr(fineinstructions_dagster, "__version__", ""))
+    config = resources["pipeline"].process_config_and_initialize().config()
+    return _fingerprint(repr(config), env, getattr(fineinstructions_dagster, "__version__", ""))
 
 
 def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
@@ -145,7 +146,7 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
 
     quiet = console_level.upper() in ("WARNING", "ERROR", "CRITICAL")
     tags = runner_tags()
-    store = resources["storage"].store()
+    store = resources["storage"].process_config_and_initialize().store()  # its EnvVars resolved
     settings = _settings_fingerprint(resources)
     found_sources = query_sources(env_value("FINEINSTRUCTIONS_QUERIES"))
     found_shards = corpus_shards(env_value("FINEINSTRUCTIONS_CORPUS"))
@@ -231,7 +232,8 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
         tested = bool(paired) and step("quality", QUALITY_STEP, mute_stdout=True, key=quality_key)
         for shard in paired:
             if tested:
-                step("export", EXPORT_STEP, shard, key=_fingerprint(settings, "export", skeys[shard], quality_key),
+                # an export depends on its own shard's pairs (the gate needs the dbt build to have passed)
+                step("export", EXPORT_STEP, shard, key=_fingerprint(settings, "export", skeys[shard]),
                      outputs=[("export_chat", shard)])
             else:
                 skip("export", shard, "the quality step")
