@@ -60,6 +60,18 @@ def test_shards_to_refresh_names_the_first_missing_or_stale_step():
     assert shards_to_refresh(["a"], latest, {"index": 6}, chain, {"matches": ["index"]}) == {}
 
 
+def test_new_dedup_decisions_make_stale_only_the_shards_whose_removal_list_changed():
+    chain = ["filtered", "documents"]
+    latest = {"filtered": {"old": 1, "new": 8}, "documents": {"old": 3}}
+    # document_clusters last materialized at 9 (the new shard's decisions); the old shard's list last changed at 2
+    todo = shards_to_refresh(["old", "new"], latest, {"clusters": 9}, chain, {"documents": ["clusters"]},
+                             {"clusters": {"old": 2, "new": 9}})
+    assert todo == {"new": ("documents missing", 9)}
+    # without the per-shard ids every shard would be redone
+    assert set(shards_to_refresh(["old", "new"], latest, {"clusters": 9}, chain, {"documents": ["clusters"]})) == {
+        "old", "new"}
+
+
 def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_failed_checks():
     class Context:  # the two things for_each_partition uses of an AssetExecutionContext
         def __init__(self, keys):
