@@ -1,6 +1,7 @@
 """Our documents stage on the benchmark corpus, one phase per call: `filter` (Gopher quality + repetition
-rules, as datatrove runs them; no language ID since datatrove's needs a download) or `dedup` (read ->
-MinHash signatures -> LSH clusters -> write kept). Prints one JSON line; the caller measures time and memory."""
+rules, as datatrove runs them; no language ID since datatrove's needs a download) or `dedup` (read -> MinHash
+signatures and band rows -> every bucket range -> components -> write kept). Prints one JSON line; the caller
+measures time and memory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import polars as pl
 from fineinstructions_dagster.config import DocumentFilterConfig
 from fineinstructions_dagster.lib.formats import iter_text_batches
 from fineinstructions_dagster.lib.ids import content_id_expr
-from fineinstructions_dagster.stages.dedup import MinhashConfig, cluster_duplicates, signature_frame
+from fineinstructions_dagster.stages.dedup import MinhashConfig, dedup_in_one_process, shard_signatures
 from fineinstructions_dagster.stages.documents import filter_documents
 
 
@@ -41,20 +42,28 @@ def filter_phase(files: list[str], out: Path) -> dict:
 
 
 def dedup_phase(files: list[str], out: Path, mh: MinhashConfig) -> dict:
-    """Over the raw corpus, like datatrove's pipeline: signatures, clusters, write kept docs."""
-    sigs, n = [], 0
-    for batch in iter_text_batches(files, 20_000):
+    """Over the raw corpus, like datatrove's pipeline, through the pipeline's three dedup steps: signatures and
+    band rows per batch, every bucket range, the components; then write the kept documents."""
+    n, sig_parts, band_parts, ids = 0, [], [], []
+    for i, batch in enumerate(iter_text_batches(files, 20_000)):
         n += batch.height
-        sig = signature_frame(batch["source_id"].to_list(), batch["text"].to_list(), mh)
-        norm = batch.select(pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
-                            .alias("_norm")).select(content_id_expr("hash", "_norm").alias("text_hash"))
-        sigs.append(sig.with_columns(pl.lit("bench").alias("shard"), norm["text_hash"]))
-    decisions = cluster_duplicates(pl.concat(sigs), mh)
-    removed = set(decisions.filter(~pl.col("kept"))["doc_id"].to_list())
+        b = batch.with_columns(
+            content_id_expr("doc", "source_id").alias("doc_id"),
+            pl.col("text").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars().alias("_norm"),
+        ).with_columns(content_id_expr("hash", "_norm").alias("text_hash"))
+        sig, bands = shard_signatures(b["doc_id"], b["text_hash"], b["text"].to_list(), mh)
+        sig_parts.append(out / f"sig-{i:04d}.parquet")
+        band_parts.append(out / f"bands-{i:04d}.parquet")
+        sig.write_parquet(sig_parts[-1])
+        bands.write_parquet(band_parts[-1])
+        ids.append(b.select("doc_id", "source_id"))
+    decisions = dedup_in_one_process({"bench": (sig_parts, band_parts)}, out, mh)
+    named = decisions.join(pl.concat(ids), on="doc_id", how="left")
+    removed = set(named.filter(~pl.col("kept"))["source_id"].to_list())
     for i, batch in enumerate(iter_text_batches(files, 20_000)):
         batch.filter(~pl.col("source_id").is_in(list(removed))).write_parquet(out / f"dedup-{i:04d}.parquet")
-    multi = decisions.filter(pl.col("cluster").is_duplicated())
-    clusters = dict(zip(multi["doc_id"].to_list(), multi["cluster"].to_list(), strict=True))
+    # every row of `decisions` is in a cluster of two or more (documents without a duplicate have no row)
+    clusters = dict(zip(named["source_id"].to_list(), named["cluster"].to_list(), strict=True))
     (out / "removed.json").write_text(json.dumps({"removed": sorted(removed), "clusters": clusters}))
     return {"docs": n, "removed_file": str(out / "removed.json")}
 
