@@ -11,7 +11,7 @@ from dagster import (
 
 from fineinstructions_dagster.defs.documents import assets as documents
 from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
-from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
+from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor, dedup_sensor
 from fineinstructions_dagster.defs.export import assets as export
 from fineinstructions_dagster.defs.instantiation import assets as instantiation
 from fineinstructions_dagster.defs.judging import assets as judging
@@ -64,6 +64,6 @@ defs = Definitions(
     jobs=[queries_job, template_index_job, filter_job, dedup_job, shard_job, report_job, lineage_job,
           quality_job, export_job],
     schedules=[missing_or_stale_shards],
-    sensors=[corpus_shard_sensor, query_source_sensor, automation_sensor],
+    sensors=[corpus_shard_sensor, query_source_sensor, dedup_sensor, automation_sensor],
     resources=build_resources(),
 )

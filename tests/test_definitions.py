@@ -38,7 +38,10 @@ def test_jobs_schedules_and_sensors_load():
     for job in ("queries_job", "template_index_job", "filter_job", "dedup_job", "shard_job", "report_job",
                 "lineage_job"):
         assert defs.resolve_job_def(job)
-    assert {s.name for s in defs.sensors} == {"corpus_shard_sensor", "query_source_sensor", "automation_sensor"}
+    assert {s.name for s in defs.sensors} == {"corpus_shard_sensor", "query_source_sensor", "dedup_sensor",
+                                              "automation_sensor"}
+    # every job a schedule or sensor targets resolves, as the code server loads them
+    defs.get_repository_def().load_all_definitions()
     assert [s.name for s in defs.schedules] == ["missing_or_stale_shards"]
 
 

@@ -19,7 +19,6 @@ from dagster import (
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from fineinstructions_dagster.defs.partitions import (
-    EVERY_BUCKET_RANGE,
     corpus_shard_partitions,
     exports_to_refresh,
     shards_to_refresh,
@@ -30,14 +29,11 @@ from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, QUAL
 # The per-shard chain in dependency order, and the unpartitioned assets it reads.
 SHARD_CHAIN = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
 SHARED_INPUTS = {"documents": ["document_clusters"], "matches": ["template_index"]}
-# The dedup step: every bucket range of duplicate_edges in one run (Dagster's partition-range tags), then the
-# components.
-DEDUP_ASSETS = ["duplicate_edges", "document_clusters"]
 
 
 
 @schedule(cron_schedule="0 * * * *",
-          target=AssetSelection.assets(*SHARD_CHAIN, "pretraining_export", *DEDUP_ASSETS, "template_index")
+          target=AssetSelection.assets(*SHARD_CHAIN, "pretraining_export", "template_index")
           | QUALITY_SELECTION,
           default_status=DefaultScheduleStatus.STOPPED)
 def missing_or_stale_shards(context: ScheduleEvaluationContext) -> list[RunRequest] | SkipReason:
@@ -56,12 +52,14 @@ def refresh_requests(instance: DagsterInstance) -> list[RunRequest] | SkipReason
     first = shared_steps_to_refresh(filtered, shared["document_clusters"], shared["template_bank"],
                                     shared["template_index"])
     if first:  # the chain would fail (no dedup decision) or match against an old index: these go first
-        return [RunRequest(run_key=f"{name}:{max(filtered.values(), default=0)}:{shared['template_bank']}",
-                           asset_selection=[AssetKey(a) for a in (DEDUP_ASSETS if name == "document_clusters"
-                                                                  else [name])],
-                           tags={"fineinstructions/reason": "inputs changed",
-                                 **(EVERY_BUCKET_RANGE if name == "document_clusters" else {})})
-                for name in first]
+        if "template_index" in first:
+            return [RunRequest(run_key=f"template_index:{shared['template_bank']}",
+                               asset_selection=[AssetKey("template_index")],
+                               tags={"fineinstructions/reason": "inputs changed"})]
+        # duplicate_edges is partitioned by bucket range, which this schedule's job cannot hold: dedup_sensor
+        # (dedup_job) runs it
+        return SkipReason("waiting for the dedup step (dedup_sensor or dedup_job): a shard was filtered after "
+                          "the last dedup decisions")
     busy = _partitions_in_progress(instance)
     todo = shards_to_refresh([s for s in shards if s not in busy], latest, shared,
                              ["filtered_documents", *SHARD_CHAIN], SHARED_INPUTS,
