@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching bench-generation bench-scale
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
 
 setup:
 	@scripts/setup.sh
@@ -55,6 +55,10 @@ bench-generation: smoke-models
 # The shard chain on N and 8N documents (per-stage seconds/row and peak RSS), then a SIGKILL + resume (~20 min).
 bench-scale: smoke-models
 	FINEINSTRUCTIONS_SMOKE_MODEL=$(FINEINSTRUCTIONS_SMOKE_MODEL) $(BIN)/python benchmarks/scale.py
+
+# Near-duplicate steps on 1M and 8M synthetic signatures (docs/s and peak RSS per step, recall/precision; ~15 min).
+bench-dedup-scale: setup
+	$(BIN)/python benchmarks/dedup_scale.py
 
 lint: setup
 	$(BIN)/ruff check fineinstructions_dagster tests benchmarks

@@ -23,7 +23,7 @@ doc_id (a function of the set of shards, not of the order they ran in).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +76,8 @@ BUCKET_BITS = 16
 BUCKETS = 1 << BUCKET_BITS
 BUCKET_RANGES = 16
 EXACT_BAND = 255  # the band number of the exact-duplicate row (key = normalised-text hash)
+# Band rows the bucket step holds at once (~17 bytes each plus a sort): its memory, whatever the corpus size.
+BAND_CHUNK_ROWS = 500_000
 
 
 def bucket_range_keys() -> list[str]:
@@ -301,23 +303,37 @@ def _bucket_chunks(band_files: Sequence[Path], lo: int, hi: int, chunk_rows: int
         yield a, min(hi, a + step)
 
 
-def candidate_edges(band_files: Sequence[Path], lo: int, hi: int, chunk_rows: int = 1_000_000) -> pl.DataFrame:
+def candidate_edges(band_files: Sequence[Path], lo: int, hi: int, chunk_rows: int = BAND_CHUNK_ROWS) -> pl.DataFrame:
     """Unconfirmed edges (a, b, exact) between documents that share a band key in buckets [lo, hi) of any shard.
 
     Each bucket group links its members to its smallest doc_key (a star: components are the same as with every
     pair, with n-1 edges instead of n(n-1)/2). Memory: one chunk of band rows plus the edges found."""
     found: list[pl.DataFrame] = []
-    for a, b in _bucket_chunks(band_files, lo, hi, chunk_rows):
-        rows = (pl.scan_parquet(list(band_files)).filter(pl.col("bucket").is_between(a, b, closed="left"))
-                .select("key", "doc_key", "band").collect())
+    files = list(band_files)
+    for a, b in _bucket_chunks(files, lo, hi, chunk_rows):
+        # The streaming engine reads the row groups whose bucket statistics overlap [a, b) a few at a time: as
+        # fast as the in-memory one and ~25 MB less at its peak with 64 shards (benchmarks/dedup_scale.py).
+        rows = (pl.scan_parquet(files).filter(pl.col("bucket").is_between(a, b, closed="left"))
+                .select("key", "doc_key", "band").collect(engine="streaming"))
         if rows.height < 2:
             continue
         key, doc, band = rows["key"].to_numpy(), rows["doc_key"].to_numpy(), rows["band"].to_numpy()
+        del rows
+        # Almost every key is unique: one plain sort of the keys finds the repeated ones, and only their rows
+        # are grouped (a lexsort of the whole chunk by key and doc_key took twice as long as reading it).
+        ordered = np.sort(key)
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        del ordered
+        if repeated.size == 0:
+            continue
+        repeated = np.unique(repeated)
+        at = np.minimum(np.searchsorted(repeated, key), repeated.size - 1)
+        sel = np.flatnonzero(repeated[at] == key)
+        del at
+        key, doc, band = key[sel], doc[sel], band[sel]
         order = np.lexsort((doc, key))
         key, doc, band = key[order], doc[order], band[order]
         same = key[1:] == key[:-1]
-        if not same.any():
-            continue
         n = key.size
         run_start = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(n), 0))
         right = np.flatnonzero(same) + 1
@@ -337,26 +353,62 @@ def confirm_edges(edges: pl.DataFrame, signature_files: Mapping[str, Path], cfg:
               "similarity": pl.Float32, "exact": pl.Boolean}
     if edges.height == 0:
         return pl.DataFrame(schema=schema)
-    wanted = pl.concat([edges["a"], edges["b"]]).unique()
-    found = [pl.scan_parquet(path).filter(pl.col("doc_key").is_in(wanted.implode()))
-             .with_columns(pl.lit(shard).alias("shard")).collect() for shard, path in sorted(signature_files.items())]
-    nodes = pl.concat(found).unique("doc_key", keep="first").sort("doc_key")
-    keys = nodes["doc_key"].to_numpy()
-    sig = signature_matrix(nodes["signature"], cfg.num_perm)
-    ia, ib = np.searchsorted(keys, edges["a"].to_numpy()), np.searchsorted(keys, edges["b"].to_numpy())
-    present = (ia < keys.size) & (ib < keys.size)
-    present &= (keys[np.minimum(ia, keys.size - 1)] == edges["a"].to_numpy())
-    present &= (keys[np.minimum(ib, keys.size - 1)] == edges["b"].to_numpy())
+    ea, eb = edges["a"].to_numpy(), edges["b"].to_numpy()
+    shards = sorted(signature_files)
+
+    def read(keys: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Per shard (in name order): positions in `keys` of the documents found and their signatures, each
+        document once: its first row in its first shard."""
+        wanted = pl.Series("doc_key", keys, dtype=pl.UInt64).implode()
+        seen = np.zeros(keys.size, dtype=bool)
+        for s, shard in enumerate(shards):
+            hit = (pl.scan_parquet(signature_files[shard]).filter(pl.col("doc_key").is_in(wanted))
+                   .select("doc_key", "signature").collect())
+            at, first = np.unique(np.searchsorted(keys, hit["doc_key"].to_numpy()), return_index=True)
+            new = ~seen[at]
+            at, first = at[new], first[new]
+            seen[at] = True
+            if at.size:
+                yield s, at, signature_matrix(hit["signature"], cfg.num_perm)[first]
+
+    # Two passes over the shards' signatures instead of one: the first keeps the signatures of the edges' `a`
+    # ends (a star's centre, so fewer documents), the second compares each `b` end with them as it is read.
+    # Reading every shard's signature column is the cost of this step; memory is the centres' signatures only.
+    a_keys, ia = np.unique(ea, return_inverse=True)
+    sig_a = np.empty((a_keys.size, cfg.num_perm), dtype=np.uint32)
+    shard_a = np.full(a_keys.size, -1, dtype=np.int64)
+    for s, at, sig in read(a_keys):
+        sig_a[at], shard_a[at] = sig, s
+    b_keys, ib = np.unique(eb, return_inverse=True)
+    by_b = np.argsort(ib, kind="stable")  # edges grouped by their b end: by_b[start[j]:start[j + 1]]
+    start = np.searchsorted(ib[by_b], np.arange(b_keys.size + 1))
+    shard_b = np.full(b_keys.size, -1, dtype=np.int64)
+    sim = np.zeros(ea.size, dtype=np.float32)
+    have_a = shard_a[ia] >= 0
+    step = 1 << 12  # edges at a time: two small (step, num_perm) gathers
+    for s, at, sig in read(b_keys):
+        shard_b[at] = s
+        count = start[at + 1] - start[at]
+        owner = np.repeat(np.arange(at.size), count)  # row of `sig` of each edge below
+        edge = by_b[np.repeat(start[at], count) + np.arange(owner.size) - np.repeat(np.cumsum(count) - count, count)]
+        keep = have_a[edge]
+        edge, owner = edge[keep], owner[keep]
+        for i in range(0, edge.size, step):
+            e = edge[i:i + step]
+            sim[e] = (sig[owner[i:i + step]] == sig_a[ia[e]]).mean(axis=1)
+    present = have_a & (shard_b[ib] >= 0)
     if not present.all():  # band rows without signatures: the two tables of a shard were not written together
         missing = edges.filter(~pl.Series(present)).head(1)
         raise ValueError(f"document {key_ids(missing['a'].to_numpy())[0]} has band rows but no signature: "
                          "re-materialize filtered_documents for its shard")
-    sim = (sig[ia] == sig[ib]).mean(axis=1).astype(np.float32)
     exact = edges["exact"].to_numpy()
     ok = exact | (sim >= cfg.min_similarity)
-    shard = nodes["shard"].to_numpy()
-    lo, hi = np.minimum(ia, ib)[ok], np.maximum(ia, ib)[ok]
-    return pl.DataFrame({"a": keys[lo], "b": keys[hi], "a_shard": shard[lo], "b_shard": shard[hi],
+    ka, kb, sa, sb = ea[ok], eb[ok], shard_a[ia[ok]], shard_b[ib[ok]]
+    swap = kb < ka  # a < b in the result, each end with its own shard
+    names = pl.Series(shards, dtype=pl.String)
+    return pl.DataFrame({"a": np.where(swap, kb, ka), "b": np.where(swap, ka, kb),
+                         "a_shard": names.gather(np.where(swap, sb, sa)),
+                         "b_shard": names.gather(np.where(swap, sa, sb)),
                          "similarity": np.where(exact[ok], np.float32(1.0), sim[ok]), "exact": exact[ok]},
                         schema=schema).sort("a", "b")
 
@@ -368,29 +420,63 @@ DECISION_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-def decide_duplicates(edges: pl.DataFrame, cfg: MinhashConfig,
+def _merge_edges(frames: Iterable[pl.DataFrame], names: list[str]) -> tuple[np.ndarray, ...]:
+    """Every range's edges -> one row per document pair (a, b, similarity: the max, exact: any, a's and b's
+    shard codes into `names`), merged one range at a time: memory follows the distinct pairs, not the edge
+    rows of all ranges (the same pair meets in several bands, so in several ranges)."""
+    acc: tuple[np.ndarray, ...] | None = None
+    for frame in frames:
+        if frame.height == 0:
+            continue
+        codes = [frame[c].cast(pl.Enum(names)).to_physical().cast(pl.UInt32).fill_null(len(names)).to_numpy()
+                 for c in ("a_shard", "b_shard")]
+        cols = (frame["a"].to_numpy(), frame["b"].to_numpy(), frame["similarity"].to_numpy(),
+                frame["exact"].to_numpy(), *codes)
+        if acc is not None:  # earlier rows first: the stable sort keeps "first" meaning first seen
+            cols = tuple(np.concatenate([x, y]) for x, y in zip(acc, cols, strict=True))
+        a, b, sim, exact, sa, sb = cols
+        order = np.lexsort((b, a))
+        a, b = a[order], b[order]
+        starts = np.flatnonzero(np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])])
+        acc = (a[starts], b[starts], np.fmax.reduceat(sim[order], starts),
+               np.logical_or.reduceat(exact[order], starts), sa[order][starts], sb[order][starts])
+    return acc if acc is not None else ()
+
+
+def decide_duplicates(edges: pl.DataFrame | Iterable[pl.DataFrame], cfg: MinhashConfig,
                       prior: pl.DataFrame | None = None, decided_shards: set[str] | frozenset[str] = frozenset(),
-                      ) -> pl.DataFrame:
+                      shards: Sequence[str] | None = None, removed_only: bool = False) -> pl.DataFrame:
     """Connected components over confirmed edges -> one decision row per document in a component (documents
-    without a duplicate have no row: kept). Memory follows the number of edges, not of documents.
+    without a duplicate have no row: kept). `edges`: one table, or one per bucket range (read lazily, merged
+    one at a time; then `shards` must name every shard the edges can name). Memory follows the number of
+    distinct duplicate pairs, not of documents nor of edge rows.
 
     `prior` (DECISION_SCHEMA rows) and `decided_shards`: the decisions of shards decided before, kept as they
     are under the `stable` rule: their documents stay kept (or removed), and a new shard's document in a cluster
     with one of them is removed as a duplicate of the smallest such kept document. Clusters of new documents
-    only, and every cluster under `rebuild`, keep their smallest doc_id. `cluster` is that keeper's doc_id."""
-    if edges.height == 0:
+    only, and every cluster under `rebuild`, keep their smallest doc_id. `cluster` is that keeper's doc_id.
+    `removed_only`: the removal rows alone (what the pipeline stores; half the rows and strings)."""
+    if isinstance(edges, pl.DataFrame):
+        if shards is None:
+            shards = pl.concat([edges["a_shard"], edges["b_shard"]]).drop_nulls().unique().to_list()
+        edges = [edges]
+    elif shards is None:
+        raise ValueError("decide_duplicates over several edge tables needs `shards`")
+    # Shards as small integer codes into `names`, not a Python string per edge end and per document.
+    names = sorted(shards)
+    shard_names = pl.Series([*names, None], dtype=pl.String)  # the last code: an edge end without a shard
+    merged = _merge_edges(edges, names)
+    if not merged or merged[0].size == 0:
         return pl.DataFrame(schema=DECISION_SCHEMA)
-    # The same two documents meet in several bands, so in several bucket ranges: one edge, exact if any was.
-    edges = edges.group_by("a", "b").agg(pl.col("a_shard", "b_shard").first(), pl.col("similarity").max(),
-                                         pl.col("exact").any())
-    a, b = edges["a"].to_numpy(), edges["b"].to_numpy()
+    a, b, similarity, exact, sa, sb = merged
+    del merged
     keys, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
     n = keys.size
     ia, ib = inverse[: a.size], inverse[a.size:]
-    shard = np.empty(n, dtype=object)
-    shard[ia], shard[ib] = edges["a_shard"].to_numpy(), edges["b_shard"].to_numpy()
-    _, labels = connected_components(coo_matrix((np.ones(a.size, np.int8), (ia, ib)), shape=(n, n)), directed=False)
-    exact = edges["exact"].to_numpy()
+    shard = np.empty(n, dtype=np.uint32)
+    shard[ia], shard[ib] = sa, sb
+    del a, b, sa, sb, inverse
+    _, labels = connected_components(coo_matrix((np.ones(ia.size, np.int8), (ia, ib)), shape=(n, n)), directed=False)
     _, exact_labels = connected_components(coo_matrix((np.ones(int(exact.sum()), np.int8), (ia[exact], ib[exact])),
                                                       shape=(n, n)), directed=False)
     idx = np.arange(n)
@@ -398,7 +484,7 @@ def decide_duplicates(edges: pl.DataFrame, cfg: MinhashConfig,
     pinned = np.zeros(n, dtype=bool)
     pinned_kept = np.zeros(n, dtype=bool)
     if cfg.keep == "stable" and decided_shards:
-        pinned = np.isin(shard, list(decided_shards))
+        pinned = np.isin(shard, [i for i, s in enumerate(names) if s in decided_shards])
         removed_before = np.zeros(n, dtype=bool)
         if prior is not None and prior.height:
             gone = prior.filter(~pl.col("kept") & pl.col("shard").is_in(list(decided_shards)))
@@ -414,22 +500,32 @@ def decide_duplicates(edges: pl.DataFrame, cfg: MinhashConfig,
     keeper = np.where(first_pinned[labels] < big, first_pinned[labels], first_any[labels])
     kept = np.where(pinned, pinned_kept, keeper == idx)
     # Similarity to the keeper where the two share an edge (a star links most members to it directly).
-    direct = pl.DataFrame({"i": np.concatenate([ia, ib]), "j": np.concatenate([ib, ia]),
-                           "s": np.concatenate([edges["similarity"].to_numpy()] * 2)})
-    to_keeper = (pl.DataFrame({"i": idx, "j": keeper}).join(direct, on=["i", "j"], how="left")
-                 .group_by("i", maintain_order=True).agg(pl.col("s").max()).sort("i"))["s"].to_numpy()
+    to_keeper = np.full(n, np.nan)
+    for i, j in ((ia, ib), (ib, ia)):
+        direct = keeper[i] == j
+        np.fmax.at(to_keeper, i[direct], similarity[direct])
     same_text = exact_labels == exact_labels[keeper]
-    doc_ids = key_ids(keys)
+    rows = np.flatnonzero(~kept) if removed_only else idx  # the removal list only, or every document in a cluster
+
+    def ids(at: np.ndarray) -> pl.Series:
+        step = 1 << 15  # a block at a time: key_ids' temporaries are ~250 bytes per key
+        return pl.concat([key_ids(keys[at[i:i + step]]) for i in range(0, at.size, step)]
+                         or [pl.Series([], dtype=pl.String)]).rechunk()
+
+    removed = ~pl.col("kept")
     out = pl.DataFrame({
-        "doc_id": doc_ids, "shard": pl.Series(shard.tolist(), dtype=pl.String),
-        "cluster": doc_ids.gather(keeper), "kept": kept,
-        "duplicate_of": pl.Series(np.where(kept, None, doc_ids.to_numpy()[keeper]).tolist(), dtype=pl.String),
-        "duplicate_of_shard": pl.Series(np.where(kept, None, shard[keeper]).tolist(), dtype=pl.String),
-        "reason": pl.Series(np.where(kept, None, np.where(same_text, "exact_duplicate", "near_duplicate")).tolist(),
-                            dtype=pl.String),
-        "similarity": pl.Series(np.where(kept, np.nan, np.where(same_text, 1.0, to_keeper)), dtype=pl.Float32)
-        .fill_nan(None),
-    }, schema=DECISION_SCHEMA)
+        "doc_id": ids(rows), "shard": shard_names.gather(shard[rows]), "cluster": ids(keeper[rows]),
+        "kept": kept[rows], "keeper_shard": shard_names.gather(shard[keeper[rows]]),
+        "same_text": same_text[rows], "to_keeper": to_keeper[rows],
+    }).select(
+        "doc_id", "shard", "cluster", "kept",
+        pl.when(removed).then(pl.col("cluster")).alias("duplicate_of"),
+        pl.when(removed).then(pl.col("keeper_shard")).alias("duplicate_of_shard"),
+        pl.when(removed).then(pl.when(pl.col("same_text")).then(pl.lit("exact_duplicate"))
+                              .otherwise(pl.lit("near_duplicate"))).alias("reason"),
+        pl.when(removed).then(pl.when(pl.col("same_text")).then(1.0).otherwise(pl.col("to_keeper")))
+        .cast(pl.Float32).fill_nan(None).alias("similarity"),
+    ).cast(DECISION_SCHEMA)
     if prior is not None and prior.height and cfg.keep == "stable":
         # A pinned document's row is its earlier one (same duplicate_of, reason, similarity), not a new guess.
         old = prior.filter(pl.col("shard").is_in(list(decided_shards)))
@@ -439,7 +535,7 @@ def decide_duplicates(edges: pl.DataFrame, cfg: MinhashConfig,
 
 
 def range_edges(band_files: Mapping[str, Path], signature_files: Mapping[str, Path], range_key: str,
-                cfg: MinhashConfig, chunk_rows: int = 1_000_000) -> pl.DataFrame:
+                cfg: MinhashConfig, chunk_rows: int = BAND_CHUNK_ROWS) -> pl.DataFrame:
     """The bucket step for one bucket range: confirmed edges between documents of any shard."""
     lo, hi = bucket_range(range_key)
     return confirm_edges(candidate_edges([band_files[s] for s in sorted(band_files)], lo, hi, chunk_rows),
@@ -463,5 +559,5 @@ def dedup_in_one_process(shards: Mapping[str, tuple[Sequence[Path], Sequence[Pat
         signatures[shard] = folder / "signatures.parquet"
         frames = [pl.read_parquet(p) for p in sig_parts]
         (pl.concat(frames) if frames else pl.DataFrame(schema=SIGNATURE_SCHEMA)).write_parquet(signatures[shard])
-    edges = pl.concat([range_edges(bands, signatures, r, cfg) for r in bucket_range_keys()])
-    return decide_duplicates(edges, cfg, prior, decided_shards)
+    edges = (range_edges(bands, signatures, r, cfg) for r in bucket_range_keys())
+    return decide_duplicates(edges, cfg, prior, decided_shards, shards=sorted(shards))

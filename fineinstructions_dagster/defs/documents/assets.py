@@ -3,6 +3,7 @@ it), `duplicate_edges` (per bucket range: confirmed duplicate edges across every
 (components over the edges -> per-shard removal lists) and `documents` (per shard, deduplicated)."""
 
 import polars as pl
+import pyarrow.parquet as pq
 from dagster import (
     AllPartitionMapping,
     AssetCheckResult,
@@ -166,9 +167,11 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
     if state is not None and state.get("minhash") == cfg.minhash.version and cfg.minhash.keep == "stable":
         decided = {s for s, v in state["shards"].items() if versions.get(s) == v}
     prior = [store.read(CLUSTERS, s) for s in sorted(decided) if store.exists(CLUSTERS, s)]
-    edges = pl.concat([store.read(EDGES, r) for r in bucket_range_keys()])
-    decisions = decide_duplicates(edges, cfg.minhash, pl.concat(prior) if prior else None, decided)
-    removed = decisions.filter(~pl.col("kept"))
+    edge_rows = {r: pq.ParquetFile(store.file(EDGES, r)).metadata.num_rows for r in bucket_range_keys()}
+    decisions = decide_duplicates((store.read(EDGES, r) for r in bucket_range_keys()), cfg.minhash,
+                                  pl.concat(prior) if prior else None, decided, shards=sorted(versions),
+                                  removed_only=True)
+    removed = decisions  # the removal rows only
     changed = []
     for shard in sorted(versions):
         mine = removed.filter(pl.col("shard") == shard).sort("doc_id")
@@ -184,7 +187,7 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
         "changed_shards": ", ".join(changed), "duplicate_clusters": removed["cluster"].n_unique(),
         "exact_duplicates": int((removed["reason"] == "exact_duplicate").sum()),
         "near_duplicates": int((removed["reason"] == "near_duplicate").sum()),
-        "rule": cfg.minhash.keep, "decided_before": len(decided), "edges": edges.height,
+        "rule": cfg.minhash.keep, "decided_before": len(decided), "edges": sum(edge_rows.values()),
         "minhash": cfg.minhash.version, "by_shard": {f"{s}/{r}": int(n) for s, r, n in by_reason.rows()},
     })
 
