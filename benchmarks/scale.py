@@ -54,14 +54,19 @@ def materialize_step(selection: list[str], partition: str | None) -> dict:
     from dagster import AssetSelection, DagsterInstance, load_assets_from_modules, materialize
 
     from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.defs.partitions import EVERY_BUCKET_RANGE
     from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
+    from fineinstructions_dagster.runner import DEDUP_STEP, FILTER_STEP
 
+    # the runner's steps: the filter writes three tables; dedup is every bucket range, then the components
+    named = {"quality": AssetSelection.groups("quality"), "filtered_documents": FILTER_STEP, "dedup": DEDUP_STEP}
     with DagsterInstance.get() as instance:
         release_dead_runs(instance)  # the run SIGKILLed below must not keep the gpu slot from its resume
         result = materialize(load_assets_from_modules(STAGE_MODULES),
-                             selection=AssetSelection.groups("quality") if selection == ["quality"] else selection,
+                             selection=named.get(selection[0], selection) if len(selection) == 1 else selection,
                              partition_key=partition, instance=instance, resources=bench_resources(),
-                             raise_on_error=False, tags=runner_tags())
+                             raise_on_error=False,
+                             tags={**runner_tags(), **(EVERY_BUCKET_RANGE if selection == ["dedup"] else {})})
         if not result.success:
             failure = next((e for e in result.all_events if e.is_step_failure), None)
             raise SystemExit(f"{selection}[{partition}] failed: "
@@ -141,7 +146,7 @@ def run_chain(n: int, env: dict[str, str]) -> tuple[dict[str, int], dict]:
     print(f"shards: {sizes}; chunk_rows={CHUNK_ROWS}", flush=True)
     for step, part in (("user_queries", "python_faq"), ("templates", "python_faq"), ("template_bank", None),
                        ("template_index", None), ("filtered_documents", "n"), ("filtered_documents", "n8"),
-                       ("document_clusters", None)):
+                       ("dedup", None)):
         run_stage(env, step, part)
     stages: dict[str, dict[str, list[float]]] = {s: {"peak_rss_mb": [], "seconds_per_row": [], "rows": []}
                                                  for s in CHAIN}

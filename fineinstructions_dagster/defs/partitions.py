@@ -102,8 +102,9 @@ def exports_to_refresh(shards: list[str], pairs: dict[str, int], exports: dict[s
 
 def shared_steps_to_refresh(filtered: dict[str, int], clusters: int | None, bank: int | None,
                             index: int | None) -> list[str]:
-    """Unpartitioned steps the shard chain needs first: the dedup clusters when a shard was (re-)filtered
-    after them (a new shard has no dedup decision yet), the template index when the bank is newer."""
+    """Shared steps the shard chain needs first: the dedup step (`document_clusters`, after every bucket range)
+    when a shard was (re-)filtered after it (a new shard has no dedup decision yet), the template index when
+    the bank is newer."""
     todo = []
     if filtered and (clusters is None or max(filtered.values()) > clusters):
         todo.append("document_clusters")

@@ -1,6 +1,6 @@
 """`missing_or_stale_shards`: an hourly schedule that re-materializes every shard whose pairs are missing or
-older than something they were built from (a re-filtered shard, a new dedup decision, a rebuilt template
-index): one run per such shard. Once every shard's pairs are current, it runs the dbt quality build if the
+older than something they were built from (a re-filtered shard, a change to its dedup removal list, a rebuilt
+template index): one run per such shard; the dedup step itself is `dedup_sensor`'s. Once every shard's pairs are current, it runs the dbt quality build if the
 pairs changed since the last one, then the export of every shard whose export is missing or older. Run keys
 name the upstream state, so later ticks do not request the same work again while nothing changed."""
 
