@@ -4,7 +4,10 @@ asset checks that pass on the real demo output, fail by name on a corrupted copy
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -31,6 +34,7 @@ from fineinstructions_dagster.stages.quality import (
     export_block_reasons,
     summarize_dbt_failures,
 )
+from tests.servers import REPO
 
 
 def _copy_root(store: TableStore, dest: Path) -> TableStore:
@@ -208,13 +212,45 @@ def test_gate_blocks_when_there_are_no_tests_and_the_description_lists_every_rea
     assert "  - x failed" in text and "  - y has no completed evaluation" in text and "quality_job" in text
 
 
-def test_dbt_vars_follow_the_run_settings():
+def test_dbt_vars_are_the_dataset_gates_and_each_pair_carries_its_own(pipeline):
     demo, paper = dbt_vars(profile_config("demo")), dbt_vars(profile_config("paper"))
-    assert (demo["min_grounding"], demo["judge_threshold"]) == (0.0, 1)
-    assert (paper["min_grounding"], paper["judge_threshold"]) == (0.6, 4)
+    assert "min_grounding" not in paper and "judge_threshold" not in paper  # recorded on each pair instead
     assert (paper["judge_min_score"], paper["judge_max_score"]) == (1, 5)
-    assert paper["max_template_share"] == DEFAULT_MAX_TEMPLATE_SHARE
-    assert dbt_vars(profile_config("paper", min_grounding=0.8))["min_grounding"] == 0.8
+    assert paper["max_template_share"] == demo["max_template_share"] == DEFAULT_MAX_TEMPLATE_SHARE
+    store, _, _ = pipeline
+    pairs = pl.read_parquet(store.glob("fineinstructions"))
+    demo_cfg = profile_config("demo")
+    assert set(pairs["selected_judge_threshold"]) == {demo_cfg.judge_threshold}
+    assert set(pairs["selected_min_grounding"]) == {demo_cfg.min_grounding}
+
+
+def _dbt_by_hand(root: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`dbt build` as dbt_quality/README.md says to run it by hand: no --vars."""
+    dbt = str(Path(sys.executable).with_name("dbt"))
+    return subprocess.run([dbt, "build", "--project-dir", str(REPO / "dbt_quality"), "--profiles-dir",
+                           str(REPO / "dbt_quality"), "--target-path", str(tmp_path / "target"),
+                           "--log-path", str(tmp_path / "logs")],
+                          env={**os.environ, "FINEINSTRUCTIONS_ROOT": str(root)}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_dbt_build_by_hand_passes_on_the_demo_output_and_fails_on_a_duplicated_pair(pipeline, tmp_path):
+    store, _, _ = pipeline
+    ok = _dbt_by_hand(store.root, tmp_path / "ok")
+    assert ok.returncode == 0, ok.stdout[-3000:]
+    copy = _copy_root(store, tmp_path / "root")
+    faq = copy.read("fineinstructions", "faq")
+    # one pair twice, and one pair whose score is under the threshold it claims to have been selected with
+    row = pl.int_range(pl.len())
+    bad = pl.concat([faq, faq.head(1)]).with_columns(
+        pl.when(row == 1).then(pl.lit(5, pl.Int64)).otherwise(pl.col("selected_judge_threshold"))
+        .alias("selected_judge_threshold"),
+        pl.when(row == 1).then(pl.lit(2).cast(faq["judge_score"].dtype)).otherwise(pl.col("judge_score"))
+        .alias("judge_score"))
+    bad.write_parquet(copy.path("fineinstructions", "faq"))
+    failed = _dbt_by_hand(copy.root, tmp_path / "bad")
+    assert failed.returncode != 0
+    assert "pairs_pair_id_unique" in failed.stdout and "pairs_judge_score_meets_threshold" in failed.stdout
 
 
 def test_dbt_failures_are_summarized_by_test_name():

@@ -12,6 +12,8 @@ from fineinstructions_dagster.lib.storage import TableStore
 
 PAIR_COLUMNS = [
     "pair_id", "instruction", "answer", "judge_score", "grounding",
+    # the gates this pair was selected under (the profile's), so a check by hand needs no settings
+    "selected_judge_threshold", "selected_min_grounding",
     "judgement_id", "instantiation_id", "match_id", "template_id", "query_id", "query_ids", "doc_id",
     "shard", "url", "match_score", "match_rank",
     "instantiator_model", "judge_model",
@@ -57,7 +59,9 @@ def select_pairs(
     pairs = (
         df.filter(pl.col("reason").is_null())
         .with_columns(content_id_expr("pair", "instantiation_id", "judgement_id").alias("pair_id"),
-                      pl.lit(run_id).alias("run_id"))
+                      pl.lit(run_id).alias("run_id"),
+                      pl.lit(judge_threshold, pl.Int64).alias("selected_judge_threshold"),
+                      pl.lit(min_grounding, pl.Float64).alias("selected_min_grounding"))
         .select(PAIR_COLUMNS).sort("pair_id")
     )
     stats.drop_counts(rejected["reason"])

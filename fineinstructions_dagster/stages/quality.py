@@ -24,10 +24,9 @@ SOURCE_TABLES = ("fineinstructions", "template_bank", "user_queries", "documents
 
 
 def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int]:
-    """The `--vars` of `dbt build` for a run's settings (the thresholds the final pairs were selected with)."""
+    """The `--vars` of `dbt build` for a run's settings: the dataset-level gates (each pair carries the judge and
+    grounding thresholds it was selected under, and the tests read those)."""
     return {
-        "min_grounding": float(cfg.min_grounding),
-        "judge_threshold": int(cfg.judge_threshold),
         "judge_min_score": JUDGE_SCALE[0],
         "judge_max_score": JUDGE_SCALE[1],
         "max_template_share": float(cfg.max_template_share),
