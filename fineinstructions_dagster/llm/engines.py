@@ -16,9 +16,6 @@ import logging
 import os
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -329,56 +326,43 @@ class TransformersEngine:
 
 
 class OpenAIEngine:
-    """OpenAI-compatible chat completions, e.g. `vllm serve MODEL`; JSON schema via `response_format`."""
+    """OpenAI-compatible chat completions, e.g. `vllm serve MODEL`; JSON schema via `response_format`. The
+    `openai` client does the HTTP: its timeout, and its retries with exponential backoff on connection errors,
+    408/409/429 and 5xx (a 4xx client error is not retried); requests run `concurrency` at a time."""
 
     def __init__(self, model: str, revision: str | None = None, *, base_url: str, api_key_env: str =
                  "OPENAI_API_KEY", concurrency: int = 16, timeout_s: float = 120.0, max_retries: int = 5):
-        self.info = EngineInfo("openai", model, revision or "server", {"base_url": base_url})
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._key = os.environ.get(api_key_env, "")
-        self._concurrency = concurrency
-        self._timeout = timeout_s
-        self._retries = max_retries
+        import openai
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        req = urllib.request.Request(self._url, data=json.dumps(body).encode(), headers=headers)
-        with urllib.request.urlopen(req, timeout=self._timeout) as resp:  # noqa: S310 (configured URL)
-            return json.loads(resp.read())
+        self.info = EngineInfo("openai", model, revision or "server", {"base_url": base_url})
+        # a local server needs no key, but the client refuses to start without one
+        self._client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unused",
+                                     timeout=timeout_s, max_retries=max_retries)
+        self._errors = (openai.APIError,)
+        self._concurrency = concurrency
 
     def _one(self, r: GenerationRequest) -> GenerationResult:
-        body: dict[str, Any] = {
-            "model": self.info.model, "messages": r.chat(), "max_tokens": r.sampling.max_tokens,
-            "temperature": r.sampling.temperature, "top_p": r.sampling.top_p, "seed": r.seed,
-        }
+        extra: dict[str, Any] = {}
         if r.json_schema:
-            body["response_format"] = {"type": "json_schema",
-                                       "json_schema": {"name": "output", "schema": r.json_schema}}
+            extra["response_format"] = {"type": "json_schema",
+                                        "json_schema": {"name": "output", "schema": r.json_schema}}
         prompt = json.dumps(r.chat(), ensure_ascii=False)
-        delay, last = 1.0, ""
-        for attempt in range(self._retries + 1):
-            try:
-                data = self._post(body)
-                choice = data["choices"][0]
-                usage = data.get("usage") or {}
-                return GenerationResult(
-                    text=choice["message"].get("content") or "", prompt=prompt,
-                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                    completion_tokens=int(usage.get("completion_tokens", 0)),
-                    finish_reason=str(choice.get("finish_reason", "")),
-                )
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {e.read()[:200]!r}"
-                if e.code not in (408, 409, 429) and e.code < 500:
-                    break  # a client error will not fix itself
-            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, ValueError) as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < self._retries:
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        return GenerationResult(text="", prompt=prompt, error=f"request failed: {last}")
+        try:
+            out = self._client.chat.completions.create(
+                model=self.info.model, messages=r.chat(), max_tokens=r.sampling.max_tokens,  # type: ignore[arg-type]
+                temperature=r.sampling.temperature, top_p=r.sampling.top_p, seed=r.seed, **extra)
+        except self._errors as e:
+            status = getattr(e, "status_code", None)
+            return GenerationResult(text="", prompt=prompt, error=f"request failed: {type(e).__name__}"
+                                    + (f" (HTTP {status})" if status else "") + f": {str(e)[:200]}")
+        choice = out.choices[0]
+        usage = out.usage
+        return GenerationResult(
+            text=choice.message.content or "", prompt=prompt,
+            prompt_tokens=int(usage.prompt_tokens) if usage else 0,
+            completion_tokens=int(usage.completion_tokens) if usage else 0,
+            finish_reason=str(choice.finish_reason or ""),
+        )
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         with ThreadPoolExecutor(max_workers=self._concurrency) as pool:
