@@ -25,7 +25,6 @@ from dagster import (
     materialize,
 )
 
-from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
 from fineinstructions_dagster.defs.inputs import corpus_shards, query_sources
 from fineinstructions_dagster.defs.partitions import (
     EVERY_BUCKET_RANGE,
@@ -34,20 +33,23 @@ from fineinstructions_dagster.defs.partitions import (
 )
 from fineinstructions_dagster.defs.resources import build_resources, env_value
 from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
+from fineinstructions_dagster.defs.steps import (
+    BANK_STEP,
+    DEDUP_STEP,
+    EXPORT_STEP,
+    FILTER_STEP,
+    QUALITY_STEP,
+    QUERY_STEP,
+    REPORT_STEP,
+    SHARD_STEP,
+)
 from fineinstructions_dagster.lib.formats import filesystem
 from fineinstructions_dagster.lib.storage import UNPARTITIONED
 from fineinstructions_dagster.llm.engines import hold_engines
 
-QUERY_STEP = ["user_queries", "templates"]
-BANK_STEP = ["template_bank", "template_index"]
-FILTER_STEP = FILTER_ASSETS
-DEDUP_STEP = ["duplicate_edges", "document_clusters"]  # every bucket range in one run (EVERY_BUCKET_RANGE)
-
-SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
-# dbt build over every shard's tables: the dbt_quality models (group `quality`) and their tests (asset checks)
-QUALITY_STEP = AssetSelection.groups("quality")
-EXPORT_STEP = ["pretraining_export"]  # per shard; refuses to run unless every dbt test passed on the current pairs
-REPORT_STEP = ["dataset_report"]
+# The steps, as the jobs define them (re-exported: tests and benchmarks import them from here).
+__all__ = ["BANK_STEP", "DEDUP_STEP", "EXPORT_STEP", "FILTER_STEP", "QUALITY_STEP", "QUERY_STEP", "REPORT_STEP",
+           "SHARD_STEP", "PipelineRun", "run_pipeline"]
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """`missing_or_stale_shards`: an hourly schedule that re-materializes every shard whose pairs are missing or
 older than something they were built from (a re-filtered shard, a change to its dedup removal list, a rebuilt
-template index): one run per such shard; the dedup step itself is `dedup_sensor`'s. Once every shard's pairs are current, it runs the dbt quality build if the
-pairs changed since the last one, then the export of every shard whose export is missing or older. Run keys
-name the upstream state, so later ticks do not request the same work again while nothing changed."""
+template index): one run per such shard; the dedup step itself is `dedup_sensor`'s. Once every shard's pairs
+are current, it runs the dbt quality build if the pairs changed since the last one, then the export of every
+shard whose export is missing or older. Run keys name the upstream state, so later ticks do not request the
+same work again while nothing changed."""
 
 from dagster import (
     AssetKey,
@@ -25,9 +26,10 @@ from fineinstructions_dagster.defs.partitions import (
     shared_steps_to_refresh,
 )
 from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, QUALITY_SELECTION
+from fineinstructions_dagster.defs.steps import SHARD_STEP
 
-# The per-shard chain in dependency order, and the unpartitioned assets it reads.
-SHARD_CHAIN = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
+# The per-shard chain in dependency order (the shard job's), and the unpartitioned assets it reads.
+SHARD_CHAIN = SHARD_STEP
 SHARED_INPUTS = {"documents": ["document_clusters"], "matches": ["template_index"]}
 
 

@@ -1,0 +1,16 @@
+"""The graph's steps, in the order they first run, written once: each is a job of the code location (what the
+UI launches) and a step of `fineinstructions run`; the hourly schedule's shard chain is `SHARD_STEP`."""
+
+from dagster import AssetSelection
+
+from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
+
+QUERY_STEP = ["user_queries", "templates"]  # per query source
+BANK_STEP = ["template_bank", "template_index"]
+FILTER_STEP = FILTER_ASSETS  # per corpus shard: one pass writes the filtered table, signatures and band rows
+DEDUP_STEP = ["duplicate_edges", "document_clusters"]  # every bucket range (EVERY_BUCKET_RANGE), then components
+SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]  # per corpus shard
+# dbt build over every shard's tables: the dbt_quality models (group `quality`) and their tests (asset checks)
+QUALITY_STEP = AssetSelection.groups("quality")
+EXPORT_STEP = ["pretraining_export"]  # per shard; refuses to run unless every dbt test passed on the current pairs
+REPORT_STEP = ["dataset_report"]
