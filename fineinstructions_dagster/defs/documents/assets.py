@@ -141,7 +141,9 @@ def duplicate_edges(context: AssetExecutionContext, storage: StorageResource,
 
 
 @asset(automation_condition=AutomationCondition.eager(),
-       deps=[AssetDep(EDGES, partition_mapping=AllPartitionMapping())], group_name="documents",
+       deps=[AssetDep(EDGES, partition_mapping=AllPartitionMapping()),
+             AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],  # which shards, which versions
+       group_name="documents",
        kinds={"numpy", "scipy"})
 def document_clusters(context: AssetExecutionContext, storage: StorageResource,
                       pipeline: PipelineResource) -> MaterializeResult:
@@ -193,7 +195,7 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
 
 
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
-       deps=["filtered_documents", document_clusters],
+       deps=["filtered_documents", SIGNATURES, document_clusters],
        group_name="documents", kinds={"polars", "parquet"},
        check_specs=[AssetCheckSpec(DOC_ID_UNIQUE, asset="documents")])
 def documents(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:

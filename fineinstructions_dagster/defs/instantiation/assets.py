@@ -29,7 +29,8 @@ from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 GROUNDING_IN_RANGE = "grounding_in_unit_interval"
 
 
-@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, deps=[matches],
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+       deps=[matches, "documents", "template_bank"],
        group_name="instantiation",
        kinds={"vllm", "parquet"}, pool="gpu",
        check_specs=[AssetCheckSpec(GROUNDING_IN_RANGE, asset="instantiations")])

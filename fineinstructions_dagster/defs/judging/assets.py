@@ -29,7 +29,7 @@ from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 SCORES_ON_SCALE = "judge_scores_on_likert_scale"
 
 
-@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, deps=[instantiations],
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, deps=[instantiations, "documents"],
        group_name="judging",
        kinds={"vllm", "parquet"}, pool="gpu",
        check_specs=[AssetCheckSpec(SCORES_ON_SCALE, asset="judgements",

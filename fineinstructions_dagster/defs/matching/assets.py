@@ -76,7 +76,8 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
                                        metadata={"vectors": meta.n_templates, "templates": bank.height})])
 
 
-@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, deps=[documents, template_index],
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+       deps=[documents, template_index, template_bank],
        group_name="matching",
        kinds={"usearch", "parquet"}, check_specs=[AssetCheckSpec(MATCHES_WELL_FORMED, asset="matches")])
 def matches(context: AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource,

@@ -28,15 +28,16 @@ from fineinstructions_dagster.lib.chunks import (
     rows_for,
     run_chunked,
 )
+from fineinstructions_dagster.stages.pairs import QUARANTINED_TABLES, rejection_counts, select_pairs
 from fineinstructions_dagster.stages.pairs import dataset_report as build_report
-from fineinstructions_dagster.stages.pairs import rejection_counts, select_pairs
 
 LINEAGE_COMPLETE = "every_pair_has_full_lineage"
 LINEAGE_ID_COLUMNS = ["pair_id", "judgement_id", "instantiation_id", "match_id", "template_id", "query_id",
                       "doc_id"]
 
 
-@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, deps=[judgements],
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+       deps=[judgements, "instantiations", "matches", "documents", "template_bank"],
        group_name="pairs",
        kinds={"duckdb", "parquet"}, check_specs=[AssetCheckSpec(LINEAGE_COMPLETE, asset="fineinstructions")])
 def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
@@ -82,7 +83,9 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
 
 
 @asset(automation_condition=AutomationCondition.eager(),
-       deps=[fineinstructions], group_name="pairs", kinds={"polars"})
+       # the pairs, and every stage's quarantine (the report's drop reasons)
+       deps=[fineinstructions, *(t for t in QUARANTINED_TABLES if t != "fineinstructions")], group_name="pairs",
+       kinds={"polars"})
 def dataset_report(context: AssetExecutionContext, storage: StorageResource,
                    pipeline: PipelineResource) -> MaterializeResult:
     """Counts, drop reasons per stage, template diversity and score histograms over every shard."""
