@@ -9,6 +9,7 @@ from dagster import (
     load_assets_from_modules,
 )
 
+from fineinstructions_dagster.defs import steps
 from fineinstructions_dagster.defs.documents import assets as documents
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor, dedup_sensor
 from fineinstructions_dagster.defs.export import assets as export
@@ -23,44 +24,34 @@ from fineinstructions_dagster.defs.quality import assets as quality
 from fineinstructions_dagster.defs.queries import assets as queries
 from fineinstructions_dagster.defs.queries.sensors import query_source_sensor
 from fineinstructions_dagster.defs.resources import build_resources
-from fineinstructions_dagster.defs.steps import (
-    BANK_STEP,
-    DEDUP_STEP,
-    EXPORT_STEP,
-    FILTER_STEP,
-    QUALITY_STEP,
-    QUERY_STEP,
-    REPORT_STEP,
-    SHARD_STEP,
-)
 from fineinstructions_dagster.defs.templates import assets as templates
 
 STAGE_MODULES = [queries, templates, documents, matching, instantiation, judging, pairs, export, quality]
 
 # The graph's steps as jobs, in the order they must first run (defs/steps.py; `fineinstructions run` runs the
 # same selections); each re-runs one slice.
-queries_job = define_asset_job("queries_job", selection=QUERY_STEP,
+queries_job = define_asset_job("queries_job", selection=steps.QUERY_STEP,
                                partitions_def=query_source_partitions,
                                description="Clean one query source and genericize it into templates.")
-template_index_job = define_asset_job("template_index_job", selection=BANK_STEP,
+template_index_job = define_asset_job("template_index_job", selection=steps.BANK_STEP,
                                       description="Merge all templates into the bank and index it.")
-filter_job = define_asset_job("filter_job", selection=FILTER_STEP, partitions_def=corpus_shard_partitions,
+filter_job = define_asset_job("filter_job", selection=steps.FILTER_STEP, partitions_def=corpus_shard_partitions,
                               description="Stream one corpus shard through the quality filters; write its "
                                           "MinHash signatures and LSH band rows.")
-dedup_job = define_asset_job("dedup_job", selection=DEDUP_STEP,
+dedup_job = define_asset_job("dedup_job", selection=steps.DEDUP_STEP,
                              description="Exact and near duplicates across every filtered shard: launch it for "
                                          "every bucket range (a backfill spreads the ranges over runs), the "
                                          "components and per-shard removal lists follow.")
 shard_job = define_asset_job("shard_job", partitions_def=corpus_shard_partitions,
-                             selection=SHARD_STEP,
+                             selection=steps.SHARD_STEP,
                              description="Documents -> matches -> instantiations -> judgements -> pairs for a shard.")
-quality_job = define_asset_job("quality_job", selection=QUALITY_STEP,
+quality_job = define_asset_job("quality_job", selection=steps.QUALITY_STEP,
                                description="dbt build of dbt_quality over every shard: the data-quality tests "
                                            "(asset checks) that gate the export.")
-export_job = define_asset_job("export_job", selection=EXPORT_STEP, partitions_def=corpus_shard_partitions,
+export_job = define_asset_job("export_job", selection=steps.EXPORT_STEP, partitions_def=corpus_shard_partitions,
                               description="Export a shard for pre-training; runs only once quality_job passed on "
                                           "its current pairs.")
-report_job = define_asset_job("report_job", selection=REPORT_STEP, description="Rebuild the report.")
+report_job = define_asset_job("report_job", selection=steps.REPORT_STEP, description="Rebuild the report.")
 
 # Declarative automation for the unpartitioned assets that summarise partitions (bank, index, dedup
 # clusters, report): stopped by default; turn it on in the UI (Automation) or with `dagster sensor start`.
