@@ -131,8 +131,9 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
 
     assets = load_assets_from_modules(STAGE_MODULES)
     resources = build_resources()
-    sources = sorted(query_sources(env_value("FINEINSTRUCTIONS_QUERIES")))
-    shards = sorted(corpus_shards(env_value("FINEINSTRUCTIONS_CORPUS")))
+    found_sources = query_sources(env_value("FINEINSTRUCTIONS_QUERIES"))  # listed once (an S3 listing is slow)
+    found_shards = corpus_shards(env_value("FINEINSTRUCTIONS_CORPUS"))
+    sources, shards = sorted(found_sources), sorted(found_shards)
     if not sources:
         raise FileNotFoundError(f"no query files in {env_value('FINEINSTRUCTIONS_QUERIES')}")
     if not shards:
@@ -150,8 +151,6 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     tags = runner_tags()
     store = resources["storage"].process_config_and_initialize().store()  # its EnvVars resolved
     settings = _settings_fingerprint(resources)
-    found_sources = query_sources(env_value("FINEINSTRUCTIONS_QUERIES"))
-    found_shards = corpus_shards(env_value("FINEINSTRUCTIONS_CORPUS"))
 
     def made_by_a_run(key: str, outputs: list[tuple[str, str | None]]) -> str | None:
         """The run that already made this step from the same inputs, if its outputs are still there."""

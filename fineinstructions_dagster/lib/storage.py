@@ -541,6 +541,13 @@ class TableStore:
                 self.mirror.delete_tree(name)
         shutil.rmtree(self.root / name, ignore_errors=True)
 
+    @contextmanager
+    def publish(self, table: str, partition: str = UNPARTITIONED, quarantine: bool = False) -> Iterator[str]:
+        """A temporary path for a writer that produces the partition's file itself (e.g. DuckDB's COPY); the
+        file becomes the partition, atomically, when the block succeeds (and is uploaded with an S3 root)."""
+        with self._published(self.path(table, partition, quarantine)) as tmp:
+            yield tmp
+
     def write_parts(self, table: str, parts: list[Path], empty: pl.DataFrame, partition: str = UNPARTITIONED,
                     quarantine: bool = False) -> Path:
         """Stream part files (written batch by batch) into one partition file, atomically."""

@@ -33,6 +33,8 @@ import polars as pl
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from fineinstructions_dagster.lib.storage import ROW_GROUP_ROWS
+
 
 @dataclass(frozen=True)
 class MinhashConfig:
@@ -278,24 +280,28 @@ def signature_rows(doc_key: np.ndarray, text_key: np.ndarray, sig: np.ndarray,
     return signatures, rows
 
 
-def sort_band_rows(parts: Sequence[Path], target: Path, scratch: Path, memory_limit: str = "1GB") -> None:
-    """Merge a shard's per-batch band rows into one file sorted by bucket (what lets the bucket step read only
-    its range: row-group statistics), out of core: DuckDB spills to `scratch` past `memory_limit`."""
+def sort_band_rows(parts: Sequence[Path], target: Path | str, scratch: Path, memory_limit: str = "1GB") -> None:
+    """Merge a shard's per-batch band rows into one file sorted by bucket, out of core: DuckDB spills to
+    `scratch` past `memory_limit`. Row groups of ROW_GROUP_ROWS: the bucket step reads a chunk of buckets of
+    every shard, a few thousand rows per shard, and row-group statistics let it skip the rest."""
     con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(scratch / "duckdb-spill"),
                                  "preserve_insertion_order": False, "threads": 2})
     try:
         files = ", ".join(f"'{p}'" for p in parts)
         con.execute(f"COPY (SELECT * FROM read_parquet([{files}]) ORDER BY bucket, key) TO '{target}' "
-                    "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 131072)")
+                    f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
     finally:
         con.close()
 
 
 def _bucket_chunks(band_files: Sequence[Path], lo: int, hi: int, chunk_rows: int) -> Iterator[tuple[int, int]]:
     """Sub-ranges of [lo, hi) holding about `chunk_rows` band rows each, from the files' row counts (bucket
-    numbers are uniform hashes, so rows spread evenly over buckets)."""
+    numbers are uniform hashes, so rows spread evenly over buckets). A chunk is never smaller than one row group
+    per file: a smaller one would decode each row group several times to keep a few rows of it, so with many
+    shards the chunk (and the step's memory) grows to shards x ROW_GROUP_ROWS rows."""
     import pyarrow.parquet as pq
 
+    chunk_rows = max(chunk_rows, len(band_files) * ROW_GROUP_ROWS)
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in band_files)
     in_range = total * (hi - lo) / BUCKETS
     step = max(1, math.floor((hi - lo) * chunk_rows / max(in_range, 1)))
@@ -313,8 +319,10 @@ def candidate_edges(band_files: Sequence[Path], lo: int, hi: int, chunk_rows: in
     for a, b in _bucket_chunks(files, lo, hi, chunk_rows):
         # The streaming engine reads the row groups whose bucket statistics overlap [a, b) a few at a time: as
         # fast as the in-memory one and ~25 MB less at its peak with 64 shards (benchmarks/dedup_scale.py).
-        rows = (pl.scan_parquet(files).filter(pl.col("bucket").is_between(a, b, closed="left"))
-                .select("key", "doc_key", "band").collect(engine="streaming"))
+        # one file at a time: a scan over every shard at once holds read buffers per file, which grows with the
+        # number of shards (the corpus), not with the chunk
+        rows = pl.concat([pl.scan_parquet(f).filter(pl.col("bucket").is_between(a, b, closed="left"))
+                          .select("key", "doc_key", "band").collect() for f in files])
         if rows.height < 2:
             continue
         key, doc, band = rows["key"].to_numpy(), rows["doc_key"].to_numpy(), rows["band"].to_numpy()

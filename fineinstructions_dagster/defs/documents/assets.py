@@ -2,8 +2,9 @@
 it), `duplicate_edges` (per bucket range: confirmed duplicate edges across every shard), `document_clusters`
 (components over the edges -> per-shard removal lists) and `documents` (per shard, deduplicated)."""
 
+from collections.abc import Iterator
+
 import polars as pl
-import pyarrow.parquet as pq
 from dagster import (
     AllPartitionMapping,
     AssetCheckResult,
@@ -85,10 +86,11 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
     with store.scratch(f"filtered_documents-{shard}") as scratch:
         out = prepare_shard(found[shard], shard, cfg.documents, cfg.minhash, scratch, context.run_id,
                             cfg.document_batch_rows)
-        bands = scratch / "bands-sorted.parquet"
         if out.bands:
-            sort_band_rows(out.bands, bands, scratch)
-        store.write_parts(BANDS, [bands] if out.bands else [], pl.DataFrame(schema=BAND_SCHEMA), shard)
+            with store.publish(BANDS, shard) as tmp:
+                sort_band_rows(out.bands, tmp, scratch)
+        else:
+            store.write(BANDS, pl.DataFrame(schema=BAND_SCHEMA), shard)
         store.write_parts(SIGNATURES, out.signatures, pl.DataFrame(schema=SIGNATURE_SCHEMA), shard)
         store.write_json(f"{SIGNATURES}/{shard}.json", {"run_id": context.run_id, "minhash": cfg.minhash.version,
                                                         "rows": out.stats.kept})
@@ -127,9 +129,10 @@ def duplicate_edges(context: AssetExecutionContext, storage: StorageResource,
     if not versions:
         raise ValueError("no materialized filtered_documents partition: materialize filtered_documents first")
 
+    bands = {s: store.file(BANDS, s) for s in versions}
+    signatures = {s: store.file(SIGNATURES, s) for s in versions}
+
     def one(range_key: str) -> MaterializeResult:
-        bands = {s: store.file(BANDS, s) for s in versions}
-        signatures = {s: store.file(SIGNATURES, s) for s in versions}
         edges = range_edges(bands, signatures, range_key, cfg.minhash)
         store.write(EDGES, edges, range_key)
         store.write_json(f"{EDGES}/{range_key}.json", {"shards": versions, "minhash": cfg.minhash.version})
@@ -168,18 +171,25 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
     decided: set[str] = set()
     if state is not None and state.get("minhash") == cfg.minhash.version and cfg.minhash.keep == "stable":
         decided = {s for s, v in state["shards"].items() if versions.get(s) == v}
-    prior = [store.read(CLUSTERS, s) for s in sorted(decided) if store.exists(CLUSTERS, s)]
-    edge_rows = {r: pq.ParquetFile(store.file(EDGES, r)).metadata.num_rows for r in bucket_range_keys()}
-    decisions = decide_duplicates((store.read(EDGES, r) for r in bucket_range_keys()), cfg.minhash,
-                                  pl.concat(prior) if prior else None, decided, shards=sorted(versions),
-                                  removed_only=True)
-    removed = decisions  # the removal rows only
+    # the removal lists written before, read once: the stable rule's input and what "changed" compares with
+    before = {s: store.read(CLUSTERS, s) for s in (state or {"shards": {}})["shards"] if s in versions
+              and store.exists(CLUSTERS, s)}
+    prior = [before[s] for s in sorted(decided) if s in before]
+    edge_rows = 0
+
+    def edges() -> Iterator[pl.DataFrame]:
+        nonlocal edge_rows
+        for r in bucket_range_keys():
+            frame = store.read(EDGES, r)
+            edge_rows += frame.height
+            yield frame
+
+    removed = decide_duplicates(edges(), cfg.minhash, pl.concat(prior) if prior else None, decided,
+                                shards=sorted(versions), removed_only=True)
     changed = []
     for shard in sorted(versions):
         mine = removed.filter(pl.col("shard") == shard).sort("doc_id")
-        before = (store.read(CLUSTERS, shard) if state is not None and shard in state["shards"]
-                  and store.exists(CLUSTERS, shard) else None)
-        if before is None or not before.sort("doc_id").equals(mine):
+        if shard not in before or not before[shard].sort("doc_id").equals(mine):
             store.write(CLUSTERS, mine, shard)
             changed.append(shard)
     store.write_json(CLUSTERS_STATE, {"shards": versions, "minhash": cfg.minhash.version, "keep": cfg.minhash.keep})
@@ -189,7 +199,7 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
         "changed_shards": ", ".join(changed), "duplicate_clusters": removed["cluster"].n_unique(),
         "exact_duplicates": int((removed["reason"] == "exact_duplicate").sum()),
         "near_duplicates": int((removed["reason"] == "near_duplicate").sum()),
-        "rule": cfg.minhash.keep, "decided_before": len(decided), "edges": sum(edge_rows.values()),
+        "rule": cfg.minhash.keep, "decided_before": len(decided), "edges": edge_rows,
         "minhash": cfg.minhash.version, "by_shard": {f"{s}/{r}": int(n) for s, r, n in by_reason.rows()},
     })
 
