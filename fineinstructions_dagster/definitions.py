@@ -11,14 +11,13 @@ from dagster import (
 
 from fineinstructions_dagster.defs import steps
 from fineinstructions_dagster.defs.documents import assets as documents
-from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor, dedup_sensor
+from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.export import assets as export
 from fineinstructions_dagster.defs.instantiation import assets as instantiation
 from fineinstructions_dagster.defs.judging import assets as judging
 from fineinstructions_dagster.defs.lineage.jobs import lineage_job
 from fineinstructions_dagster.defs.matching import assets as matching
 from fineinstructions_dagster.defs.pairs import assets as pairs
-from fineinstructions_dagster.defs.pairs.schedules import missing_or_stale_shards
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions, query_source_partitions
 from fineinstructions_dagster.defs.quality import assets as quality
 from fineinstructions_dagster.defs.queries import assets as queries
@@ -47,23 +46,24 @@ shard_job = define_asset_job("shard_job", partitions_def=corpus_shard_partitions
                              description="Documents -> matches -> instantiations -> judgements -> pairs for a shard.")
 quality_job = define_asset_job("quality_job", selection=steps.QUALITY_STEP,
                                description="dbt build of dbt_quality over every shard: the data-quality tests "
-                                           "(asset checks) that gate the export.")
+                                           "(blocking asset checks) that gate the export.")
 export_job = define_asset_job("export_job", selection=steps.EXPORT_STEP, partitions_def=corpus_shard_partitions,
-                              description="Export a shard for pre-training; runs only once quality_job passed on "
-                                          "its current pairs.")
+                              description="Export a shard for pre-training; refuses while a dbt test's latest "
+                                          "evaluation did not pass.")
 report_job = define_asset_job("report_job", selection=steps.REPORT_STEP, description="Rebuild the report.")
 
-# Declarative automation for the unpartitioned assets that summarise partitions (bank, index, dedup
-# clusters, report): stopped by default; turn it on in the UI (Automation) or with `dagster sensor start`.
+# Declarative automation (defs/automation.py) from a new shard's filter to its export: stopped by default, so
+# that nothing runs by itself on a laptop until asked; turn it on in the UI (Automation) or with
+# `dagster sensor start automation_sensor`. It emits backfills, so the backfill policies batch its requests.
 automation_sensor = AutomationConditionSensorDefinition(
     "automation_sensor", target=AssetSelection.all(), default_status=DefaultSensorStatus.STOPPED,
-    description="Re-materializes the bank, index, dedup clusters and report when their inputs change.")
+    description="Runs what a new or changed input makes due: dedup, the shard's chain, the bank and index, the "
+                "dbt build, the export once the dbt tests passed, the report.")
 
 defs = Definitions(
     assets=load_assets_from_modules(STAGE_MODULES),
     jobs=[queries_job, template_index_job, filter_job, dedup_job, shard_job, report_job, lineage_job,
           quality_job, export_job],
-    schedules=[missing_or_stale_shards],
-    sensors=[corpus_shard_sensor, query_source_sensor, dedup_sensor, automation_sensor],
+    sensors=[corpus_shard_sensor, query_source_sensor, automation_sensor],
     resources=build_resources(),
 )

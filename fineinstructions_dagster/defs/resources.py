@@ -1,11 +1,12 @@
-"""Resources, configured in one place from the environment (EnvVar where a variable is set)."""
+"""Resources. Nothing is read from the environment when the code location loads: a field left empty is resolved
+when a run (or the command-line runner) uses it, from the one mapping of variables below (`setting`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource, EnvVar, InitResourceContext
+from dagster import ConfigurableResource, InitResourceContext
 from dagster_aws.s3.utils import construct_s3_client
 from pydantic import Field
 
@@ -17,111 +18,7 @@ from fineinstructions_dagster.llm.engines import LLMEngine, get_engine, release_
 from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
 
 DEFAULT_SMOKE_MODEL = "models/smoke"
-
-
-class StorageResource(ConfigurableResource):
-    """Storage root for every table (`FINEINSTRUCTIONS_ROOT`, default ./data; `s3://bucket/prefix` in
-    production, with dagster-aws's S3 client: endpoint (AWS_ENDPOINT_URL, e.g. MinIO) and region (AWS_REGION)
-    here, credentials from boto3's usual chain). `cache_dir`: where an S3 root's local working copy lives
-    (FINEINSTRUCTIONS_CACHE_DIR)."""
-
-    root: str = "data"
-    cache_dir: str = ""
-    s3_endpoint_url: str = ""
-    s3_region: str = ""
-    s3_max_attempts: int = 5
-
-    def store(self) -> TableStore:
-        if not self.root.startswith("s3://"):
-            return TableStore(self.root)
-        client = construct_s3_client(self.s3_max_attempts, region_name=self.s3_region or None,
-                                     endpoint_url=self.s3_endpoint_url or None)
-        return TableStore(self.root, s3_client=client, working_copy=self.cache_dir or None)
-
-    def generation_cache(self) -> GenerationCache:
-        return GenerationCache(Path(self.store().root) / "_cache" / "generations.sqlite")
-
-
-class InputsResource(ConfigurableResource):
-    """Where new inputs arrive: one query source per file/subfolder, one corpus shard per file."""
-
-    queries_dir: str = "data/inputs/queries"
-    corpus_dir: str = "data/inputs/corpus"
-
-
-class LLMResource(ConfigurableResource):
-    """One generative model role. backend: vllm | openai | transformers | auto (vllm if installed).
-
-    The engine lives as long as the step's execution: set up lazily on first use, shut down when the step
-    ends (success, failure or Terminate), and a step process dies with its run worker, so a killed run
-    leaves no model in memory. `vllm_multiprocessing`: vLLM's engine core in its own process (large GPU
-    hosts) instead of in the step process (default). `cpu_kv_cache_gb`: vLLM's KV cache on CPU
-    (FINEINSTRUCTIONS_CPU_KV_CACHE_GB); 0 sizes it from the model and batch, not as a share of the machine's
-    RAM. On GPU, `gpu_memory_utilization` applies."""
-
-    backend: str = "auto"
-    model: str
-    revision: str = ""
-    base_url: str = ""  # openai backend: e.g. http://127.0.0.1:8000/v1
-    max_model_len: int = 4096
-    gpu_memory_utilization: float = 0.3
-    enforce_eager: bool = True
-    batch_size: int = 16  # transformers backend
-    concurrency: int = 16  # openai backend
-    vllm_multiprocessing: bool = False
-    cpu_kv_cache_gb: float = Field(default=0.0, ge=0.0)
-
-    def setup_for_execution(self, context: InitResourceContext) -> None:
-        die_with_parent()
-
-    def teardown_after_execution(self, context: InitResourceContext) -> None:
-        release_engines()
-
-    def engine(self) -> LLMEngine:
-        backend = self.backend
-        if backend == "openai":
-            if not self.base_url:
-                raise ValueError("LLM backend 'openai' needs base_url (FINEINSTRUCTIONS_OPENAI_BASE_URL)")
-            return get_engine("openai", self.model, self.revision or None, base_url=self.base_url,
-                              concurrency=self.concurrency)
-        if backend == "auto":
-            from fineinstructions_dagster.llm.engines import vllm_available
-
-            backend = "vllm" if vllm_available() else "transformers"
-        if backend == "vllm":
-            return get_engine("vllm", self.model, self.revision or None, max_model_len=self.max_model_len,
-                              gpu_memory_utilization=self.gpu_memory_utilization,
-                              enforce_eager=self.enforce_eager, multiprocessing=self.vllm_multiprocessing,
-                              cpu_kv_cache_gb=self.cpu_kv_cache_gb)
-        return get_engine(backend, self.model, self.revision or None, batch_size=self.batch_size,
-                          max_model_len=self.max_model_len)
-
-
-class EmbedderResource(ConfigurableResource):
-    """Sentence-transformers model for templates and documents (default: packaged all-MiniLM-L6-v2)."""
-
-    model: str = ""
-    batch_size: int = 64
-    device: str = "cpu"
-
-    def embedder(self) -> Embedder:
-        return get_embedder(self.model, self.batch_size, self.device)
-
-
-class PipelineResource(ConfigurableResource):
-    """Thresholds and k. `profile`: paper (default) or demo (relaxed gates for smoke models)."""
-
-    profile: str = "paper"
-    templates_per_document: int | None = None
-    judge_threshold: int | None = None
-    min_grounding: float | None = None
-    chunk_rows: int | None = None
-
-    def config(self) -> PipelineConfig:
-        return profile_config(self.profile, templates_per_document=self.templates_per_document,
-                              judge_threshold=self.judge_threshold, min_grounding=self.min_grounding,
-                              chunk_rows=self.chunk_rows)
-
+ROLES = ("genericizer", "instantiator", "judge")
 
 # Every environment variable the platform reads, with its default: the one place they are named.
 ENV_DEFAULTS = {
@@ -132,52 +29,163 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_PROFILE": "paper",
     "FINEINSTRUCTIONS_LLM_BACKEND": "auto",
     "FINEINSTRUCTIONS_OPENAI_BASE_URL": "",
-    "FINEINSTRUCTIONS_GENERICIZER_BASE_URL": "",
-    "FINEINSTRUCTIONS_INSTANTIATOR_BASE_URL": "",
-    "FINEINSTRUCTIONS_JUDGE_BASE_URL": "",
+    **{f"FINEINSTRUCTIONS_{r.upper()}_BASE_URL": "" for r in ROLES},
+    **{f"FINEINSTRUCTIONS_{r.upper()}_MODEL": "" for r in ROLES},  # empty: by profile (smoke / paper models)
     "FINEINSTRUCTIONS_SMOKE_MODEL": DEFAULT_SMOKE_MODEL,
     "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
     "FINEINSTRUCTIONS_CPU_KV_CACHE_GB": "0",
+    "AWS_ENDPOINT_URL": "",  # an S3-compatible store (MinIO, moto); empty: AWS
+    "AWS_REGION": "",
 }
 
 
+def setting(name: str, configured: str | None = None) -> str:
+    """A value configured on the resource (launchpad, code) wins; else the variable's value now; else its
+    default."""
+    return configured or os.environ.get(name) or ENV_DEFAULTS[name]
+
+
 def env_value(name: str) -> str:
-    """The variable's value now (for code outside a run, e.g. the command-line runner)."""
-    return os.environ.get(name) or ENV_DEFAULTS.get(name, "")
+    """The variable's value now, or its default (code outside a run, e.g. the command-line runner)."""
+    return setting(name)
 
 
-def _env(name: str, default: str | None = None) -> str | EnvVar:
-    """EnvVar (resolved when a run starts) where the variable is set, else the default."""
-    if os.environ.get(name):
-        return EnvVar(name)
-    return ENV_DEFAULTS.get(name, "") if default is None else default
+class StorageResource(ConfigurableResource):
+    """Storage root for every table (`FINEINSTRUCTIONS_ROOT`, default ./data; `s3://bucket/prefix` in
+    production, with dagster-aws's S3 client: endpoint (AWS_ENDPOINT_URL, e.g. MinIO) and region (AWS_REGION)
+    here, credentials from boto3's usual chain). `cache_dir`: where an S3 root's local working copy lives
+    (FINEINSTRUCTIONS_CACHE_DIR)."""
+
+    root: str = ""
+    cache_dir: str = ""
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_max_attempts: int = 5
+
+    def store(self) -> TableStore:
+        root = setting("FINEINSTRUCTIONS_ROOT", self.root)
+        if not root.startswith("s3://"):
+            return TableStore(root)
+        client = construct_s3_client(self.s3_max_attempts,
+                                     region_name=setting("AWS_REGION", self.s3_region) or None,
+                                     endpoint_url=setting("AWS_ENDPOINT_URL", self.s3_endpoint_url) or None)
+        return TableStore(root, s3_client=client,
+                          working_copy=setting("FINEINSTRUCTIONS_CACHE_DIR", self.cache_dir) or None)
+
+    def generation_cache(self) -> GenerationCache:
+        return GenerationCache(Path(self.store().root) / "_cache" / "generations.sqlite")
+
+
+class InputsResource(ConfigurableResource):
+    """Where new inputs arrive: one query source per file/subfolder, one corpus shard per file."""
+
+    queries_dir: str = ""
+    corpus_dir: str = ""
+
+    def queries(self) -> str:
+        return setting("FINEINSTRUCTIONS_QUERIES", self.queries_dir)
+
+    def corpus(self) -> str:
+        return setting("FINEINSTRUCTIONS_CORPUS", self.corpus_dir)
+
+
+class LLMResource(ConfigurableResource):
+    """One generative model role. backend: vllm | openai | transformers | auto (vllm if installed).
+
+    Empty fields are resolved when the step runs: `model` from FINEINSTRUCTIONS_<ROLE>_MODEL, else the smoke
+    model (demo profile) or the role's paper model; `base_url` from FINEINSTRUCTIONS_<ROLE>_BASE_URL, else
+    FINEINSTRUCTIONS_OPENAI_BASE_URL (one vLLM server serves one model); `backend` from
+    FINEINSTRUCTIONS_LLM_BACKEND. The engine lives as long as the step's execution: set up lazily on first
+    use, shut down when the step ends (success, failure or Terminate), and a step process dies with its run
+    worker, so a killed run leaves no model in memory. `vllm_multiprocessing`: vLLM's engine core in its own
+    process (large GPU hosts) instead of in the step process (default). `cpu_kv_cache_gb`: vLLM's KV cache on
+    CPU (FINEINSTRUCTIONS_CPU_KV_CACHE_GB when unset); 0 sizes it from the model and batch, not as a share of
+    the machine's RAM. On GPU, `gpu_memory_utilization` applies."""
+
+    role: str = "instantiator"
+    backend: str = ""
+    model: str = ""
+    revision: str = ""
+    base_url: str = ""  # openai backend: e.g. http://127.0.0.1:8000/v1
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = True
+    batch_size: int = 16  # transformers backend
+    concurrency: int = 16  # openai backend
+    vllm_multiprocessing: bool = False
+    cpu_kv_cache_gb: float | None = Field(default=None, ge=0.0)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        die_with_parent()
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        release_engines()
+
+    def model_name(self) -> str:
+        own = f"FINEINSTRUCTIONS_{self.role.upper()}_MODEL"
+        if self.model or os.environ.get(own):
+            return setting(own, self.model)
+        if setting("FINEINSTRUCTIONS_PROFILE") == "demo":
+            return setting("FINEINSTRUCTIONS_SMOKE_MODEL")
+        return PAPER_MODELS[self.role]
+
+    def engine(self) -> LLMEngine:
+        backend = setting("FINEINSTRUCTIONS_LLM_BACKEND", self.backend)
+        model, revision = self.model_name(), self.revision or None
+        if backend == "openai":
+            base_url = (setting(f"FINEINSTRUCTIONS_{self.role.upper()}_BASE_URL", self.base_url)
+                        or setting("FINEINSTRUCTIONS_OPENAI_BASE_URL"))
+            if not base_url:
+                raise ValueError("LLM backend 'openai' needs base_url (FINEINSTRUCTIONS_OPENAI_BASE_URL)")
+            return get_engine("openai", model, revision, base_url=base_url, concurrency=self.concurrency)
+        if backend == "auto":
+            from fineinstructions_dagster.llm.engines import vllm_available
+
+            backend = "vllm" if vllm_available() else "transformers"
+        if backend == "vllm":
+            kv_gb = (self.cpu_kv_cache_gb if self.cpu_kv_cache_gb is not None
+                     else float(setting("FINEINSTRUCTIONS_CPU_KV_CACHE_GB")))
+            return get_engine("vllm", model, revision, max_model_len=self.max_model_len,
+                              gpu_memory_utilization=self.gpu_memory_utilization,
+                              enforce_eager=self.enforce_eager, multiprocessing=self.vllm_multiprocessing,
+                              cpu_kv_cache_gb=kv_gb)
+        return get_engine(backend, model, revision, batch_size=self.batch_size, max_model_len=self.max_model_len)
+
+
+class EmbedderResource(ConfigurableResource):
+    """Sentence-transformers model for templates and documents (default: packaged all-MiniLM-L6-v2)."""
+
+    model: str = ""
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def embedder(self) -> Embedder:
+        return get_embedder(setting("FINEINSTRUCTIONS_EMBEDDER_MODEL", self.model), self.batch_size, self.device)
+
+
+class PipelineResource(ConfigurableResource):
+    """Thresholds and k. `profile`: paper (default) or demo (relaxed gates for smoke models)."""
+
+    profile: str = ""  # empty: FINEINSTRUCTIONS_PROFILE, else paper
+    templates_per_document: int | None = None
+    judge_threshold: int | None = None
+    min_grounding: float | None = None
+    chunk_rows: int | None = None
+
+    def config(self) -> PipelineConfig:
+        return profile_config(setting("FINEINSTRUCTIONS_PROFILE", self.profile),
+                              templates_per_document=self.templates_per_document,
+                              judge_threshold=self.judge_threshold, min_grounding=self.min_grounding,
+                              chunk_rows=self.chunk_rows)
 
 
 def build_resources() -> dict[str, ConfigurableResource]:
-    profile = env_value("FINEINSTRUCTIONS_PROFILE")
-    backend = _env("FINEINSTRUCTIONS_LLM_BACKEND")
-    base_url = _env("FINEINSTRUCTIONS_OPENAI_BASE_URL")
-    smoke = env_value("FINEINSTRUCTIONS_SMOKE_MODEL")
-    # A number: EnvVar carries only strings (and ints) into resource config, so it is read here.
-    cpu_kv_cache_gb = float(env_value("FINEINSTRUCTIONS_CPU_KV_CACHE_GB"))
-
-    def llm(role: str) -> LLMResource:
-        default = smoke if profile == "demo" else PAPER_MODELS[role]
-        # One vLLM server serves one model: each role may have its own (FINEINSTRUCTIONS_<ROLE>_BASE_URL).
-        own_url = f"FINEINSTRUCTIONS_{role.upper()}_BASE_URL"
-        return LLMResource(backend=backend, model=_env(f"FINEINSTRUCTIONS_{role.upper()}_MODEL", default),
-                           base_url=EnvVar(own_url) if os.environ.get(own_url) else base_url,
-                           cpu_kv_cache_gb=cpu_kv_cache_gb)
-
+    """The code location's resources: every setting left to `setting` at run time, so one code location serves
+    any environment (local folders, an S3 bucket, model servers) without reading it at import."""
     return {
-        "storage": StorageResource(
-            root=_env("FINEINSTRUCTIONS_ROOT"), cache_dir=_env("FINEINSTRUCTIONS_CACHE_DIR"),
-            s3_endpoint_url=_env("AWS_ENDPOINT_URL", ""), s3_region=_env("AWS_REGION", "")),
-        "inputs": InputsResource(queries_dir=_env("FINEINSTRUCTIONS_QUERIES"),
-                                 corpus_dir=_env("FINEINSTRUCTIONS_CORPUS")),
-        "genericizer_llm": llm("genericizer"),
-        "instantiator_llm": llm("instantiator"),
-        "judge_llm": llm("judge"),
-        "embedder": EmbedderResource(model=_env("FINEINSTRUCTIONS_EMBEDDER_MODEL")),
-        "pipeline": PipelineResource(profile=profile),
+        "storage": StorageResource(),
+        "inputs": InputsResource(),
+        **{f"{role}_llm": LLMResource(role=role) for role in ROLES},
+        "embedder": EmbedderResource(),
+        "pipeline": PipelineResource(),
     }

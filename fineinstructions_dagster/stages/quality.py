@@ -1,10 +1,7 @@
-"""The dbt quality gates' plain logic: the dbt vars a run's settings give, and whether the export of a shard
-may go ahead given the latest evaluation of every dbt test. No Dagster or dbt imports."""
+"""The dbt quality gates' plain logic: the dbt vars a run's settings give, and how failures read. No Dagster or
+dbt imports."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from fineinstructions_dagster.config import PipelineConfig
 
@@ -34,79 +31,12 @@ def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int]:
     }
 
 
-@dataclass(frozen=True)
-class CheckEvaluation:
-    """The latest evaluation of one dbt test: `passed` None when it has no completed result (never run, or its
-    latest run is in progress, failed or skipped it); `evaluated_at` a Unix timestamp no later than the moment
-    dbt read the tables (the start of the run that evaluated it); `failed_rows` as dbt counted them."""
-
-    name: str
-    passed: bool | None
-    evaluated_at: float | None
-    description: str = ""
-    failed_rows: int | None = None
-    # The pipeline table its model reads and when that was last materialized: a test needs to be newer than
-    # its own input only (a test of the documents model need not re-run because the pairs changed).
-    reads: str = ""
-    reads_materialized_at: float | None = None
-    # Event-log storage ids (they only grow, so they order events exactly, also within one run): of the model
-    # materialization the test evaluated, and of the input's latest materialization. Used when both are known.
-    evaluated_seq: int | None = None
-    reads_seq: int | None = None
-
-
-def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-@dataclass(frozen=True)
-class BlockReason:
-    """One dbt test that keeps the export of a shard from running, and why."""
-
-    test: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.test} {self.reason}" if self.test else self.reason
-
-
-def export_block_reasons(checks: list[CheckEvaluation], pairs_materialized_at: float | None,
-                         shard: str = "") -> list[BlockReason]:
-    """Why the export of a shard must not run, one reason per dbt test at fault (empty: it may run).
-
-    A test is at fault when its latest evaluation failed, when it has none, or when that evaluation is older than
-    the latest materialization of the table its model reads (`reads`; by default the shard's `fineinstructions`):
-    it judged other rows than the ones the export would ship."""
-    if not checks:
-        return [BlockReason("", "no dbt quality tests are defined, so the export has no gate")]
-    where = f"fineinstructions [{shard}]" if shard else "fineinstructions"
-    reasons = []
-    for c in sorted(checks, key=lambda c: c.name):
-        about = f": {c.description.strip()}" if c.description.strip() else ""
-        if c.passed is False:
-            rows = f" ({c.failed_rows} failing row{'s' if c.failed_rows != 1 else ''})" if c.failed_rows else ""
-            reasons.append(BlockReason(c.name, f"failed{rows}{about}"))
-        elif c.passed is None or c.evaluated_at is None:
-            reasons.append(BlockReason(c.name, "has no completed evaluation (never run, or its latest run did "
-                                               "not finish it)"))
-        else:
-            what, at = (c.reads, c.reads_materialized_at) if c.reads else (where, pairs_materialized_at)
-            if c.reads and c.evaluated_seq is not None and c.reads_seq is not None:
-                stale = c.evaluated_seq < c.reads_seq
-            else:
-                stale = at is not None and c.evaluated_at < at
-            if stale and at is not None:
-                reasons.append(BlockReason(c.name, f"was last evaluated at {_when(c.evaluated_at)}, before {what} "
-                                                   f"was materialized at {_when(at)}"))
-    return reasons
-
-
-def describe_block(shard: str, reasons: list[BlockReason], rerun_hint: str = "quality_job") -> str:
-    """The Failure description of a blocked export: every reason, then what to do."""
-    lines = [f"pretraining_export [{shard}] is blocked by {len(reasons)} dbt quality gate(s):"]
-    lines += [f"  - {r}" for r in reasons]
-    lines.append(f"Fix the data (or the thresholds), re-run {rerun_hint} (dbt build) and materialize the export "
-                 "again.")
+def describe_failed_checks(shard: str, failed: list[str]) -> str:
+    """Why the export of a shard was refused: the blocking checks whose latest evaluation did not pass."""
+    lines = [f"pretraining_export [{shard}] not run: {len(failed)} blocking check(s) of its inputs did not pass "
+             "on their latest evaluation:"]
+    lines += [f"  - {name}" for name in failed]
+    lines.append("Fix the data (or the thresholds), run quality_job (dbt build) again; the export follows.")
     return "\n".join(lines)
 
 

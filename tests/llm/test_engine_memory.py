@@ -104,15 +104,24 @@ def test_engine_passes_and_records_the_kv_size(tmp_path, fake_vllm):
     assert "cpu_kv_cache_bytes" not in engine.info.options
 
 
-def test_resource_reads_the_kv_size_from_the_environment(monkeypatch):
+def test_resource_reads_the_kv_size_from_the_environment_when_it_runs(monkeypatch):
     from pydantic import ValidationError
 
+    from fineinstructions_dagster.defs import resources
     from fineinstructions_dagster.defs.resources import LLMResource, build_resources
 
+    seen = []
+    monkeypatch.setattr(resources, "get_engine", lambda backend, model, rev, **kw: seen.append((backend, model, kw)))
+    judge = build_resources()["judge_llm"]  # built before the variable is set: read when the engine starts
     monkeypatch.setenv("FINEINSTRUCTIONS_CPU_KV_CACHE_GB", "1.5")
-    assert build_resources()["judge_llm"].cpu_kv_cache_gb == 1.5
+    monkeypatch.setenv("FINEINSTRUCTIONS_JUDGE_MODEL", "/models/judge")
+    judge.model_copy(update={"backend": "vllm"}).engine()
+    assert seen[-1][:2] == ("vllm", "/models/judge") and seen[-1][2]["cpu_kv_cache_gb"] == 1.5
     monkeypatch.delenv("FINEINSTRUCTIONS_CPU_KV_CACHE_GB")
-    assert build_resources()["judge_llm"].cpu_kv_cache_gb == 0.0
+    LLMResource(role="judge", backend="vllm").engine()
+    assert seen[-1][2]["cpu_kv_cache_gb"] == 0.0
+    LLMResource(role="judge", backend="vllm", cpu_kv_cache_gb=2.0).engine()  # configured wins
+    assert seen[-1][2]["cpu_kv_cache_gb"] == 2.0
     with pytest.raises(ValidationError):
         LLMResource(model="m", cpu_kv_cache_gb=-1)
 

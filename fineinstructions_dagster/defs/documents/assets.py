@@ -12,13 +12,13 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AssetSpec,
-    AutomationCondition,
     BackfillPolicy,
     MaterializeResult,
     asset,
     multi_asset,
 )
 
+from fineinstructions_dagster.defs.automation import after_dedup_of_own_shard, over_every_partition
 from fineinstructions_dagster.defs.inputs import corpus_shards, log_skipped_inputs, skipped_metadata
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, bucket_range_partitions, corpus_shard_partitions
@@ -78,10 +78,10 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
     stored beside them for cross-shard dedup. Dropped documents go to quarantine with their reason."""
     cfg = pipeline.config()
     shard = context.partition_key
-    found = corpus_shards(inputs.corpus_dir)
+    found = corpus_shards(inputs.corpus())
     if shard not in found:
-        raise FileNotFoundError(f"corpus shard {shard!r}: no input file for it in {inputs.corpus_dir}")
-    skipped = log_skipped_inputs(context.log, inputs.corpus_dir)
+        raise FileNotFoundError(f"corpus shard {shard!r}: no input file for it in {inputs.corpus()}")
+    skipped = log_skipped_inputs(context.log, inputs.corpus())
     store = storage.store()
     with store.scratch(f"filtered_documents-{shard}") as scratch:
         out = prepare_shard(found[shard], shard, cfg.documents, cfg.minhash, scratch, context.run_id,
@@ -114,6 +114,7 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
 
 
 @asset(partitions_def=bucket_range_partitions, group_name="documents", kinds={"numpy", "parquet"},
+       automation_condition=over_every_partition(),
        deps=[AssetDep(BANDS, partition_mapping=AllPartitionMapping()),
              AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],
        # A backfill runs 4 ranges per run: the run launcher spreads the 16 ranges over 4 workers (machines).
@@ -143,7 +144,7 @@ def duplicate_edges(context: AssetExecutionContext, storage: StorageResource,
     return for_each_partition(context, one)
 
 
-@asset(automation_condition=AutomationCondition.eager(),
+@asset(automation_condition=over_every_partition(),
        deps=[AssetDep(EDGES, partition_mapping=AllPartitionMapping()),
              AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],  # which shards, which versions
        group_name="documents",
@@ -205,6 +206,7 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
 
 
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+       automation_condition=after_dedup_of_own_shard(),
        deps=["filtered_documents", SIGNATURES, document_clusters],
        group_name="documents", kinds={"polars", "parquet"},
        check_specs=[AssetCheckSpec(DOC_ID_UNIQUE, asset="documents")])

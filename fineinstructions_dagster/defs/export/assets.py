@@ -1,14 +1,15 @@
 """`pretraining_export` [shard]: the final pairs as chat-format Parquet + JSON Lines and as packed, tokenized
-sequences with an answer-only loss mask. Gated on the dbt quality tests (defs/quality): it refuses to run while
-any of them failed, or has not been evaluated since the shard's pairs were last materialized."""
+sequences with an answer-only loss mask. Downstream of the dbt quality models, whose tests are blocking checks:
+automation exports a shard once its pairs were updated and the tests passed (defs/automation.py)."""
 
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
+from fineinstructions_dagster.defs.automation import after_blocking_checks
 from fineinstructions_dagster.defs.metadata import progress_reporter, stage_metadata, throughput_metadata
 from fineinstructions_dagster.defs.pairs.assets import fineinstructions
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
-from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, export_gate
+from fineinstructions_dagster.defs.quality.assets import dbt_quality, refuse_unless_checks_passed
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
 from fineinstructions_dagster.lib.stats import StageStats
@@ -26,7 +27,9 @@ PACKED_TABLE = "export_packed"
 EXPORTED_ONCE = "every_pair_exported_once"
 
 
-@asset(partitions_def=corpus_shard_partitions, deps=[fineinstructions, QUALITY_PAIRS_KEY], group_name="export",
+# Reads the shard's pairs; the dbt models are a gate (their blocking tests), not read.
+@asset(partitions_def=corpus_shard_partitions, deps=[fineinstructions, *sorted(dbt_quality.keys)], group_name="export",
+       automation_condition=after_blocking_checks(tuple(sorted(dbt_quality.keys))),
        kinds={"parquet", "json"},
        check_specs=[AssetCheckSpec(EXPORTED_ONCE, asset="pretraining_export",
                                    description="chat records = the shard's pairs, each once; each packed pair once")])
@@ -34,15 +37,14 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
                        instantiator_llm: LLMResource) -> MaterializeResult:
     """Chat records (`messages`) for TRL-style SFT loaders, and the same pairs tokenized and packed into
     `export_seq_len` sequences whose loss mask covers only the answers. Tokenizer: `export_tokenizer`, else
-    the instantiator model's. Runs only when every dbt quality test (quality_job) passed on the shard's current
-    pairs; otherwise fails naming the tests."""
+    the instantiator model's. Refuses, naming them, while a dbt test's latest evaluation did not pass."""
     shard = context.partition_key
-    gate = export_gate(context, shard)
+    refuse_unless_checks_passed(context, shard)
     cfg = pipeline.config()
     store = storage.store()
     source = store.file("fineinstructions", shard)
     total = count_rows(source)
-    packing = PackingConfig(tokenizer=cfg.export_tokenizer or instantiator_llm.model, seq_len=cfg.export_seq_len)
+    packing = PackingConfig(tokenizer=cfg.export_tokenizer or instantiator_llm.model_name(), seq_len=cfg.export_seq_len)
     tok = load_tokenizer(packing.tokenizer)
     report = progress_reporter(context)
 
@@ -83,4 +85,4 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
         seq_len=packing.seq_len, chat_parquet=MetadataValue.path(store.uri_of(store.path(CHAT_TABLE, shard))),
         chat_jsonl=MetadataValue.path(store.uri_of(jsonl)),
         packed_parquet=MetadataValue.path(store.uri_of(store.path(PACKED_TABLE, shard))),
-        **throughput_metadata(run), **gate))
+        **throughput_metadata(run)))

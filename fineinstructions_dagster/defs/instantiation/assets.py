@@ -3,6 +3,7 @@
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
+from fineinstructions_dagster.defs.automation import shard_step
 from fineinstructions_dagster.defs.matching.assets import matches
 from fineinstructions_dagster.defs.metadata import (
     for_each_partition,
@@ -29,7 +30,7 @@ from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 GROUNDING_IN_RANGE = "grounding_in_unit_interval"
 
 
-@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, automation_condition=shard_step(),
        deps=[matches, "documents", "template_bank"],
        group_name="instantiation",
        kinds={"vllm", "parquet"}, pool="gpu",

@@ -3,6 +3,7 @@
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
+from fineinstructions_dagster.defs.automation import shard_step
 from fineinstructions_dagster.defs.instantiation.assets import instantiations
 from fineinstructions_dagster.defs.metadata import (
     for_each_partition,
@@ -30,6 +31,7 @@ SCORES_ON_SCALE = "judge_scores_on_likert_scale"
 
 
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, deps=[instantiations, "documents"],
+       automation_condition=shard_step(),
        group_name="judging",
        kinds={"vllm", "parquet"}, pool="gpu",
        check_specs=[AssetCheckSpec(SCORES_ON_SCALE, asset="judgements",

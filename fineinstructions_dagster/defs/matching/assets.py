@@ -12,6 +12,7 @@ from dagster import (
     asset,
 )
 
+from fineinstructions_dagster.defs.automation import shard_step
 from fineinstructions_dagster.defs.documents.assets import documents
 from fineinstructions_dagster.defs.metadata import (
     for_each_partition,
@@ -76,7 +77,7 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
                                        metadata={"vectors": meta.n_templates, "templates": bank.height})])
 
 
-@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, automation_condition=shard_step(),
        deps=[documents, template_index, template_bank],
        group_name="matching",
        kinds={"usearch", "parquet"}, check_specs=[AssetCheckSpec(MATCHES_WELL_FORMED, asset="matches")])

@@ -5,12 +5,12 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
-    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
+from fineinstructions_dagster.defs.automation import over_every_partition, shard_step
 from fineinstructions_dagster.defs.judging.assets import judgements
 from fineinstructions_dagster.defs.metadata import (
     for_each_partition,
@@ -36,7 +36,7 @@ LINEAGE_ID_COLUMNS = ["pair_id", "judgement_id", "instantiation_id", "match_id",
                       "doc_id"]
 
 
-@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
+@asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, automation_condition=shard_step(),
        deps=[judgements, "instantiations", "matches", "documents", "template_bank"],
        group_name="pairs",
        kinds={"duckdb", "parquet"}, check_specs=[AssetCheckSpec(LINEAGE_COMPLETE, asset="fineinstructions")])
@@ -82,7 +82,7 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     return for_each_partition(context, one)
 
 
-@asset(automation_condition=AutomationCondition.eager(),
+@asset(automation_condition=over_every_partition(),
        # the pairs, and every stage's quarantine (the report's drop reasons)
        deps=[fineinstructions, *(t for t in QUARANTINED_TABLES if t != "fineinstructions")], group_name="pairs",
        kinds={"polars"})

@@ -29,10 +29,10 @@ def user_queries(context: AssetExecutionContext, storage: StorageResource, input
     """Real user queries from one source: whitespace-normalised, filtered by length and a blocklist,
     exact-deduplicated. Dropped rows go to quarantine with their reason."""
 
-    skipped = log_skipped_inputs(context.log, inputs.queries_dir)
+    skipped = log_skipped_inputs(context.log, inputs.queries())
 
     def one(source: str) -> MaterializeResult:
-        raw, malformed = read_partition_input(query_sources(inputs.queries_dir), source, inputs.queries_dir,
+        raw, malformed = read_partition_input(query_sources(inputs.queries()), source, inputs.queries(),
                                               "query source")
         kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id)
         for reason, n in malformed.group_by("reason").len().rows():  # bad lines, counted by what was wrong

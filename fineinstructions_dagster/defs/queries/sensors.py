@@ -13,6 +13,6 @@ ASSETS = ["user_queries", "templates"]
         asset_selection=AssetSelection.assets(*ASSETS))
 def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult | SkipReason:
     """One partition per query file, or per subfolder of query files, in the queries folder."""
-    if not folder_exists(inputs.queries_dir):  # local or s3://
-        return SkipReason(f"queries folder {inputs.queries_dir} does not exist")
-    return add_new_partitions(context, query_sources(inputs.queries_dir), query_source_partitions, ASSETS)
+    if not folder_exists(inputs.queries()):  # local or s3://
+        return SkipReason(f"queries folder {inputs.queries()} does not exist")
+    return add_new_partitions(context, query_sources(inputs.queries()), query_source_partitions, ASSETS)

@@ -5,11 +5,11 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
-    AutomationCondition,
     MaterializeResult,
     asset,
 )
 
+from fineinstructions_dagster.defs.automation import over_every_partition
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.queries.assets import user_queries
@@ -58,7 +58,7 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
     return for_each_partition(context, one)
 
 
-@asset(automation_condition=AutomationCondition.eager(),
+@asset(automation_condition=over_every_partition(),
        deps=[templates], group_name="templates", kinds={"polars", "parquet"},
        check_specs=[AssetCheckSpec(BANK_IDS_RESOLVE, asset="template_bank",
                                    description="template_id unique; every template keeps at least one query_id")])

@@ -1,0 +1,54 @@
+"""When each asset runs by itself: Dagster's declarative automation conditions, evaluated by `automation_sensor`
+(the daemon). The sensors add the new query sources and shards and run their first step; everything after
+follows from these conditions. Nothing here reads the event log by hand."""
+
+from dagster import AssetKey, AssetSelection, AutomationCondition
+
+PAIRS = "fineinstructions"
+CLUSTERS = "document_clusters"
+FILTER_OUTPUTS = ("filtered_documents", "document_signatures")
+
+
+def shard_step() -> AutomationCondition:
+    """A shard's chain (documents .. fineinstructions): as soon as an input of that shard (or a shared input: the
+    dedup decisions, the template index or bank) was updated, once none of them is missing or in progress, and
+    never while this partition is already requested or running."""
+    return AutomationCondition.eager()
+
+
+def _own_input_then_gate(own: tuple[str, ...], gate: tuple[str | AssetKey, ...]) -> AutomationCondition:
+    """True once an `own` input (the same shard's) was updated since this partition was last requested and
+    a `gate` input (unpartitioned, so rebuilt in a run of its own) was rebuilt after that: a step that must
+    see the gate's result for its own new input, and not re-run when the gate is rebuilt for another shard."""
+    own_updated = AutomationCondition.any_deps_match(AutomationCondition.newly_updated()).allow(
+        AssetSelection.assets(*own))
+    gate_rebuilt = AutomationCondition.any_deps_updated().allow(AssetSelection.assets(*gate))
+    return ((gate_rebuilt & own_updated.since(AutomationCondition.newly_requested())).since_last_handled()
+            & ~AutomationCondition.any_deps_missing()
+            & ~AutomationCondition.any_deps_in_progress()
+            & ~AutomationCondition.in_progress())
+
+
+def after_dedup_of_own_shard() -> AutomationCondition:
+    """`documents` of a shard: once the dedup decisions were made after the shard's own filter output changed,
+    not on every decision run: under the default `stable` rule a new shard's decisions leave the other shards'
+    removal lists as they were, so their chains do not run again. (Under `rebuild` they can change: re-run
+    shard_job for the shards a document_clusters materialization lists as `changed_shards`.)"""
+    return _own_input_then_gate(FILTER_OUTPUTS, (CLUSTERS,)).with_label("own shard filtered, then dedup decided")
+
+
+def over_every_partition() -> AutomationCondition:
+    """A step that reads every partition of its inputs (template bank and index, bucket ranges, dedup components,
+    dbt models, report): eager, but a partition that is missing (a shard whose filter failed, a shard just added)
+    does not hold everyone else back; one still in progress does."""
+    return AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()).with_label(
+        "eager over every partition")
+
+
+def after_blocking_checks(gate: tuple[AssetKey, ...]) -> AutomationCondition:
+    """The export of a shard: once the dbt build (`gate`: the models, whose tests are blocking checks) ran after
+    the shard's pairs were updated, and every blocking check passed; a build for another shard's pairs exports
+    nothing again. A failing test holds the export until a later build passes."""
+    return (_own_input_then_gate((PAIRS,), gate)
+            & AutomationCondition.all_deps_blocking_checks_passed()).with_label(
+        "pairs updated, then dbt tests passed")

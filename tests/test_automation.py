@@ -1,0 +1,165 @@
+"""The declarative automation of the code location, evaluated by Dagster's own evaluator over an instance whose
+history is written as the runs would write it: what a new shard, a re-filtered shard, a new template index and
+a dbt build make due, and that nothing is requested twice."""
+
+from __future__ import annotations
+
+import pytest
+from dagster import (
+    AssetCheckEvaluation,
+    AssetKey,
+    AssetMaterialization,
+    AssetSelection,
+    DagsterInstance,
+    evaluate_automation_conditions,
+)
+
+from fineinstructions_dagster.definitions import defs
+from fineinstructions_dagster.defs.quality.assets import QUALITY_CHECK_KEYS, dbt_quality
+from fineinstructions_dagster.stages.dedup import bucket_range_keys
+
+CHAIN = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
+FILTER = ["filtered_documents", "document_signatures", "document_bands"]
+QUALITY = sorted(k.to_user_string() for k in dbt_quality.keys)
+ASSET_KEYS = set(defs.resolve_asset_graph().get_all_asset_keys())
+
+
+def _mat(instance: DagsterInstance, asset: str, partition: str | None = None) -> None:
+    instance.report_runless_asset_event(AssetMaterialization(AssetKey(asset.split("/")), partition=partition))
+
+
+def _dbt_build(instance: DagsterInstance, passed: bool = True) -> None:
+    for key in QUALITY:
+        _mat(instance, key)
+    for check in QUALITY_CHECK_KEYS:
+        instance.report_runless_asset_event(AssetCheckEvaluation(
+            asset_key=check.asset_key, check_name=check.name, passed=passed or "unique" not in check.name))
+
+
+def _shard(instance: DagsterInstance, shard: str, steps: list[str]) -> None:
+    for asset in steps:
+        _mat(instance, asset, shard)
+
+
+def requested(result) -> dict[str, set[str]]:  # noqa: ANN001 - EvaluateAutomationConditionsResult
+    """asset -> requested partitions ("-" for an unpartitioned asset)."""
+    out = {}
+    for r in result.results:
+        if r.key in ASSET_KEYS and result.get_num_requested(r.key):
+            out[r.key.to_user_string()] = {p or "-" for p in result.get_requested_partitions(r.key)}
+    return out
+
+
+@pytest.fixture
+def built():
+    """Two shards and one query source, every step materialized once, the dbt tests passed; the evaluator's
+    first tick (which requests nothing) done."""
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("corpus_shard", ["faq", "tutorial"])
+        instance.add_dynamic_partitions("query_source", ["python_faq"])
+        for asset in ("user_queries", "templates"):
+            _mat(instance, asset, "python_faq")
+        _mat(instance, "template_bank")
+        _mat(instance, "template_index")
+        for shard in ("faq", "tutorial"):
+            _shard(instance, shard, FILTER)
+        for r in bucket_range_keys():
+            _mat(instance, "duplicate_edges", r)
+        _mat(instance, "document_clusters")
+        for shard in ("faq", "tutorial"):
+            _shard(instance, shard, CHAIN)
+        _dbt_build(instance)
+        for shard in ("faq", "tutorial"):
+            _mat(instance, "pretraining_export", shard)
+        _mat(instance, "dataset_report")
+        first = evaluate_automation_conditions(defs, instance)
+        assert requested(first) == {}, requested(first)
+        yield instance, first.cursor
+
+
+def test_a_new_shard_runs_dedup_its_own_chain_quality_and_its_export_each_once(built):
+    instance, cursor = built
+
+    def tick(expected: dict[str, set[str]]) -> None:
+        nonlocal cursor
+        result = evaluate_automation_conditions(defs, instance, cursor=cursor)
+        got = requested(result)
+        got.pop("dataset_report", None)  # a summary of everything: re-made whenever a table changed
+        assert got == expected
+        cursor = result.cursor
+        again = evaluate_automation_conditions(defs, instance, cursor=cursor)  # those runs not done yet:
+        assert requested(again) == {}  # nothing is asked twice
+        cursor = again.cursor
+
+    instance.add_dynamic_partitions("corpus_shard", ["howto"])
+    _shard(instance, "howto", FILTER)  # what corpus_shard_sensor's run writes
+    tick({"duplicate_edges": set(bucket_range_keys()), "document_clusters": {"-"}})
+    for r in bucket_range_keys():
+        _mat(instance, "duplicate_edges", r)
+    _mat(instance, "document_clusters")
+    # the new shard's chain, as one run; not faq's or tutorial's: their removal lists stay as they were
+    tick({asset: {"howto"} for asset in CHAIN})
+    _shard(instance, "howto", CHAIN)
+    # the dbt models over the shards' tables (not those over the queries and the bank), before any export
+    tick({f"quality/{m}": {"-"} for m in ("documents", "matches", "instantiations", "judgements", "pairs")})
+    _dbt_build(instance)
+    tick({"pretraining_export": {"howto"}})  # the dbt tests passed on the new pairs
+    _mat(instance, "pretraining_export", "howto")
+    tick({})
+
+
+def test_a_refiltered_shard_waits_for_dedup_then_reruns_its_chain(built):
+    instance, cursor = built
+    _shard(instance, "faq", FILTER)
+    # Dedup cannot start while another shard's filter runs: nothing of faq's chain runs before its decisions.
+    result = evaluate_automation_conditions(defs, instance, cursor=cursor,
+                                            asset_selection=AssetSelection.assets(*CHAIN))
+    assert requested(result) == {}
+    _mat(instance, "document_clusters")  # the dedup run, decided after the new filter output
+    result = evaluate_automation_conditions(defs, instance, cursor=result.cursor)
+    got = requested(result)
+    assert {a: got.get(a) for a in CHAIN} == {a: {"faq"} for a in CHAIN}
+    # Another dedup run (e.g. for a new shard) does not run faq's chain again.
+    _shard(instance, "faq", CHAIN)
+    _mat(instance, "document_clusters")
+    result = evaluate_automation_conditions(defs, instance, cursor=result.cursor)
+    assert "documents" not in requested(result)
+
+
+def test_a_new_template_index_reruns_matching_for_every_shard(built):
+    instance, cursor = built
+    _mat(instance, "template_bank")
+    result = evaluate_automation_conditions(defs, instance, cursor=cursor)
+    got = requested(result)
+    assert got["template_index"] == {"-"}
+    for asset in CHAIN[1:]:
+        assert got[asset] == {"faq", "tutorial"}, asset
+    assert "documents" not in got
+
+
+def test_the_export_waits_for_dbt_tests_that_pass(built):
+    instance, cursor = built
+    export = AssetSelection.assets("pretraining_export")
+    _shard(instance, "faq", ["fineinstructions"])
+    result = evaluate_automation_conditions(defs, instance, cursor=cursor, asset_selection=export)
+    assert requested(result) == {}  # new pairs, but no dbt build since
+    _dbt_build(instance, passed=False)  # the build after the new pairs: a uniqueness test fails
+    result = evaluate_automation_conditions(defs, instance, cursor=result.cursor, asset_selection=export)
+    assert requested(result) == {}
+    again = evaluate_automation_conditions(defs, instance, cursor=result.cursor, asset_selection=export)
+    assert requested(again) == {}  # still failing: still waiting
+    _dbt_build(instance, passed=True)  # the data was fixed and the build ran again
+    result = evaluate_automation_conditions(defs, instance, cursor=again.cursor, asset_selection=export)
+    assert requested(result) == {"pretraining_export": {"faq"}}
+    # A dbt build alone (no new pairs) exports nothing again.
+    _dbt_build(instance, passed=True)
+    result = evaluate_automation_conditions(defs, instance, cursor=result.cursor, asset_selection=export)
+    assert requested(result) == {}
+
+
+def test_every_dbt_test_is_a_blocking_check_upstream_of_the_export():
+    specs = list(dbt_quality.check_specs)
+    assert specs and all(s.blocking for s in specs)
+    deps = {d.asset_key for d in defs.resolve_assets_def("pretraining_export").specs_by_key[
+        AssetKey("pretraining_export")].deps}
+    assert set(dbt_quality.keys) <= deps
