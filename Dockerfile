@@ -16,7 +16,8 @@ COPY fineinstructions_dagster ./fineinstructions_dagster
 COPY dbt_quality ./dbt_quality
 # torch first from the CPU index; the second install then finds it already satisfied.
 RUN pip install --no-cache-dir "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -e . "torch==2.13.0"
+ && pip install --no-cache-dir -e . "torch==2.13.0" \
+ && DBT_SEND_ANONYMOUS_USAGE_STATS=false dbt parse --quiet --project-dir dbt_quality --profiles-dir dbt_quality
 
 # Dagster instance (Postgres, queued runs, gpu pool, S3 compute logs) and the workspace that
 # loads the code location from the gRPC server; every secret in them is an env reference.

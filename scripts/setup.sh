@@ -28,7 +28,19 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 mkdir -p .dagster_home
 cmp -s deploy/dagster.local.yaml .dagster_home/dagster.yaml || { cp deploy/dagster.local.yaml .dagster_home/dagster.yaml; echo "setup: .dagster_home/dagster.yaml <- deploy/dagster.local.yaml"; }
 
+# The dbt manifest the code location loads (loading it runs no dbt): parsed again when a dbt_quality file is newer.
+prepare_dbt_manifest() {
+  local manifest=dbt_quality/target/manifest.json
+  if [ ! -f "$manifest" ] || [ -n "$(find dbt_quality -path dbt_quality/target -prune -o -path dbt_quality/logs -prune \
+        -o -type f -newer "$manifest" -print -quit)" ]; then
+    DBT_SEND_ANONYMOUS_USAGE_STATS=false "$VENV/bin/dbt" parse --quiet --project-dir dbt_quality \
+      --profiles-dir dbt_quality >/dev/null
+    echo "setup: dbt_quality/target/manifest.json (dbt parse)"
+  fi
+}
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/fineinstructions" ]; then
+  prepare_dbt_manifest
   exit 0
 fi
 
@@ -49,5 +61,6 @@ pip_install -e ".[${EXTRAS}]" "torch==2.13.0"
 import torch
 assert torch.__version__.startswith("2.13.0") and "+cpu" in torch.__version__, torch.__version__
 PY
+prepare_dbt_manifest
 echo "$want" > "$STAMP"
 echo "setup: done"

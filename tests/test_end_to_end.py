@@ -103,39 +103,48 @@ def test_lineage_job_shows_the_chain_with_links_to_runs_and_partitions(pipeline)
     assert "pair 'p404' not found" in str(failure.step_failure_data.error.message)
 
 
-def test_schedule_requests_stale_shards_then_the_dbt_build_then_their_exports(pipeline):
-    from fineinstructions_dagster.definitions import STAGE_MODULES
-    from fineinstructions_dagster.defs.pairs.schedules import refresh_requests
+def test_automation_on_real_runs_reruns_a_stale_shard_then_the_dbt_build_then_its_export(pipeline):
+    from dagster import evaluate_automation_conditions
+
+    from fineinstructions_dagster.definitions import STAGE_MODULES, defs
     from fineinstructions_dagster.defs.resources import build_resources
     from fineinstructions_dagster.runner import EXPORT_STEP, QUALITY_STEP
 
     _, instance, _ = pipeline
     assets, resources = load_assets_from_modules(STAGE_MODULES), build_resources()
+    keys = set(defs.resolve_asset_graph().get_all_asset_keys())
+    cursor = None
 
     def step(selection, partition=None):
         materialize(assets, selection=selection, partition_key=partition, instance=instance, resources=resources)
 
-    def asked():
-        out = refresh_requests(instance)
-        return out if isinstance(out, list) else []
+    def asked() -> dict[str, set[str]]:
+        """One tick of the automation sensor over the instance the real runs wrote; then a second tick (those
+        runs not done) must ask for nothing."""
+        nonlocal cursor
+        result = evaluate_automation_conditions(defs, instance, cursor=cursor)
+        out = {k.to_user_string(): {p or "-" for p in result.get_requested_partitions(k)}
+               for k in keys if result.get_num_requested(k)}
+        out.pop("dataset_report", None)
+        again = evaluate_automation_conditions(defs, instance, cursor=result.cursor)
+        assert again.total_requested == 0
+        cursor = again.cursor
+        return out
 
     step(QUALITY_STEP)  # bring everything current (other tests re-ran a shard's pairs)
     for shard in ("faq", "tutorial"):
         step(EXPORT_STEP, shard)
-    assert asked() == []  # a skip: nothing missing or stale
+    asked()  # the first tick: what the earlier tests' runs left due
+    assert asked() == {}
     step(["documents"], "tutorial")
-    requests = asked()
-    assert [(r.partition_key, r.tags["fineinstructions/reason"]) for r in requests] == [
-        ("tutorial", "matches older than its inputs")]
-    assert [r.run_key for r in asked()] == [r.run_key for r in requests]  # same state, same key: no duplicate
+    assert asked() == {a: {"tutorial"} for a in SHARD_STEP[1:]}  # the rest of its chain, as one run
     step(SHARD_STEP[1:], "tutorial")
-    (quality,) = asked()
-    assert quality.partition_key is None and all(k.path[0] == "quality" for k in quality.asset_selection)
+    due = asked()
+    assert set(due) == {f"quality/{m}" for m in ("documents", "matches", "instantiations", "judgements", "pairs")}
     step(QUALITY_STEP)
-    assert [(r.partition_key, [k.to_user_string() for k in r.asset_selection]) for r in asked()] == [
-        ("tutorial", ["pretraining_export"])]  # faq's pairs did not change: its export is not redone
+    assert asked() == {"pretraining_export": {"tutorial"}}  # faq's pairs did not change: its export is not redone
     step(EXPORT_STEP, "tutorial")
-    assert asked() == []
+    assert asked() == {}
 
 
 def test_a_run_over_several_partitions_materializes_each_once(pipeline):

@@ -1,6 +1,6 @@
 """The dbt quality gates (dbt_quality/ + defs/quality): dbt models downstream of the pipeline's assets, dbt tests as
-asset checks that pass on the real demo output, fail by name on a corrupted copy of it, and block
-`pretraining_export` while they fail or have not judged the shard's current pairs."""
+blocking asset checks that pass on the real demo output, fail by name on a corrupted copy of it, and stop
+`pretraining_export` while their latest evaluation did not pass (when it waits for them: tests/test_automation.py)."""
 
 from __future__ import annotations
 
@@ -11,27 +11,18 @@ import sys
 from pathlib import Path
 
 import polars as pl
-from dagster import AssetKey, DagsterInstance, load_assets_from_modules, materialize
+from dagster import AssetKey, AssetSelection, DagsterInstance, load_assets_from_modules, materialize
 
 from fineinstructions_dagster.config import profile_config
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
-from fineinstructions_dagster.defs.quality.assets import (
-    INPUTS_AS_OF,
-    QUALITY_CHECK_KEYS,
-    QUALITY_PAIRS_KEY,
-    dbt_quality,
-    latest_check_evaluations,
-)
+from fineinstructions_dagster.defs.quality.assets import QUALITY_CHECK_KEYS, QUALITY_PAIRS_KEY, dbt_quality
 from fineinstructions_dagster.defs.resources import build_resources
 from fineinstructions_dagster.lib.storage import TableStore
 from fineinstructions_dagster.runner import EXPORT_STEP, QUALITY_STEP
 from fineinstructions_dagster.stages.quality import (
     DEFAULT_MAX_TEMPLATE_SHARE,
     TEMPLATE_SHARE_MIN_PAIRS,
-    CheckEvaluation,
     dbt_vars,
-    describe_block,
-    export_block_reasons,
     summarize_dbt_failures,
 )
 from tests.servers import REPO
@@ -53,6 +44,16 @@ def _all_assets():
     from fineinstructions_dagster.definitions import STAGE_MODULES
 
     return load_assets_from_modules(STAGE_MODULES)
+
+
+def _latest_checks(instance: DagsterInstance) -> dict[str, bool | None]:
+    """Each dbt test's latest evaluation: passed, failed, or None (none completed)."""
+    out = {}
+    for key in QUALITY_CHECK_KEYS:
+        record = instance.get_latest_asset_check_evaluation_record(key)
+        evaluation = record.event.asset_check_evaluation if record is not None and record.event else None
+        out[key.name] = None if evaluation is None else bool(evaluation.passed)
+    return out
 
 
 def _step_failure_description(result) -> str:
@@ -81,16 +82,13 @@ def test_dbt_models_sit_downstream_of_the_pipeline_and_gate_the_export():
 def test_pipeline_runs_the_gates_between_the_pairs_and_the_export(pipeline):
     store, instance, run = pipeline
     assert "quality" in run.run_ids and all(f"export:{s}" in run.run_ids for s in run.shards)
-    evaluations = latest_check_evaluations(instance)
-    assert [e.name for e in evaluations if not e.passed] == []
+    assert set(_latest_checks(instance).values()) == {True}
     for shard in run.shards:
         mat = instance.fetch_materializations(AssetKey("pretraining_export"), limit=10).records
         assert any(r.partition_key == shard for r in mat)
-    meta = instance.get_latest_materialization_event(AssetKey("pretraining_export")).asset_materialization.metadata
-    assert meta["dbt_tests_passed"].value == len(QUALITY_CHECK_KEYS)
 
 
-def test_dbt_build_passes_on_the_demo_output_and_the_export_waits_for_a_fresh_one(pipeline, tmp_path, monkeypatch):
+def test_dbt_build_passes_on_the_demo_output_and_the_export_needs_it(pipeline, tmp_path, monkeypatch):
     store, _, run = pipeline
     copy = _copy_root(store, tmp_path / "root")
     monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(copy.root))
@@ -102,26 +100,14 @@ def test_dbt_build_passes_on_the_demo_output_and_the_export_waits_for_a_fresh_on
                            resources=resources, raise_on_error=False)
 
     blocked = export("faq")  # nothing evaluated yet on this instance
-    assert not blocked.success and "has no completed evaluation" in _step_failure_description(blocked)
+    assert not blocked.success and "(never evaluated)" in _step_failure_description(blocked)
+    assert not copy.exists("export_chat", "faq")
 
     built = materialize(assets, selection=QUALITY_STEP, instance=instance, resources=resources)
     evaluations = built.get_asset_check_evaluations()
     assert built.success and len(evaluations) == len(QUALITY_CHECK_KEYS)
     assert [e.check_name for e in evaluations if not e.passed] == []
-    # Each model records the event-log id as of which dbt read its inputs (before its own materialization):
-    # the gate compares the pairs against that, so pairs recorded while dbt was reading do not count as tested.
-    pairs_mat = instance.fetch_materializations(QUALITY_PAIRS_KEY, limit=1).records[0]
-    as_of = pairs_mat.asset_materialization.metadata[INPUTS_AS_OF].value
-    assert 0 < as_of < pairs_mat.storage_id
     assert export("faq").success
-
-    # New pairs for the shard: every test now predates them, so the export waits for the next dbt build.
-    materialize(assets, selection=["fineinstructions"], partition_key="faq", instance=instance, resources=resources)
-    stale = export("faq")
-    assert not stale.success
-    description = _step_failure_description(stale)
-    assert "before fineinstructions [faq] was materialized" in description
-    assert "pairs_pair_id_unique was last evaluated" in description
 
 
 def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline, tmp_path, monkeypatch):
@@ -155,61 +141,26 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
     build_failure = _step_failure_description(built)
     assert build_failure.startswith("dbt build found 5 problem(s):")
     assert all(f"  - {name} failed" in build_failure for name in expected)
-    recorded = {e.name: e for e in latest_check_evaluations(instance)}
-    assert {name for name, e in recorded.items() if e.passed is False} == expected
-    assert all(recorded[name].passed for name in set(recorded) - expected)
-    assert recorded["pairs_pair_id_unique"].failed_rows == 1
+    recorded = _latest_checks(instance)
+    assert {name for name, passed in recorded.items() if passed is False} == expected
+    assert all(recorded[name] for name in set(recorded) - expected)
     records = {k.name: instance.get_latest_asset_check_evaluation_record(k) for k in QUALITY_CHECK_KEYS}
-    assert all(not records[n].event.asset_check_evaluation.passed for n in expected)
+    failed_rows = records["pairs_pair_id_unique"].event.asset_check_evaluation.metadata["dagster_dbt/failed_row_count"]
+    assert failed_rows.value == 1
 
+    # In the run that builds the models, the failed blocking checks stop the export (Dagster's own rule) ...
+    both = materialize(assets, selection=QUALITY_STEP | AssetSelection.assets(*EXPORT_STEP), partition_key="tutorial",
+                       instance=instance, resources=resources, raise_on_error=False)
+    assert not both.success and not both.asset_materializations_for_node("pretraining_export")
+    # ... and an export run on its own refuses, naming them.
     export = materialize(assets, selection=EXPORT_STEP, partition_key="tutorial", instance=instance,
                          resources=resources, raise_on_error=False)
     assert not export.success
     description = _step_failure_description(export)
-    assert "pretraining_export [tutorial] is blocked by 5 dbt quality gate(s)" in description
+    assert "pretraining_export [tutorial] not run: 5 blocking check(s)" in description
     for name in expected:
-        assert f"{name} failed" in description
+        assert f"quality/pairs: {name} (failed)" in description
     assert not copy.exists("export_chat", "tutorial")
-
-
-# The decision itself, as plain code.
-
-T0 = 1_800_000_000.0
-
-
-def _ok(name: str, at: float = T0 + 10) -> CheckEvaluation:
-    return CheckEvaluation(name, True, at)
-
-
-def test_gate_lets_the_export_run_when_every_test_passed_after_the_pairs():
-    assert export_block_reasons([_ok("a"), _ok("b", T0 + 1)], pairs_materialized_at=T0, shard="faq") == []
-    assert export_block_reasons([_ok("a", T0)], pairs_materialized_at=T0) == []  # same instant: fresh
-    assert export_block_reasons([_ok("a")], pairs_materialized_at=None) == []  # no pairs record to be older than
-
-
-def test_gate_names_each_failed_test_with_its_description_and_failing_rows():
-    checks = [_ok("a"), CheckEvaluation("pairs_pair_id_unique", False, T0 + 10, "No pair twice.", failed_rows=3),
-              CheckEvaluation("pairs_instruction_has_no_fi_tags", False, T0 - 10, failed_rows=1)]
-    reasons = export_block_reasons(checks, pairs_materialized_at=T0, shard="faq")
-    assert [r.test for r in reasons] == ["pairs_instruction_has_no_fi_tags", "pairs_pair_id_unique"]
-    assert str(reasons[1]) == "pairs_pair_id_unique failed (3 failing rows): No pair twice."
-    assert str(reasons[0]) == "pairs_instruction_has_no_fi_tags failed (1 failing row)"  # failed wins over stale
-
-
-def test_gate_blocks_on_tests_never_evaluated_or_older_than_the_pairs():
-    checks = [_ok("fresh"), CheckEvaluation("never", None, None), _ok("stale", T0 - 60)]
-    reasons = export_block_reasons(checks, pairs_materialized_at=T0, shard="faq")
-    assert [r.test for r in reasons] == ["never", "stale"]
-    assert "has no completed evaluation" in reasons[0].reason
-    assert "before fineinstructions [faq] was materialized at 2027-01-15 08:00:00 UTC" in reasons[1].reason
-
-
-def test_gate_blocks_when_there_are_no_tests_and_the_description_lists_every_reason():
-    assert len(export_block_reasons([], pairs_materialized_at=T0)) == 1
-    reasons = export_block_reasons([CheckEvaluation("x", False, T0), CheckEvaluation("y", None, None)], T0, "s1")
-    text = describe_block("s1", reasons)
-    assert text.splitlines()[0] == "pretraining_export [s1] is blocked by 2 dbt quality gate(s):"
-    assert "  - x failed" in text and "  - y has no completed evaluation" in text and "quality_job" in text
 
 
 def test_dbt_vars_are_the_dataset_gates_and_each_pair_carries_its_own(pipeline):
@@ -268,14 +219,3 @@ def test_dbt_failures_are_summarized_by_test_name():
         "1 node(s) skipped (downstream of an error)",
     ]
     assert summarize_dbt_failures(results[:1]) == []
-
-
-def test_gate_orders_by_event_log_ids_when_known_even_within_one_run():
-    # The input was materialized after the run started (same run) but before the model the test evaluated.
-    fresh = CheckEvaluation("templates_id_unique", True, T0, reads="template_bank", reads_materialized_at=T0 + 5,
-                            evaluated_seq=20, reads_seq=10)
-    assert export_block_reasons([fresh], pairs_materialized_at=None) == []
-    stale = CheckEvaluation("templates_id_unique", True, T0 + 9, reads="template_bank", reads_materialized_at=T0 + 5,
-                            evaluated_seq=10, reads_seq=20)
-    (reason,) = export_block_reasons([stale], pairs_materialized_at=None)
-    assert "before template_bank was materialized" in str(reason)

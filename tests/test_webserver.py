@@ -66,7 +66,7 @@ def test_a_shard_partition_materializes_through_the_webserver(dagster_dev):
              ("shard_job", "faq"))
     for job, partition in steps:
         tags = {"dagster/partition": partition} if partition else {}
-        if job == "dedup_job":  # every bucket range in one run, as dedup_sensor requests it
+        if job == "dedup_job":  # every bucket range in one run (Dagster's partition-range tags)
             tags = EVERY_BUCKET_RANGE
         run_id = client.submit_job_execution(job, repository_location_name=LOCATION, tags=tags)
         assert wait_for_run(client, run_id) == "SUCCESS", f"{job} run {run_id} did not succeed"

@@ -1,5 +1,5 @@
 """The graph's steps, in the order they first run, written once: each is a job of the code location (what the
-UI launches) and a step of `fineinstructions run`; the hourly schedule's shard chain is `SHARD_STEP`."""
+UI launches) and a step of `fineinstructions run`."""
 
 from dagster import AssetSelection
 
@@ -12,5 +12,5 @@ DEDUP_STEP = ["duplicate_edges", "document_clusters"]  # every bucket range (EVE
 SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]  # per corpus shard
 # dbt build over every shard's tables: the dbt_quality models (group `quality`) and their tests (asset checks)
 QUALITY_STEP = AssetSelection.groups("quality")
-EXPORT_STEP = ["pretraining_export"]  # per shard; refuses to run unless every dbt test passed on the current pairs
+EXPORT_STEP = ["pretraining_export"]  # per shard; refuses while a dbt test's latest evaluation did not pass
 REPORT_STEP = ["dataset_report"]
