@@ -163,3 +163,12 @@ def test_every_dbt_test_is_a_blocking_check_upstream_of_the_export():
     deps = {d.asset_key for d in defs.resolve_assets_def("pretraining_export").specs_by_key[
         AssetKey("pretraining_export")].deps}
     assert set(dbt_quality.keys) <= deps
+
+
+def test_nothing_runs_by_itself_before_the_sensors_first_steps():
+    with DagsterInstance.ephemeral() as instance:
+        first = evaluate_automation_conditions(defs, instance)
+        assert requested(first) == {}
+        instance.add_dynamic_partitions("corpus_shard", ["faq"])  # the sensor's partition, its run not yet done
+        instance.add_dynamic_partitions("query_source", ["python_faq"])
+        assert requested(evaluate_automation_conditions(defs, instance, cursor=first.cursor)) == {}

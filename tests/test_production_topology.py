@@ -2,10 +2,12 @@
 PostgreSQL for Dagster's storage, a moto S3 server as the data store, the user code served by
 `dagster api grpc`, `dagster-webserver` and `dagster-daemon` with deploy/dagster.yaml and deploy/workspace.yaml.
 
-The sensors add the partitions and request the first runs; a backfill of the rest of the graph, launched
-through the webserver's GraphQL API, is executed by the daemon. Every partition is materialized exactly
-once, the LLM steps run both shards in one run (the backfill policy), the pairs land in the bucket and
-trace back to their documents from a fresh working copy, and step logs are in the bucket too.
+The corpus is an s3:// prefix. With the automation sensor turned on (as an operator does once in the UI), the
+daemon alone takes the shards in the bucket to their exports: the sensors add the partitions and run the first
+steps, declarative automation the rest (dedup, each shard's chain, the dbt build, the export once the dbt tests
+passed). Then a new shard file lands in the bucket and reaches its export the same way, while the older shards'
+chains and exports are not run again. Every partition is materialized exactly once, no run fails, the pairs land in
+the bucket and trace back to their documents from a fresh working copy, and step logs are in the bucket too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOCATION = "fineinstructions_dagster"
 BUCKET = "fineinstructions"
+CORPUS_PREFIX = "inputs/corpus"
 TIMEOUT = 900  # the whole graph through queued runs on 2 cores: a few minutes
 
 
@@ -142,8 +145,11 @@ def topology(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[Topology]
         creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
                  "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
         wait_for("moto", lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).status == 200, 60, procs)
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test")
+        s3.create_bucket(Bucket=BUCKET)
+        for f in sorted((sample_inputs / "corpus").iterdir()):  # the corpus as shard files under a prefix
+            s3.upload_file(str(f), BUCKET, f"{CORPUS_PREFIX}/{f.name}")
 
         home = base / "dagster_home"
         home.mkdir()
@@ -156,7 +162,7 @@ def topology(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[Topology]
                "FINEINSTRUCTIONS_ROOT": f"s3://{BUCKET}/data",
                "FINEINSTRUCTIONS_CACHE_DIR": str(base / "user_code_cache"),
                "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-               "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+               "FINEINSTRUCTIONS_CORPUS": f"s3://{BUCKET}/{CORPUS_PREFIX}", "FINEINSTRUCTIONS_PROFILE": "demo",
                "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
         workspace = str(REPO / "deploy" / "workspace.yaml")
@@ -189,75 +195,76 @@ def wait_until(topo: Topology, what: str, done: Callable[[], bool], timeout: flo
     raise AssertionError(f"timed out waiting for {what}: runs {topo.runs()}\n{topo.tail()}")
 
 
-BACKFILL = ["template_bank", "template_index", "duplicate_edges", "document_clusters", "documents", "matches",
-            "instantiations", "judgements", "fineinstructions", "pretraining_export", "dataset_report"]
+PER_SHARD = ["filtered_documents", "documents", "matches", "instantiations", "judgements", "fineinstructions",
+             "pretraining_export"]
 SHARDS = ["faq", "tutorial"]
 
 
-def test_sensors_then_a_daemon_backfill_materialize_every_partition_once_on_postgres_and_s3(topology, monkeypatch):
+def test_the_daemon_alone_takes_each_shard_in_the_bucket_to_its_export_once(topology, monkeypatch, tmp_path):
+    import boto3
+    import polars as pl
     from dagster import AssetKey, DagsterInstance
 
     from fineinstructions_dagster.lib.storage import TableStore
+    from fineinstructions_dagster.sample import build_sample
     from fineinstructions_dagster.stages.dedup import bucket_range_keys
     from fineinstructions_dagster.stages.lineage import trace_pair
 
     topo = topology
-    # 1. The daemon ticks the sensors: partitions for the query source and both shards, and their first runs.
-    wait_until(topo, "the sensors' runs", lambda: sum(r["status"] == "SUCCESS" for r in topo.runs()) == 3)
-    # The dbt quality models are in the backfill too (they gate the export).
-    nodes = topo.graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]
-    quality = [n["assetKey"]["path"] for n in nodes if n["assetKey"]["path"][0] == "quality"]
-    selection = [{"path": [a]} for a in BACKFILL] + [{"path": p} for p in quality]
-
-    # 2. A backfill of the rest of the graph, launched as the UI's "Materialize all" does.
-    launched = topo.graphql("""mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
-        __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }""",
-                            {"p": {"assetSelection": selection, "allPartitions": True, "title": "topology test"}})
-    backfill_id = launched["launchPartitionBackfill"].get("backfillId")
-    assert backfill_id, launched
-
-    def backfill_status() -> str:
-        return topo.graphql("""query($id: String!) { partitionBackfillOrError(backfillId: $id) {
-            ... on PartitionBackfill { status } } }""", {"id": backfill_id})["partitionBackfillOrError"]["status"]
-
-    wait_until(topo, "the backfill", lambda: backfill_status() in ("COMPLETED", "COMPLETED_SUCCESS", "FAILED",
-                                                                   "COMPLETED_FAILED", "CANCELED"))
-    assert backfill_status() in ("COMPLETED", "COMPLETED_SUCCESS"), topo.tail()
-
-    # 3. Every partition materialized exactly once, in Postgres-backed storage.
     for k, v in topo.env.items():  # this process reads the same instance and bucket; undone after the test
         if k.startswith(("DAGSTER_PG_", "AWS_", "FINEINSTR")):
             monkeypatch.setenv(k, v)
+    # 1. Turn on declarative automation, once, as in the UI (Automation -> automation_sensor -> on).
+    started = topo.graphql("""mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename
+        ... on Sensor { sensorState { status } } ... on PythonError { message } } }""", {"s": {
+        "repositoryLocationName": LOCATION, "repositoryName": "__repository__", "sensorName": "automation_sensor"}})
+    assert started["startSensor"]["sensorState"]["status"] == "RUNNING", started
+
     with DagsterInstance.from_config(topo.env["DAGSTER_HOME"]) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        for asset in BACKFILL:
-            records = instance.fetch_materializations(AssetKey(asset), limit=100).records
-            parts = sorted(r.partition_key or "-" for r in records)
-            expected = SHARDS if asset in ("documents", "matches", "instantiations", "judgements",
-                                           "fineinstructions", "pretraining_export") else ["-"]
-            if asset == "duplicate_edges":  # static partitions: every bucket range once
-                expected = bucket_range_keys()
-            assert parts == expected, (asset, parts)
-    # 4. The LLM steps batched both shards into one run (backfill policy), so each model loaded once.
-    llm_runs = [r for r in topo.runs() if any(a["path"] == ["instantiations"] for a in r["assetSelection"] or [])]
-    assert len(llm_runs) == 1, llm_runs
-    tags = {t["key"]: t["value"] for t in llm_runs[0]["tags"]}
-    assert (tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")) == (
-        "faq", "tutorial"), tags
 
-    # 5. The data is in the bucket: a fresh working copy reads the pairs and traces one to its document.
-    import boto3
+        def materialized(asset: str) -> list[str]:
+            records = instance.fetch_materializations(AssetKey(asset.split("/")), limit=1000).records
+            return sorted(r.partition_key or "-" for r in records)
 
+        def exported(shards: list[str]) -> bool:
+            return set(shards) <= set(materialized("pretraining_export"))
+
+        # 2. The shards already in the bucket: sensors + automation, no other run.
+        wait_until(topo, "both shards' exports", lambda: exported(SHARDS))
+        for asset in PER_SHARD:
+            assert materialized(asset) == SHARDS, asset
+        assert materialized("duplicate_edges") == sorted(bucket_range_keys())
+
+        # 3. A new shard lands in the bucket: a few documents of its own and an exact copy of a faq document.
+        build_sample(tmp_path / "more", shards=("howto",), max_docs_per_shard=4)
+        howto = pl.read_parquet(tmp_path / "more" / "corpus" / "howto.parquet")
+        faq_doc = TableStore(f"s3://{BUCKET}/data", working_copy=tmp_path / "w1").read("documents", "faq").row(
+            0, named=True)
+        copy = {**howto.row(0, named=True), "id": "copy-of-faq", "url": "https://mirror.example/faq",
+                "text": faq_doc["text"]}
+        pl.concat([howto, pl.DataFrame([copy])]).write_parquet(tmp_path / "howto.parquet")
+        boto3.client("s3").upload_file(str(tmp_path / "howto.parquet"), BUCKET, f"{CORPUS_PREFIX}/howto.parquet")
+        wait_until(topo, "the new shard's export", lambda: exported(["howto"]))
+        time.sleep(60)  # an automation tick or two more: nothing else may follow
+        for asset in PER_SHARD:  # the older shards' chains and exports were not run again
+            assert materialized(asset) == sorted([*SHARDS, "howto"]), asset
+        assert materialized("duplicate_edges") == sorted(bucket_range_keys() * 2)  # once per arrival
+        assert materialized("document_clusters") == ["-", "-"]
+        assert all(r["status"] == "SUCCESS" for r in topo.runs()), topo.runs()
+
+    # 4. The data is in the bucket: a fresh working copy reads the pairs and traces one to its document; the
+    # newcomer's copy of the faq document was removed naming it.
     s3 = boto3.client("s3")
     keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
             for o in page.get("Contents", [])}
-    for shard in SHARDS:
+    for shard in [*SHARDS, "howto"]:
         assert f"data/fineinstructions/{shard}.parquet" in keys and f"data/export_chat/{shard}.parquet" in keys
     assert any(k.startswith("dagster-logs/") for k in keys), "step logs were not uploaded to S3"
-    store = TableStore(f"s3://{BUCKET}/data", working_copy=Path(topo.env["FINEINSTRUCTIONS_CACHE_DIR"]).parent / "w2")
-    import polars as pl
-
+    store = TableStore(f"s3://{BUCKET}/data", working_copy=tmp_path / "w2")
     pairs = pl.read_parquet(store.glob("fineinstructions"))
     assert pairs.height > 0 and pairs["pair_id"].is_unique().all()
     chain = trace_pair(store, pairs["pair_id"][0])
     assert chain["document"]["text"] and chain["query"]["text"]
+    removed = store.read("document_clusters", "howto")
+    assert removed.filter(pl.col("duplicate_of") == faq_doc["doc_id"]).height == 1

@@ -39,10 +39,12 @@ def after_dedup_of_own_shard() -> AutomationCondition:
 
 def over_every_partition() -> AutomationCondition:
     """A step that reads every partition of its inputs (template bank and index, bucket ranges, dedup components,
-    dbt models, report): eager, but a partition that is missing (a shard whose filter failed, a shard just added)
-    does not hold everyone else back; one still in progress does."""
-    return AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()).with_label(
-        "eager over every partition")
+    dbt models, report): once an input was updated and none is in progress. Unlike `eager`, a missing input
+    partition (a shard just added, or whose filter failed) does not hold everyone else back, and being missing
+    itself is no reason to run (before the first source or shard there is nothing to summarise)."""
+    return (AutomationCondition.any_deps_updated().since_last_handled()
+            & ~AutomationCondition.any_deps_in_progress()
+            & ~AutomationCondition.in_progress()).with_label("an input updated, none in progress")
 
 
 def after_blocking_checks(gate: tuple[AssetKey, ...]) -> AutomationCondition:
