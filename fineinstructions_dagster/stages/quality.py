@@ -31,12 +31,17 @@ def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int]:
     }
 
 
-def describe_failed_checks(shard: str, failed: list[str]) -> str:
-    """Why the export of a shard was refused: the blocking checks whose latest evaluation did not pass."""
+def describe_failed_checks(shard: str, failed: list[tuple[str, str]]) -> str:
+    """Why the export of a shard was refused: (check, status) of each blocking check whose latest evaluation did
+    not pass, status one of failed / never evaluated / not finished (a build in progress)."""
     lines = [f"pretraining_export [{shard}] not run: {len(failed)} blocking check(s) of its inputs did not pass "
              "on their latest evaluation:"]
-    lines += [f"  - {name}" for name in failed]
-    lines.append("Fix the data (or the thresholds), run quality_job (dbt build) again; the export follows.")
+    lines += [f"  - {name} ({status})" for name, status in failed]
+    if all(status == "not finished" for _, status in failed):
+        lines.append("A dbt build is in progress and has not evaluated them yet: the data is not known to be "
+                     "wrong. Run the export again once it has finished (automation does so by itself).")
+    else:
+        lines.append("Fix the data (or the thresholds), run quality_job (dbt build) again; the export follows.")
     return "\n".join(lines)
 
 

@@ -141,7 +141,7 @@ def dbt_quality(context: AssetExecutionContext, storage: StorageResource, pipeli
 QUALITY_CHECK_KEYS: list[AssetCheckKey] = sorted(dbt_quality.check_keys, key=lambda k: k.to_user_string())
 
 
-def failed_blocking_checks(context: AssetExecutionContext) -> list[str]:
+def failed_blocking_checks(context: AssetExecutionContext) -> list[tuple[str, str]]:
     """The dbt tests whose latest evaluation did not pass. Blocking checks stop the export inside the run that
     evaluated them, and automation waits for them; this covers the export launched in a run of its own (by
     hand, or a backfill that ran the dbt build in an earlier run, which Dagster does not hold it to)."""
@@ -152,7 +152,7 @@ def failed_blocking_checks(context: AssetExecutionContext) -> list[str]:
         evaluation = record.event.asset_check_evaluation if record is not None and record.event else None
         if evaluation is None or not evaluation.passed:
             status = "never evaluated" if record is None else "not finished" if evaluation is None else "failed"
-            out.append(f"{key.asset_key.to_user_string()}: {key.name} ({status})")
+            out.append((f"{key.asset_key.to_user_string()}: {key.name}", status))
     return out
 
 
@@ -160,4 +160,4 @@ def refuse_unless_checks_passed(context: AssetExecutionContext, shard: str) -> N
     failed = failed_blocking_checks(context)
     if failed:
         raise Failure(description=describe_failed_checks(shard, failed),
-                      metadata={"blocking_checks_not_passed": MetadataValue.json(failed)})
+                      metadata={"blocking_checks_not_passed": MetadataValue.json(dict(failed))})
