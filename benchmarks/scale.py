@@ -51,9 +51,9 @@ def bench_resources() -> dict:
 
 def materialize_step(selection: list[str], partition: str | None) -> dict:
     """One Dagster run of `selection` (in this process); returns the materializations' metadata numbers."""
-    from dagster import AssetSelection, DagsterInstance, load_assets_from_modules, materialize
+    from dagster import AssetSelection, DagsterInstance, materialize
 
-    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.definitions import ASSETS
     from fineinstructions_dagster.defs.partitions import EVERY_BUCKET_RANGE
     from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
     from fineinstructions_dagster.runner import DEDUP_STEP, FILTER_STEP
@@ -62,7 +62,7 @@ def materialize_step(selection: list[str], partition: str | None) -> dict:
     named = {"quality": AssetSelection.groups("quality"), "filtered_documents": FILTER_STEP, "dedup": DEDUP_STEP}
     with DagsterInstance.get() as instance:
         release_dead_runs(instance)  # the run SIGKILLed below must not keep the gpu slot from its resume
-        result = materialize(load_assets_from_modules(STAGE_MODULES),
+        result = materialize(list(ASSETS),
                              selection=named.get(selection[0], selection) if len(selection) == 1 else selection,
                              partition_key=partition, instance=instance, resources=bench_resources(),
                              raise_on_error=False,

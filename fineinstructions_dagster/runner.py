@@ -21,7 +21,6 @@ from dagster import (
     DagsterRunStatus,
     ExecuteInProcessResult,
     RunsFilter,
-    load_assets_from_modules,
     materialize,
 )
 
@@ -127,9 +126,9 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     (and, for a shard's chain, its dedup removal list). A step whose key a successful run already carries, and
     whose output is still there, is not run again (`force` runs everything): adding a shard runs that shard's
     filter, the dedup step and that shard's chain; the other shards' pairs and exports stay as they are."""
-    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.definitions import ASSETS
 
-    assets = load_assets_from_modules(STAGE_MODULES)
+    assets = list(ASSETS)
     resources = build_resources()
     found_sources = query_sources(env_value("FINEINSTRUCTIONS_QUERIES"))  # listed once (an S3 listing is slow)
     found_shards = corpus_shards(env_value("FINEINSTRUCTIONS_CORPUS"))

@@ -85,3 +85,21 @@ def test_shard_sensor_adds_one_partition_per_new_file(tmp_path):
         again = corpus_shard_sensor(build_sensor_context(instance=instance, resources={"inputs": InputsResource(
             queries_dir=str(tmp_path), corpus_dir=str(tmp_path))}))
         assert "no new corpus_shard" in again.skip_message
+
+
+def test_dagster_validates_the_location_as_the_project_declares_it(tmp_path):
+    """`dagster definitions validate` from the project root (pyproject's [tool.dagster] / [tool.dg]), as the code
+    server loads it: the defs folder merged, every job's resources bound, no warning about the location."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("dagster")), "definitions", "validate"], cwd=repo,
+                          env={**env, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Validation successful for code location fineinstructions_dagster." in out
+    assert "WARNING" not in out, out[-3000:]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import polars as pl
-from dagster import AssetKey, load_assets_from_modules, materialize
+from dagster import AssetKey, materialize
 
 from fineinstructions_dagster.cli import main as cli
 from fineinstructions_dagster.runner import SHARD_STEP
@@ -47,10 +47,10 @@ def test_every_pair_traces_to_a_real_document_and_query(pipeline, sample_inputs)
 def test_rerunning_a_shard_reproduces_it_exactly_from_the_cache(pipeline):
     store, instance, _ = pipeline
     before = {t: store.read(t, "faq") for t in ("matches", "instantiations", "judgements", "fineinstructions")}
-    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.definitions import ASSETS
     from fineinstructions_dagster.defs.resources import build_resources
 
-    result = materialize(load_assets_from_modules(STAGE_MODULES), selection=SHARD_STEP, partition_key="faq",
+    result = materialize(list(ASSETS), selection=SHARD_STEP, partition_key="faq",
                          instance=instance, resources=build_resources())
     mats = {e.asset_key.to_user_string(): e.step_materialization_data.materialization.metadata
             for e in result.get_asset_materialization_events()}
@@ -106,12 +106,12 @@ def test_lineage_job_shows_the_chain_with_links_to_runs_and_partitions(pipeline)
 def test_automation_on_real_runs_reruns_a_stale_shard_then_the_dbt_build_then_its_export(pipeline):
     from dagster import evaluate_automation_conditions
 
-    from fineinstructions_dagster.definitions import STAGE_MODULES, defs
+    from fineinstructions_dagster.definitions import ASSETS, defs
     from fineinstructions_dagster.defs.resources import build_resources
     from fineinstructions_dagster.runner import EXPORT_STEP, QUALITY_STEP
 
     _, instance, _ = pipeline
-    assets, resources = load_assets_from_modules(STAGE_MODULES), build_resources()
+    assets, resources = list(ASSETS), build_resources()
     keys = set(defs.resolve_asset_graph().get_all_asset_keys())
     cursor = None
 
@@ -153,11 +153,11 @@ def test_a_run_over_several_partitions_materializes_each_once(pipeline):
     from dagster import DagsterEventType
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.definitions import ASSETS
     from fineinstructions_dagster.defs.resources import build_resources
 
     store, instance, _ = pipeline
-    result = materialize(load_assets_from_modules(STAGE_MODULES), selection=["documents"], instance=instance,
+    result = materialize(list(ASSETS), selection=["documents"], instance=instance,
                          resources=build_resources(), tags={ASSET_PARTITION_RANGE_START_TAG: "faq",
                                                             ASSET_PARTITION_RANGE_END_TAG: "tutorial"})
     mats = {m.partition: m for m in (e.event_specific_data.materialization

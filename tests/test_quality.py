@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
-from dagster import AssetKey, AssetSelection, DagsterInstance, load_assets_from_modules, materialize
+from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
 from fineinstructions_dagster.config import profile_config
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
@@ -41,9 +41,9 @@ def _fresh_instance(shards: list[str]) -> DagsterInstance:
 
 
 def _all_assets():
-    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.definitions import ASSETS
 
-    return load_assets_from_modules(STAGE_MODULES)
+    return list(ASSETS)
 
 
 def _latest_checks(instance: DagsterInstance) -> dict[str, bool | None]:

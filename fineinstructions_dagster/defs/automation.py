@@ -2,7 +2,13 @@
 (the daemon). The sensors add the new query sources and shards and run their first step; everything after
 follows from these conditions. Nothing here reads the event log by hand."""
 
-from dagster import AssetKey, AssetSelection, AutomationCondition
+from dagster import (
+    AssetKey,
+    AssetSelection,
+    AutomationCondition,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+)
 
 PAIRS = "fineinstructions"
 CLUSTERS = "document_clusters"
@@ -54,3 +60,12 @@ def after_blocking_checks(gate: tuple[AssetKey, ...]) -> AutomationCondition:
     return (_own_input_then_gate((PAIRS,), gate)
             & AutomationCondition.all_deps_blocking_checks_passed()).with_label(
         "pairs updated, then dbt tests passed")
+
+
+# The daemon's evaluator of the conditions above: stopped by default, so that nothing runs by itself on a laptop
+# until asked; turn it on in the UI (Automation) or with `dagster sensor start automation_sensor`. It emits
+# backfills, so the backfill policies batch what it requests.
+automation_sensor = AutomationConditionSensorDefinition(
+    "automation_sensor", target=AssetSelection.all(), default_status=DefaultSensorStatus.STOPPED,
+    description="Runs what a new or changed input makes due: dedup, the shard's chain, the bank and index, the "
+                "dbt build, the export once the dbt tests passed, the report.")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource, InitResourceContext
+from dagster import ConfigurableResource, Definitions, InitResourceContext, definitions
 from dagster_aws.s3.utils import construct_s3_client
 from pydantic import Field
 
@@ -189,3 +189,10 @@ def build_resources() -> dict[str, ConfigurableResource]:
         "embedder": EmbedderResource(),
         "pipeline": PipelineResource(),
     }
+
+
+@definitions
+def resources() -> Definitions:
+    """The resources every asset, sensor and job of the location is bound to (the defs folder's loader merges
+    them with each domain's definitions)."""
+    return Definitions(resources=build_resources())

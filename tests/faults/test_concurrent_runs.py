@@ -20,24 +20,21 @@ pytestmark = [pytest.mark.slow]
 
 BUILD = """
 from dagster import DagsterInstance, materialize
-from fineinstructions_dagster.definitions import STAGE_MODULES
-from dagster import load_assets_from_modules
+from fineinstructions_dagster.definitions import ASSETS
 from fineinstructions_dagster.defs.quality.assets import QUALITY_SELECTION
 from fineinstructions_dagster.defs.resources import build_resources
 with DagsterInstance.get() as instance:
-    r = materialize(load_assets_from_modules(STAGE_MODULES), selection=QUALITY_SELECTION, instance=instance,
+    r = materialize(list(ASSETS), selection=QUALITY_SELECTION, instance=instance,
                     resources=build_resources(), raise_on_error=False)
     raise SystemExit(0 if r.success else 1)
 """
 
 
 def export(instance: DagsterInstance, shard: str):
-    from dagster import load_assets_from_modules
-
-    from fineinstructions_dagster.definitions import STAGE_MODULES
+    from fineinstructions_dagster.definitions import ASSETS
     from fineinstructions_dagster.defs.resources import build_resources
 
-    return materialize(load_assets_from_modules(STAGE_MODULES), selection=["pretraining_export"],
+    return materialize(list(ASSETS), selection=["pretraining_export"],
                        partition_key=shard, instance=instance, resources=build_resources(), raise_on_error=False)
 
 
