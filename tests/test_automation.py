@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from dagster import (
     AssetCheckEvaluation,
+    AssetCheckKey,
     AssetKey,
     AssetMaterialization,
     AssetSelection,
@@ -42,11 +43,14 @@ def _shard(instance: DagsterInstance, shard: str, steps: list[str]) -> None:
 
 
 def requested(result) -> dict[str, set[str]]:  # noqa: ANN001 - EvaluateAutomationConditionsResult
-    """asset -> requested partitions ("-" for an unpartitioned asset)."""
+    """asset -> requested partitions ("-" for an unpartitioned asset). A dbt model must come with its tests."""
     out = {}
     for r in result.results:
         if r.key in ASSET_KEYS and result.get_num_requested(r.key):
             out[r.key.to_user_string()] = {p or "-" for p in result.get_requested_partitions(r.key)}
+    checks = {r.key for r in result.results if isinstance(r.key, AssetCheckKey) and r.true_subset.size}
+    for check in QUALITY_CHECK_KEYS:  # (here the events are written without runs, so a check may come again)
+        assert check in checks or check.asset_key.to_user_string() not in out, check
     return out
 
 

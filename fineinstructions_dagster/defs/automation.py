@@ -62,6 +62,11 @@ def after_blocking_checks(gate: tuple[AssetKey, ...]) -> AutomationCondition:
         "pairs updated, then dbt tests passed")
 
 
+def with_its_asset() -> AutomationCondition:
+    """A check: executed in the run that materializes its asset (or after the asset was updated elsewhere)."""
+    return AutomationCondition.any_deps_updated().with_label("with its asset")
+
+
 # The daemon's evaluator of the conditions above: stopped by default, so that nothing runs by itself on a laptop
 # until asked; turn it on in the UI (Automation) or with `dagster sensor start automation_sensor`. It emits
 # backfills, so the backfill policies batch what it requests.

@@ -29,7 +29,7 @@ from dagster_dbt import (
     dbt_assets,
 )
 
-from fineinstructions_dagster.defs.automation import over_every_partition
+from fineinstructions_dagster.defs.automation import over_every_partition, with_its_asset
 from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
 from fineinstructions_dagster.lib.storage import file_lock
 from fineinstructions_dagster.stages.quality import (
@@ -80,9 +80,10 @@ class QualityTranslator(DagsterDbtTranslator):
         spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
         if spec is None:
             return spec
-        # Every test gates what is downstream of its model (the export): blocking.
+        # Every test gates what is downstream of its model (the export): blocking; and automation runs it with
+        # its model (a check has a condition of its own, else a model is built without its tests).
         description = spec.description or (manifest["nodes"].get(unique_id) or {}).get("description") or None
-        return spec._replace(blocking=True, description=description)
+        return spec._replace(blocking=True, description=description, automation_condition=with_its_asset())
 
 
 TRANSLATOR = QualityTranslator(settings=DagsterDbtTranslatorSettings(enable_asset_checks=True))
