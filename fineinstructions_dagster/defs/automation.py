@@ -62,9 +62,10 @@ def after_blocking_checks(gate: tuple[AssetKey, ...]) -> AutomationCondition:
         "pairs updated, then dbt tests passed")
 
 
-def with_its_asset() -> AutomationCondition:
-    """A check: executed in the run that materializes its asset (or after the asset was updated elsewhere)."""
-    return AutomationCondition.any_deps_updated().with_label("with its asset")
+def with_its_asset(asset: AssetKey) -> AutomationCondition:
+    """A check: executed in the run that materializes its asset (or after the asset was updated elsewhere); not
+    when another model it also reads is built (a relationship test of the pairs must wait for the pairs)."""
+    return AutomationCondition.any_deps_updated().allow(AssetSelection.assets(asset)).with_label("with its asset")
 
 
 # The daemon's evaluator of the conditions above: stopped by default, so that nothing runs by itself on a laptop

@@ -83,7 +83,8 @@ class QualityTranslator(DagsterDbtTranslator):
         # Every test gates what is downstream of its model (the export): blocking; and automation runs it with
         # its model (a check has a condition of its own, else a model is built without its tests).
         description = spec.description or (manifest["nodes"].get(unique_id) or {}).get("description") or None
-        return spec._replace(blocking=True, description=description, automation_condition=with_its_asset())
+        return spec._replace(blocking=True, description=description,
+                             automation_condition=with_its_asset(spec.asset_key))
 
 
 TRANSLATOR = QualityTranslator(settings=DagsterDbtTranslatorSettings(enable_asset_checks=True))
