@@ -147,6 +147,9 @@ def test_the_export_waits_for_dbt_tests_that_pass(built):
     _shard(instance, "faq", ["fineinstructions"])
     result = evaluate_automation_conditions(defs, instance, cursor=cursor, asset_selection=export)
     assert requested(result) == {}  # new pairs, but no dbt build since
+    _mat(instance, "quality/documents")  # a model over another table was rebuilt: the pairs' tests were not run
+    result = evaluate_automation_conditions(defs, instance, cursor=result.cursor, asset_selection=export)
+    assert requested(result) == {}
     _dbt_build(instance, passed=False)  # the build after the new pairs: a uniqueness test fails
     result = evaluate_automation_conditions(defs, instance, cursor=result.cursor, asset_selection=export)
     assert requested(result) == {}

@@ -22,13 +22,16 @@ def shard_step() -> AutomationCondition:
     return AutomationCondition.eager()
 
 
-def _own_input_then_gate(own: tuple[str, ...], gate: tuple[str | AssetKey, ...]) -> AutomationCondition:
-    """True once an `own` input (the same shard's) was updated since this partition was last requested and
-    a `gate` input (unpartitioned, so rebuilt in a run of its own) was rebuilt after that: a step that must
-    see the gate's result for its own new input, and not re-run when the gate is rebuilt for another shard."""
+def _own_input_then_gate(own: tuple[str, ...], gate: AssetKey | str) -> AutomationCondition:
+    """True once an `own` input (the same shard's) was updated since this partition was last requested and the
+    `gate` input (unpartitioned, so rebuilt in a run of its own) was rebuilt after that: a step that must see
+    the gate's result for its own new input, and not re-run when the gate is rebuilt for another shard. Only
+    materializations count, not requests: a request for the gate cannot share this step's run, so Dagster
+    would launch both at once."""
     own_updated = AutomationCondition.any_deps_match(AutomationCondition.newly_updated()).allow(
         AssetSelection.assets(*own))
-    gate_rebuilt = AutomationCondition.any_deps_updated().allow(AssetSelection.assets(*gate))
+    gate_rebuilt = AutomationCondition.any_deps_match(AutomationCondition.newly_updated()).allow(
+        AssetSelection.assets(gate))
     return ((gate_rebuilt & own_updated.since(AutomationCondition.newly_requested())).since_last_handled()
             & ~AutomationCondition.any_deps_missing()
             & ~AutomationCondition.any_deps_in_progress()
@@ -40,7 +43,7 @@ def after_dedup_of_own_shard() -> AutomationCondition:
     not on every decision run: under the default `stable` rule a new shard's decisions leave the other shards'
     removal lists as they were, so their chains do not run again. (Under `rebuild` they can change: re-run
     shard_job for the shards a document_clusters materialization lists as `changed_shards`.)"""
-    return _own_input_then_gate(FILTER_OUTPUTS, (CLUSTERS,)).with_label("own shard filtered, then dedup decided")
+    return _own_input_then_gate(FILTER_OUTPUTS, CLUSTERS).with_label("own shard filtered, then dedup decided")
 
 
 def over_every_partition() -> AutomationCondition:
@@ -53,13 +56,17 @@ def over_every_partition() -> AutomationCondition:
             & ~AutomationCondition.in_progress()).with_label("an input updated, none in progress")
 
 
-def after_blocking_checks(gate: tuple[AssetKey, ...]) -> AutomationCondition:
-    """The export of a shard: once the dbt build (`gate`: the models, whose tests are blocking checks) ran after
-    the shard's pairs were updated, and every blocking check passed; a build for another shard's pairs exports
-    nothing again. A failing test holds the export until a later build passes."""
-    return (_own_input_then_gate((PAIRS,), gate)
-            & AutomationCondition.all_deps_blocking_checks_passed()).with_label(
-        "pairs updated, then dbt tests passed")
+def after_blocking_checks(pairs_model: AssetKey) -> AutomationCondition:
+    """The export of a shard: once the dbt model over the pairs (`pairs_model`; the chain's last table, so its
+    models are built last) was built after the shard's pairs were updated, and every blocking check of every
+    dbt model (the export's deps) passed on its latest evaluation; a build for another shard's pairs exports
+    nothing again, and a failing test holds the export until a later build passes. Unlike Dagster's
+    `all_deps_blocking_checks_passed`, a check that will merely be requested this tick does not count: the dbt
+    build and the export cannot share a run (partitioned and not), so they would start together."""
+    checks_passed = AutomationCondition.all_deps_match(AutomationCondition.all_checks_match(
+        AutomationCondition.check_passed(), blocking_only=True))
+    return (_own_input_then_gate((PAIRS,), pairs_model) & checks_passed).with_label(
+        "pairs updated, then the dbt tests passed on them")
 
 
 def with_its_asset(asset: AssetKey) -> AutomationCondition:

@@ -9,7 +9,7 @@ from fineinstructions_dagster.defs.automation import after_blocking_checks
 from fineinstructions_dagster.defs.metadata import progress_reporter, stage_metadata, throughput_metadata
 from fineinstructions_dagster.defs.pairs.assets import fineinstructions
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
-from fineinstructions_dagster.defs.quality.assets import dbt_quality, refuse_unless_checks_passed
+from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, dbt_quality, refuse_unless_checks_passed
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
 from fineinstructions_dagster.lib.stats import StageStats
@@ -29,7 +29,7 @@ EXPORTED_ONCE = "every_pair_exported_once"
 
 # Reads the shard's pairs; the dbt models are a gate (their blocking tests), not read.
 @asset(partitions_def=corpus_shard_partitions, deps=[fineinstructions, *sorted(dbt_quality.keys)], group_name="export",
-       automation_condition=after_blocking_checks(tuple(sorted(dbt_quality.keys))),
+       automation_condition=after_blocking_checks(QUALITY_PAIRS_KEY),
        kinds={"parquet", "json"},
        check_specs=[AssetCheckSpec(EXPORTED_ONCE, asset="pretraining_export",
                                    description="chat records = the shard's pairs, each once; each packed pair once")])
