@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow.fs as pafs
 
 from fineinstructions_dagster.lib.formats import (
     SkippedInput,
     discover_sources,
-    filesystem,
     malformed_frame,
     read_texts,
     scan_inputs,
 )
+from fineinstructions_dagster.lib.storage import list_s3_files
 
 
 def folder_exists(folder: str) -> bool:
     """Whether an input folder exists, local or `s3://bucket/prefix` (credentials and AWS_ENDPOINT_URL from the
-    environment). S3 has no folders: a prefix exists when an object lies under it, or it is a bucket."""
-    fs, path = filesystem(folder)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    environment). S3 has no folders: a prefix exists when an object lies under it."""
+    if not folder.startswith("s3://"):
+        return Path(folder).is_dir()
+    try:
+        return bool(list_s3_files(folder.rstrip("/")))
+    except FileNotFoundError:
+        return False
 
 
 def query_sources(queries_dir: str) -> dict[str, list[str]]:

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 from dagster import ConfigurableResource, Definitions, InitResourceContext, definitions
-from dagster_aws.s3.utils import construct_s3_client
 from pydantic import Field
 
 from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profile_config
 from fineinstructions_dagster.lib.process import die_with_parent
-from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.lib.storage import TableStore, make_s3_client
 from fineinstructions_dagster.llm.cache import GenerationCache
 from fineinstructions_dagster.llm.engines import LLMEngine, get_engine, release_engines
 from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
@@ -52,9 +51,9 @@ def env_value(name: str) -> str:
 
 class StorageResource(ConfigurableResource):
     """Storage root for every table (`FINEINSTRUCTIONS_ROOT`, default ./data; `s3://bucket/prefix` in
-    production, with dagster-aws's S3 client: endpoint (AWS_ENDPOINT_URL, e.g. MinIO) and region (AWS_REGION)
-    here, credentials from boto3's usual chain). `cache_dir`: where an S3 root's local working copy lives
-    (FINEINSTRUCTIONS_CACHE_DIR)."""
+    production, through the platform's one S3 client (lib/storage.make_s3_client, boto3, as for the inputs and
+    the index): endpoint (AWS_ENDPOINT_URL, e.g. MinIO) and region (AWS_REGION) here, credentials from boto3's
+    usual chain). `cache_dir`: where an S3 root's local working copy lives (FINEINSTRUCTIONS_CACHE_DIR)."""
 
     root: str = ""
     cache_dir: str = ""
@@ -66,9 +65,8 @@ class StorageResource(ConfigurableResource):
         root = setting("FINEINSTRUCTIONS_ROOT", self.root)
         if not root.startswith("s3://"):
             return TableStore(root)
-        client = construct_s3_client(self.s3_max_attempts,
-                                     region_name=setting("AWS_REGION", self.s3_region) or None,
-                                     endpoint_url=setting("AWS_ENDPOINT_URL", self.s3_endpoint_url) or None)
+        client = make_s3_client(setting("AWS_ENDPOINT_URL", self.s3_endpoint_url),
+                                setting("AWS_REGION", self.s3_region), self.s3_max_attempts)
         return TableStore(root, s3_client=client,
                           working_copy=setting("FINEINSTRUCTIONS_CACHE_DIR", self.cache_dir) or None)
 

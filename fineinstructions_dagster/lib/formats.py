@@ -2,8 +2,9 @@
 FineWeb / DCLM / Nemotron-CC / HF-datasets-style columns, from local folders or `s3://` prefixes.
 
 Files are streamed in batches (Parquet row groups through pyarrow, JSON Lines line by line through
-pyarrow's decompressing streams), so a shard larger than memory is never loaded whole. S3 goes through
-pyarrow's S3 filesystem: credentials, region and `AWS_ENDPOINT_URL` come from the environment.
+pyarrow's decompressing streams), so a shard larger than memory is never loaded whole. An s3:// input is
+listed and fetched (once per version of the object) with the platform's one S3 client, boto3, as the tables
+are (lib/storage.py): credentials, region and `AWS_ENDPOINT_URL` come from the environment.
 
 Nothing is changed silently: a JSON Lines line that is not valid UTF-8, not a JSON object, or whose text
 field is not a string is quarantined with its file, line number and reason (never decoded with
@@ -20,7 +21,7 @@ import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import polars as pl
@@ -80,11 +81,30 @@ def _suffix(name: str) -> str | None:
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI such as s3://bucket/prefix."""
+def local_input(path: str) -> str:
+    """A local path to read an input from: the path itself, or for an s3:// URI a local copy of the object
+    (lib/storage: the platform's one S3 client, the same as for the tables)."""
+    if path.startswith("s3://"):
+        from fineinstructions_dagster.lib.storage import local_copy
+
+        return str(local_copy(path))
     if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(PurePosixPath(path))
+        raise InputFormatError(f"{path}: only local paths and s3:// URIs are read")
+    return path
+
+
+def list_input_files(folder: str) -> list[tuple[PurePosixPath, str]]:
+    """Every file under an input folder (any depth), as (path relative to the folder, path or s3:// URI)."""
+    if folder.startswith("s3://"):
+        from fineinstructions_dagster.lib.storage import list_s3_files
+
+        base = folder.rstrip("/")
+        return [(PurePosixPath(uri[len(base) + 1:]), uri) for uri in list_s3_files(base)]
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input folder {folder} does not exist")
+    return sorted(((PurePosixPath(f.relative_to(root).as_posix()), str(f)) for f in root.rglob("*") if f.is_file()),
+                  key=lambda e: e[1])
 
 
 def partition_key_for(name: str) -> str:
@@ -140,26 +160,19 @@ def scan_inputs(folder: str, subfolders_are_sources: bool) -> Discovery:
     (`x` -> `x.jsonl`), and the old key then fails loudly as having no input file. Keys still equal after
     that (names that differ only in characters made safe) get a hash of their path appended.
     """
-    fs, base = filesystem(str(folder))
-    info = fs.get_file_info(base)
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"input folder {folder} does not exist")
-    scheme = str(folder).split("://", 1)[0] + "://" if "://" in str(folder) else ""
     units: dict[tuple[str, ...], list[str]] = {}
     folders: dict[tuple[str, ...], bool] = {}
     skipped: list[SkippedInput] = []
-    for entry in sorted(fs.get_file_info(pafs.FileSelector(base, recursive=True)), key=lambda e: e.path):
-        rel = PurePosixPath(entry.path).relative_to(base)
-        if entry.type != pafs.FileType.File or any(p.startswith(IGNORED_PREFIXES) for p in rel.parts):
+    for rel, path in list_input_files(str(folder)):
+        if any(p.startswith(IGNORED_PREFIXES) for p in rel.parts):
             continue
         if not _suffix(rel.name):
             ext = "".join(PurePosixPath(rel.name).suffixes[-2:]) or "no extension"
-            skipped.append(SkippedInput(scheme + entry.path, f"unsupported file type ({ext}); readable: "
-                                                             f"{', '.join(SUFFIXES)}"))
+            skipped.append(SkippedInput(path, f"unsupported file type ({ext}); readable: {', '.join(SUFFIXES)}"))
             continue
         folder_unit = subfolders_are_sources and len(rel.parts) > 1
         unit = rel.parts[:1] if folder_unit else rel.parts
-        units.setdefault(unit, []).append(scheme + entry.path)
+        units.setdefault(unit, []).append(path)
         folders[unit] = folder_unit
     keys = _assign_keys(list(units), [folders[u] for u in units])
     return Discovery(dict(zip(keys, units.values(), strict=True)), skipped)
@@ -199,7 +212,7 @@ def _iter_jsonl(path: str, name: str, batch_rows: int, report: ReadReport) -> It
     """Normalised batches of a JSON Lines file. The text, id and url fields are the first of TEXT_COLUMNS,
     ID_COLUMNS and URL_COLUMNS present in the file's first object; every other field goes to `metadata`
     as JSON, exactly as written (no type inference across rows)."""
-    fs, inner = filesystem(path)
+    local = local_input(path)
     lower = name.lower()
     compression = "gzip" if lower.endswith(".gz") else "zstd" if lower.endswith(".zst") else None
     cols: dict[str, list[Any]] = {c: [] for c in NORMALISED_SCHEMA if c != "source_file"}
@@ -215,7 +228,7 @@ def _iter_jsonl(path: str, name: str, batch_rows: int, report: ReadReport) -> It
         report.quarantined.append((name, lineno, reason, detail))
 
     try:
-        with fs.open_input_stream(inner, compression=compression) as raw:
+        with pafs.LocalFileSystem().open_input_stream(local, compression=compression) as raw:
             # Bytes, split on b"\n" only (line numbers are what `sed -n Np` shows), each line decoded
             # strictly: a line that is not UTF-8 is quarantined, never decoded with replacement characters.
             for lineno, data in enumerate(io.BufferedReader(raw, 1 << 20), start=1):
@@ -279,9 +292,8 @@ def _first_invalid_column(batch: pa.RecordBatch) -> str | None:
 
 
 def _iter_parquet(path: str, name: str, batch_rows: int) -> Iterator[pl.DataFrame]:
-    fs, inner = filesystem(path)
     try:
-        pf = pq.ParquetFile(fs.open_input_file(inner))
+        pf = pq.ParquetFile(local_input(path))
     except Exception as e:  # pyarrow raises several error types for corrupt files
         raise InputFormatError(f"{path}: not a readable Parquet file: {e}") from e
     if pf.metadata.num_rows == 0:

@@ -224,6 +224,53 @@ def default_working_copy(uri: str) -> Path:
     return Path(base) / "s3" / bucket / (prefix or "_root")
 
 
+def make_s3_client(endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 5) -> Any:
+    """The platform's one S3 client (boto3) for tables, the index and inputs alike: standard retries; endpoint
+    and region as given, else boto3's own environment (AWS_ENDPOINT_URL for MinIO or moto, AWS_REGION, the
+    usual credential chain)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or None,
+                        config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}))
+
+
+def list_s3_files(uri: str, client: Any = None) -> list[str]:
+    """Every object under an `s3://bucket/prefix` "folder" (any depth), as s3:// URIs; FileNotFoundError naming
+    the prefix when nothing is there (S3 has no folders: a prefix exists when an object lies under it)."""
+    client = client or make_s3_client()
+    bucket, prefix = split_s3_uri(uri)
+    base = f"{prefix}/" if prefix else ""
+    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
+            for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    if not keys and base:
+        raise FileNotFoundError(f"input folder {uri} does not exist")
+    return sorted(f"s3://{bucket}/{k}" for k in keys)
+
+
+def local_copy(uri: str, client: Any = None) -> Path:
+    """A local copy of an input object, downloaded once and again only when the object changed (its ETag):
+    readers then stream and seek a local file (Parquet needs both) whatever the object's size. Under
+    FINEINSTRUCTIONS_CACHE_DIR (or ~/.cache/fineinstructions)/inputs/<bucket>/<key>."""
+    client = client or make_s3_client()
+    bucket, key = split_s3_uri(uri)
+    base = os.environ.get("FINEINSTRUCTIONS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fineinstructions")
+    target = Path(base) / "inputs" / bucket / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        etag = client.head_object(Bucket=bucket, Key=key)["ETag"]
+    except client.exceptions.ClientError as e:
+        raise FileNotFoundError(f"{uri}: no such object ({e.response.get('Error', {}).get('Code')})") from e
+    tag = target.with_name(f".{target.name}.etag")
+    with file_lock(target.with_name(f".{target.name}.lock")):  # one download per object however many readers
+        if not (target.exists() and tag.exists() and tag.read_text() == etag):
+            with _atomic_file(target) as tmp:
+                client.download_file(bucket, key, tmp)
+            tag.write_text(etag)
+    return target
+
+
 class S3Mirror:
     """Keeps folders of a local working copy in step with the same keys under an S3 prefix.
 
@@ -363,9 +410,7 @@ class TableStore:
             local = Path(working_copy) if working_copy else default_working_copy(root)
             self.root = local.resolve()
             if s3_client is None:
-                import boto3  # endpoint (AWS_ENDPOINT_URL), region and credentials from the environment
-
-                s3_client = boto3.client("s3")
+                s3_client = make_s3_client()
             self.mirror = S3Mirror(root, self.root, s3_client)
         else:
             self.root = Path(root).resolve()

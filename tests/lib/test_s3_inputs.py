@@ -1,4 +1,5 @@
-"""Corpus shards under an s3:// prefix, read through pyarrow's S3 filesystem against a local moto server."""
+"""Corpus shards under an s3:// prefix, listed and fetched with the platform's S3 client (boto3, as the tables) against a
+local moto server."""
 
 from __future__ import annotations
 
@@ -42,3 +43,29 @@ def test_shards_under_an_s3_prefix_are_discovered_and_streamed(s3, tmp_path):
 def test_missing_s3_prefix_is_a_clear_error(s3):
     with pytest.raises(FileNotFoundError, match="s3://corpus/nothing-here does not exist"):
         discover_sources("s3://corpus/nothing-here", subfolders_are_sources=False)
+
+
+def test_an_s3_input_is_fetched_once_per_version_of_the_object(s3, tmp_path, monkeypatch):
+    from fineinstructions_dagster.lib.storage import local_copy
+
+    monkeypatch.setenv("FINEINSTRUCTIONS_CACHE_DIR", str(tmp_path / "cache"))
+    s3.put_object(Bucket="corpus", Key="cc/a.jsonl", Body=json.dumps({"text": "first"}).encode() + b"\n")
+    first = local_copy("s3://corpus/cc/a.jsonl")
+    assert first.read_text().strip() == '{"text": "first"}'
+    mtime = first.stat().st_mtime_ns
+    assert local_copy("s3://corpus/cc/a.jsonl").stat().st_mtime_ns == mtime  # unchanged object: not fetched again
+    s3.put_object(Bucket="corpus", Key="cc/a.jsonl", Body=json.dumps({"text": "second"}).encode() + b"\n")
+    assert local_copy("s3://corpus/cc/a.jsonl").read_text().strip() == '{"text": "second"}'
+    with pytest.raises(FileNotFoundError, match="s3://corpus/cc/gone.jsonl: no such object"):
+        local_copy("s3://corpus/cc/gone.jsonl")
+
+
+def test_no_code_uses_a_second_s3_stack():
+    """Inputs, tables and the index share one client (lib/storage.make_s3_client): nothing opens pyarrow's or
+    fsspec's S3 filesystems."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "fineinstructions_dagster"
+    offenders = [str(f) for f in package.rglob("*.py")
+                 if any(s in f.read_text() for s in ("S3FileSystem", "FileSystem.from_uri", "s3fs", "construct_s3_client"))]
+    assert offenders == []
