@@ -56,10 +56,11 @@ def materialize_step(selection: list[str], partition: str | None) -> dict:
     from fineinstructions_dagster.definitions import ASSETS
     from fineinstructions_dagster.defs.partitions import EVERY_BUCKET_RANGE
     from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
-    from fineinstructions_dagster.runner import DEDUP_STEP, FILTER_STEP
+    from fineinstructions_dagster.runner import DEDUP_STEP, EXPORT_STEP, FILTER_STEP
 
     # the runner's steps: the filter writes three tables; dedup is every bucket range, then the components
-    named = {"quality": AssetSelection.groups("quality"), "filtered_documents": FILTER_STEP, "dedup": DEDUP_STEP}
+    named = {"quality": AssetSelection.groups("quality"), "filtered_documents": FILTER_STEP, "dedup": DEDUP_STEP,
+             "pretraining_export": EXPORT_STEP}
     with DagsterInstance.get() as instance:
         release_dead_runs(instance)  # the run SIGKILLed below must not keep the gpu slot from its resume
         result = materialize(list(ASSETS),

@@ -14,7 +14,7 @@ from fineinstructions_dagster.sample import build_sample
 from tests.conftest import demo_env
 
 OLD = ["faq", "tutorial"]
-PER_SHARD = [*SHARD_STEP, "pretraining_export"]
+PER_SHARD = [*SHARD_STEP, "export_chat", "export_packed"]
 
 
 def materializations(instance: DagsterInstance) -> dict[tuple[str, str], int]:

@@ -21,6 +21,7 @@ from fineinstructions_dagster.stages.dedup import bucket_range_keys
 
 CHAIN = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]
 FILTER = ["filtered_documents", "document_signatures", "document_bands"]
+EXPORT = ["export_chat", "export_packed"]  # one step, pretraining_export
 QUALITY = sorted(k.to_user_string() for k in dbt_quality.keys)
 ASSET_KEYS = set(defs.resolve_asset_graph().get_all_asset_keys())
 
@@ -74,7 +75,7 @@ def built():
             _shard(instance, shard, CHAIN)
         _dbt_build(instance)
         for shard in ("faq", "tutorial"):
-            _mat(instance, "pretraining_export", shard)
+            _shard(instance, shard, EXPORT)
         _mat(instance, "dataset_report")
         first = evaluate_automation_conditions(defs, instance)
         assert requested(first) == {}, requested(first)
@@ -107,8 +108,8 @@ def test_a_new_shard_runs_dedup_its_own_chain_quality_and_its_export_each_once(b
     # the dbt models over the shards' tables (not those over the queries and the bank), before any export
     tick({f"quality/{m}": {"-"} for m in ("documents", "matches", "instantiations", "judgements", "pairs")})
     _dbt_build(instance)
-    tick({"pretraining_export": {"howto"}})  # the dbt tests passed on the new pairs
-    _mat(instance, "pretraining_export", "howto")
+    tick({asset: {"howto"} for asset in EXPORT})  # the dbt tests passed on the new pairs
+    _shard(instance, "howto", EXPORT)
     tick({})
 
 
@@ -143,7 +144,7 @@ def test_a_new_template_index_reruns_matching_for_every_shard(built):
 
 def test_the_export_waits_for_dbt_tests_that_pass(built):
     instance, cursor = built
-    export = AssetSelection.assets("pretraining_export")
+    export = AssetSelection.assets(*EXPORT)
     _shard(instance, "faq", ["fineinstructions"])
     result = evaluate_automation_conditions(defs, instance, cursor=cursor, asset_selection=export)
     assert requested(result) == {}  # new pairs, but no dbt build since
@@ -157,7 +158,7 @@ def test_the_export_waits_for_dbt_tests_that_pass(built):
     assert requested(again) == {}  # still failing: still waiting
     _dbt_build(instance, passed=True)  # the data was fixed and the build ran again
     result = evaluate_automation_conditions(defs, instance, cursor=again.cursor, asset_selection=export)
-    assert requested(result) == {"pretraining_export": {"faq"}}
+    assert requested(result) == {asset: {"faq"} for asset in EXPORT}
     # A dbt build alone (no new pairs) exports nothing again.
     _dbt_build(instance, passed=True)
     result = evaluate_automation_conditions(defs, instance, cursor=result.cursor, asset_selection=export)
@@ -167,9 +168,9 @@ def test_the_export_waits_for_dbt_tests_that_pass(built):
 def test_every_dbt_test_is_a_blocking_check_upstream_of_the_export():
     specs = list(dbt_quality.check_specs)
     assert specs and all(s.blocking for s in specs)
-    deps = {d.asset_key for d in defs.resolve_assets_def("pretraining_export").specs_by_key[
-        AssetKey("pretraining_export")].deps}
-    assert set(dbt_quality.keys) <= deps
+    for asset in EXPORT:
+        deps = {d.asset_key for d in defs.resolve_assets_def(asset).specs_by_key[AssetKey(asset)].deps}
+        assert set(dbt_quality.keys) <= deps
 
 
 def test_nothing_runs_by_itself_before_the_sensors_first_steps():

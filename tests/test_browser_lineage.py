@@ -125,7 +125,7 @@ def test_asset_graph_shows_every_stage(ui, page):
         page.keyboard.press("Escape")
         for asset in ("user_queries", "templates", "template_bank", "template_index", "filtered_documents",
                       "documents", "matches", "instantiations", "judgements", "fineinstructions",
-                      "dataset_report", "pretraining_export"):
+                      "dataset_report", "export_chat", "export_packed"):
             expect(page.get_by_text(asset, exact=True).first, f"asset {asset} in the graph").to_be_visible()
         expect(page.get_by_role("menuitem")).to_have_count(0)  # the settings menu is closed for the picture
         # The nodes take their colour (materialized: green) from live-data queries that follow the layout.

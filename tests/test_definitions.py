@@ -11,7 +11,7 @@ from fineinstructions_dagster.defs.resources import InputsResource
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_signatures", "document_bands", "duplicate_edges", "document_clusters", "documents", "matches",
           "instantiations", "judgements", "fineinstructions",
-          "pretraining_export", "dataset_report"} | {
+          "export_chat", "export_packed", "dataset_report"} | {
     f"quality/{m}" for m in ("pairs", "templates", "documents", "matches", "queries", "instantiations", "judgements")}
 
 
@@ -23,7 +23,7 @@ def test_every_asset_is_defined_with_its_partitions_and_pool():
     assert {k for k, s in specs.items() if s.partitions_def is not None} == {
         "user_queries", "templates", "filtered_documents", "document_signatures", "document_bands",
         "duplicate_edges", "documents", "matches", "instantiations", "judgements",
-        "fineinstructions", "pretraining_export"}
+        "fineinstructions", "export_chat", "export_packed"}
     pooled = {k for k in ASSETS if "/" not in k and defs.resolve_assets_def(k).op.pool == "gpu"}
     assert pooled == {"templates", "instantiations", "judgements"}
     assert all(s.description for s in specs.values())

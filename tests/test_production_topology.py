@@ -196,7 +196,7 @@ def wait_until(topo: Topology, what: str, done: Callable[[], bool], timeout: flo
 
 
 PER_SHARD = ["filtered_documents", "documents", "matches", "instantiations", "judgements", "fineinstructions",
-             "pretraining_export"]
+             "export_chat", "export_packed"]
 SHARDS = ["faq", "tutorial"]
 
 
@@ -228,7 +228,7 @@ def test_the_daemon_alone_takes_each_shard_in_the_bucket_to_its_export_once(topo
             return sorted(r.partition_key or "-" for r in records)
 
         def exported(shards: list[str]) -> bool:
-            return set(shards) <= set(materialized("pretraining_export"))
+            return set(shards) <= set(materialized("export_chat"))
 
         # 2. The shards already in the bucket: sensors + automation, no other run.
         wait_until(topo, "both shards' exports", lambda: exported(SHARDS))

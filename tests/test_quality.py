@@ -75,7 +75,7 @@ def test_dbt_models_sit_downstream_of_the_pipeline_and_gate_the_export():
     from fineinstructions_dagster.definitions import defs
 
     graph = defs.resolve_asset_graph()
-    assert QUALITY_PAIRS_KEY in graph.get(AssetKey("pretraining_export")).parent_keys
+    assert QUALITY_PAIRS_KEY in graph.get(AssetKey("export_chat")).parent_keys
     assert defs.resolve_job_def("quality_job") and defs.resolve_job_def("export_job")
 
 
@@ -84,7 +84,7 @@ def test_pipeline_runs_the_gates_between_the_pairs_and_the_export(pipeline):
     assert "quality" in run.run_ids and all(f"export:{s}" in run.run_ids for s in run.shards)
     assert set(_latest_checks(instance).values()) == {True}
     for shard in run.shards:
-        mat = instance.fetch_materializations(AssetKey("pretraining_export"), limit=10).records
+        mat = instance.fetch_materializations(AssetKey("export_chat"), limit=10).records
         assert any(r.partition_key == shard for r in mat)
 
 

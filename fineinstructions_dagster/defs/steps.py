@@ -12,5 +12,6 @@ DEDUP_STEP = ["duplicate_edges", "document_clusters"]  # every bucket range (EVE
 SHARD_STEP = ["documents", "matches", "instantiations", "judgements", "fineinstructions"]  # per corpus shard
 # dbt build over every shard's tables: the dbt_quality models (group `quality`) and their tests (asset checks)
 QUALITY_STEP = AssetSelection.groups("quality")
-EXPORT_STEP = ["pretraining_export"]  # per shard; refuses while a dbt test's latest evaluation did not pass
+# per shard, one step (pretraining_export) writing both; refuses while a dbt test's latest evaluation did not pass
+EXPORT_STEP = ["export_chat", "export_packed"]
 REPORT_STEP = ["dataset_report"]

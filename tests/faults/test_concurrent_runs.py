@@ -34,7 +34,7 @@ def export(instance: DagsterInstance, shard: str):
     from fineinstructions_dagster.definitions import ASSETS
     from fineinstructions_dagster.defs.resources import build_resources
 
-    return materialize(list(ASSETS), selection=["pretraining_export"],
+    return materialize(list(ASSETS), selection=["export_chat", "export_packed"],
                        partition_key=shard, instance=instance, resources=build_resources(), raise_on_error=False)
 
 

@@ -1,9 +1,18 @@
-"""`pretraining_export` [shard]: the final pairs as chat-format Parquet + JSON Lines and as packed, tokenized
-sequences with an answer-only loss mask. Downstream of the dbt quality models, whose tests are blocking checks:
-automation exports a shard once its pairs were updated and the tests passed (defs/automation.py)."""
+"""`pretraining_export` [shard]: one step writing two tables, `export_chat` (the final pairs as chat-format Parquet
++ JSON Lines) and `export_packed` (packed, tokenized sequences with an answer-only loss mask). Downstream of the
+dbt quality models, whose tests are blocking checks: automation exports a shard once its pairs were updated and
+the tests passed (defs/automation.py)."""
 
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
 
 from fineinstructions_dagster.defs.automation import after_blocking_checks
 from fineinstructions_dagster.defs.metadata import progress_reporter, stage_metadata, throughput_metadata
@@ -28,13 +37,22 @@ EXPORTED_ONCE = "every_pair_exported_once"
 
 
 # Reads the shard's pairs; the dbt models are a gate (their blocking tests), not read.
-@asset(partitions_def=corpus_shard_partitions, deps=[fineinstructions, *sorted(dbt_quality.keys)], group_name="export",
-       automation_condition=after_blocking_checks(QUALITY_PAIRS_KEY),
-       kinds={"parquet", "json"},
-       check_specs=[AssetCheckSpec(EXPORTED_ONCE, asset="pretraining_export",
-                                   description="chat records = the shard's pairs, each once; each packed pair once")])
+_GATE = sorted(dbt_quality.keys)
+_COMMON = {"deps": [fineinstructions, *_GATE], "group_name": "export",
+           "automation_condition": after_blocking_checks(QUALITY_PAIRS_KEY)}
+
+
+@multi_asset(
+    name="pretraining_export", partitions_def=corpus_shard_partitions,
+    specs=[AssetSpec(CHAT_TABLE, kinds={"parquet", "json"}, **_COMMON,
+                     description="The shard's final pairs as chat records (`messages`), Parquet and JSON Lines."),
+           AssetSpec(PACKED_TABLE, kinds={"parquet"}, **_COMMON,
+                     description="The same pairs tokenized and packed into fixed-length sequences; the loss mask "
+                                 "covers only the answers.")],
+    check_specs=[AssetCheckSpec(EXPORTED_ONCE, asset=CHAT_TABLE,
+                                description="chat records = the shard's pairs, each once; each packed pair once")])
 def pretraining_export(context: AssetExecutionContext, storage: StorageResource, pipeline: PipelineResource,
-                       instantiator_llm: LLMResource) -> MaterializeResult:
+                       instantiator_llm: LLMResource):  # noqa: ANN201 - a generator of MaterializeResults
     """Chat records (`messages`) for TRL-style SFT loaders, and the same pairs tokenized and packed into
     `export_seq_len` sequences whose loss mask covers only the answers. Tokenizer: `export_tokenizer`, else
     the instantiator model's. Refuses, naming them, while a dbt test's latest evaluation did not pass."""
@@ -79,8 +97,13 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
           and not packed_ids.select(pl.col("pair_id").is_duplicated().any()).collect().item()
           and packed_ids.join(pair_ids, on="pair_id", how="anti").select(pl.len()).collect().item() == 0)
     preview = pl.read_parquet(store.path(CHAT_TABLE, shard), n_rows=5)
-    return MaterializeResult(check_results=[AssetCheckResult(check_name=EXPORTED_ONCE, passed=bool(ok))],
-                             metadata=stage_metadata(
+    yield MaterializeResult(asset_key=PACKED_TABLE, metadata={
+        "dagster/row_count": int(summary["n"][0]), "tokenizer": packing.tokenizer, "seq_len": packing.seq_len,
+        "fill": stats.extra["fill"],
+        "packed_parquet": MetadataValue.path(store.uri_of(store.path(PACKED_TABLE, shard)))})
+    yield MaterializeResult(asset_key=CHAT_TABLE,
+                            check_results=[AssetCheckResult(check_name=EXPORTED_ONCE, passed=bool(ok))],
+                            metadata=stage_metadata(
         stats, preview, ["pair_id", "messages"], row_count=total, tokenizer=packing.tokenizer,
         seq_len=packing.seq_len, chat_parquet=MetadataValue.path(store.uri_of(store.path(CHAT_TABLE, shard))),
         chat_jsonl=MetadataValue.path(store.uri_of(jsonl)),
