@@ -241,8 +241,11 @@ def list_s3_files(uri: str, client: Any = None) -> list[str]:
     client = client or make_s3_client()
     bucket, prefix = split_s3_uri(uri)
     base = f"{prefix}/" if prefix else ""
-    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
-            for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    try:
+        keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base)
+                for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    except client.exceptions.NoSuchBucket as e:
+        raise FileNotFoundError(f"input folder {uri} does not exist (no bucket {bucket!r})") from e
     if not keys and base:
         raise FileNotFoundError(f"input folder {uri} does not exist")
     return sorted(f"s3://{bucket}/{k}" for k in keys)
