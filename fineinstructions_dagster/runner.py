@@ -42,7 +42,7 @@ from fineinstructions_dagster.defs.steps import (
     REPORT_STEP,
     SHARD_STEP,
 )
-from fineinstructions_dagster.lib.formats import filesystem
+from fineinstructions_dagster.lib.formats import input_version
 from fineinstructions_dagster.lib.storage import UNPARTITIONED
 from fineinstructions_dagster.llm.engines import hold_engines
 
@@ -94,14 +94,9 @@ def _fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _input_files(files: list[str]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime) of input files, local or s3://: what tells that a source or shard changed."""
-    out = []
-    for path in sorted(files):
-        fs, inner = filesystem(path)
-        info = fs.get_file_info(inner)
-        out.append((path, info.size or 0, info.mtime_ns or 0))
-    return out
+def _input_files(files: list[str]) -> list[tuple[str, int, str]]:
+    """(path, size, version) of input files, local or s3://: what tells that a source or shard changed."""
+    return [(path, *input_version(path)) for path in sorted(files)]
 
 
 def _settings_fingerprint(resources: dict) -> str:
