@@ -8,6 +8,9 @@ re-parses on load. Loading the location runs nothing else."""
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,7 @@ from dagster_dbt import (
     DagsterDbtTranslatorSettings,
     DbtCliResource,
     DbtProject,
+    DbtProjectPreparer,
     dbt_assets,
 )
 
@@ -44,21 +48,45 @@ QUALITY_GROUP = "quality"
 QUALITY_PREFIX = "quality"  # model keys: quality/pairs, quality/templates, ... (never clash with the pipeline's)
 QUALITY_PAIRS_KEY = AssetKey([QUALITY_PREFIX, "pairs"])
 QUALITY_SELECTION = AssetSelection.groups(QUALITY_GROUP)
-DBT_EXECUTABLE = "dbt"  # found next to the interpreter too: see _dbt_executable
+_VENV_DBT = Path(sys.executable).with_name("dbt")  # the venv's dbt, also when the venv is not on PATH
+DBT_EXECUTABLE = str(_VENV_DBT) if _VENV_DBT.exists() else "dbt"
+_PROJECT_FILES = ("dbt_project.yml", "profiles.yml", "models", "tests", "macros")
+
+
+class DevPreparer(DbtProjectPreparer):
+    """Under `dagster dev` only, parse the project again when a file of it is newer than the manifest (Dagster's
+    default preparer would call a `dbt` on PATH, and the venv may not be there). The parse writes to a private
+    folder and the manifest is moved in whole: the code server and run workers that load it at once never read
+    half a file. Elsewhere the manifest comes from set-up (scripts/setup.sh, the Dockerfile)."""
+
+    def prepare_if_dev(self, project: DbtProject) -> None:
+        if self.using_dagster_dev():
+            self.prepare(project)
+
+    def prepare(self, project: DbtProject) -> None:
+        manifest = project.manifest_path
+        files = [f for name in _PROJECT_FILES for f in (project.project_dir / name,
+                                                          *(project.project_dir / name).rglob("*")) if f.is_file()]
+        if manifest.exists() and all(f.stat().st_mtime <= manifest.stat().st_mtime for f in files):
+            return
+        target = project.project_dir / project.target_path
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".parse-", dir=target) as tmp:
+            proc = subprocess.run(
+                [DBT_EXECUTABLE, "parse", "--quiet", "--project-dir", str(project.project_dir),
+                 "--profiles-dir", str(project.profiles_dir), "--target-path", tmp],
+                env={**os.environ, "DBT_LOG_PATH": tmp, "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"},
+                cwd=project.project_dir, capture_output=True, text=True)
+            if proc.returncode != 0 or not Path(tmp, "manifest.json").exists():
+                raise RuntimeError(f"dbt parse of {project.project_dir} failed:\n{proc.stdout}\n{proc.stderr}")
+            os.replace(Path(tmp, "manifest.json"), manifest)
+
 
 quality_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
-quality_project.prepare_if_dev()  # `dagster dev` only; elsewhere the manifest comes from set-up
+DevPreparer().prepare_if_dev(quality_project)  # `dagster dev` only (DbtProject takes no preparer of its own)
 if not quality_project.manifest_path.exists():
     raise FileNotFoundError(f"{quality_project.manifest_path} is missing: run `make setup` (it runs `dbt parse` "
                             "of dbt_quality), or `dbt parse --project-dir dbt_quality --profiles-dir dbt_quality`")
-
-
-def _dbt_executable() -> str:
-    """The dbt next to this interpreter (the venv's), so that an un-activated venv still finds it."""
-    import sys
-
-    beside = Path(sys.executable).with_name("dbt")
-    return str(beside) if beside.exists() else DBT_EXECUTABLE
 
 
 class QualityTranslator(DagsterDbtTranslator):
@@ -123,7 +151,7 @@ def dbt_quality(context: AssetExecutionContext, storage: StorageResource, pipeli
     db = quality_db_path(store.root)
     variables = dbt_vars(pipeline.config())
     context.log.info(f"dbt build over {store.uri} with vars {variables}")
-    dbt = DbtCliResource(project_dir=quality_project, dbt_executable=_dbt_executable())
+    dbt = DbtCliResource(project_dir=quality_project, dbt_executable=DBT_EXECUTABLE)
     with file_lock(db.with_name(".lock")):  # one dbt process per root: DuckDB lets one process write a file
         with _environ({"FINEINSTRUCTIONS_ROOT": str(store.root), "FINEINSTRUCTIONS_QUALITY_DB": str(db)}):
             invocation = dbt.cli(["build", "--vars", json.dumps(variables)], context=context, raise_on_error=False)
