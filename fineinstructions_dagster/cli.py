@@ -42,8 +42,15 @@ def cmd_smoke_models(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
+    from fineinstructions_dagster.preflight import problems
     from fineinstructions_dagster.runner import run_pipeline
 
+    found = problems()  # seconds: folders, profile, models, before any work
+    if found:
+        print(f"cannot start the run ({len(found)} problem{'s' if len(found) > 1 else ''}):", file=sys.stderr)
+        for line in found:
+            print(f"  - {line}", file=sys.stderr)
+        return 2
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
     if sys.stderr.isatty():  # a progress bar per stage on a terminal (the run log has a line per chunk anyway)
         os.environ.setdefault("FINEINSTRUCTIONS_PROGRESS", "1")

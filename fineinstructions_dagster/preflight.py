@@ -1,0 +1,73 @@
+"""Checks a run's set-up in seconds, before any work: the input folders exist and hold inputs, the profile is
+valid, every model resolves (offline unless downloads are allowed), naming the model and the variable that set
+it. One line per problem; the command-line runner prints them and stops."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _model_resolves(name: str, offline: bool) -> str | None:
+    """None when the model can be loaded: a local folder with a config, or a Hub id in the local cache (or any
+    Hub id when downloads are allowed); else why not."""
+    path = Path(name)
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not path.is_dir():
+            return "no such folder"
+        if not (path / "config.json").exists():
+            return "the folder has no config.json (not a Hugging Face model folder)"
+        return None
+    if not offline:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means: not in the local cache
+        return ("not in the local Hugging Face cache and downloads are off (fineinstructions run --online, or "
+                "FINEINSTRUCTIONS_ALLOW_DOWNLOADS=1)")
+    return None
+
+
+def problems() -> list[str]:
+    """Every problem found with the current settings (environment), one line each; empty when a run can start."""
+    from fineinstructions_dagster.config import PROFILES, profile_config
+    from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists, query_sources
+    from fineinstructions_dagster.defs.resources import ROLES, LLMResource, env_value
+
+    out: list[str] = []
+    for var, what, discover in (("FINEINSTRUCTIONS_QUERIES", "query", query_sources),
+                                ("FINEINSTRUCTIONS_CORPUS", "corpus shard", corpus_shards)):
+        folder = env_value(var)
+        try:
+            if not folder_exists(folder):
+                out.append(f"{var}: the {what} folder {folder} does not exist")
+            elif not discover(folder):
+                out.append(f"{var}: no {what} files in {folder} (readable: .parquet, .jsonl[.gz|.zst], .json, "
+                           ".ndjson)")
+        except Exception as e:  # noqa: BLE001 - e.g. no S3 credentials: said, not raised
+            out.append(f"{var}: cannot list {folder}: {type(e).__name__}: {e}")
+    profile = env_value("FINEINSTRUCTIONS_PROFILE")
+    try:
+        profile_config(profile)
+    except Exception as e:  # noqa: BLE001 - the profile's own validation names the field
+        out.append(f"FINEINSTRUCTIONS_PROFILE={profile!r}: {e} (profiles: {', '.join(PROFILES)})")
+        return out
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if env_value("FINEINSTRUCTIONS_LLM_BACKEND") != "openai":  # a server loads its own models
+        for role in ROLES:
+            var = f"FINEINSTRUCTIONS_{role.upper()}_MODEL"
+            model = LLMResource(role=role).model_name()
+            why = _model_resolves(model, offline)
+            if why:
+                source = (f"set by {var}" if os.environ.get(var) else
+                          "the smoke model of the demo profile (FINEINSTRUCTIONS_SMOKE_MODEL; `make smoke-models`)"
+                          if profile == "demo" else f"the paper's default; set {var} to use another")
+                out.append(f"{role} model {model!r} ({source}): {why}")
+    embedder = env_value("FINEINSTRUCTIONS_EMBEDDER_MODEL")
+    if embedder:
+        why = _model_resolves(embedder, offline)
+        if why:
+            out.append(f"embedder model {embedder!r} (set by FINEINSTRUCTIONS_EMBEDDER_MODEL): {why}")
+    return out

@@ -1,0 +1,56 @@
+"""`fineinstructions run` checks its set-up before any work: a missing folder, an empty one, a bad profile or a model
+that does not resolve offline stop it within seconds, one line per problem naming what and which variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import demo_env
+
+CLI = str(Path(sys.executable).with_name("fineinstructions"))
+
+
+def _run(env: dict[str, str], tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    proc = subprocess.run([CLI, "run"], env={**os.environ, **env, "DAGSTER_HOME": ""}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - started
+
+
+def test_a_run_with_bad_settings_stops_in_seconds_naming_each_problem(tmp_path, smoke_model, sample_inputs):
+    (tmp_path / "empty").mkdir()
+    env = {**demo_env(tmp_path / "root", smoke_model, sample_inputs),
+           "FINEINSTRUCTIONS_QUERIES": str(tmp_path / "no-such-folder"),
+           "FINEINSTRUCTIONS_CORPUS": str(tmp_path / "empty"),
+           "FINEINSTRUCTIONS_JUDGE_MODEL": str(tmp_path / "no-such-model"),
+           "FINEINSTRUCTIONS_INSTANTIATOR_MODEL": "someone/not-downloaded-model"}
+    proc, seconds = _run(env, tmp_path)
+    assert proc.returncode == 2 and seconds < 30, (seconds, proc.stderr[-2000:])
+    err = proc.stderr
+    assert "Traceback" not in err
+    assert f"FINEINSTRUCTIONS_QUERIES: the query folder {tmp_path / 'no-such-folder'} does not exist" in err
+    assert f"FINEINSTRUCTIONS_CORPUS: no corpus shard files in {tmp_path / 'empty'}" in err
+    assert (f"judge model '{tmp_path / 'no-such-model'}' (set by FINEINSTRUCTIONS_JUDGE_MODEL): no such folder"
+            in err)
+    assert ("instantiator model 'someone/not-downloaded-model' (set by FINEINSTRUCTIONS_INSTANTIATOR_MODEL): not in "
+            "the local Hugging Face cache and downloads are off") in err
+    assert "genericizer" not in err  # the smoke model resolves
+    assert not (tmp_path / "root").exists()  # nothing was written
+
+    bad_profile, _ = _run({**demo_env(tmp_path / "root", smoke_model, sample_inputs),
+                           "FINEINSTRUCTIONS_PROFILE": "fast"}, tmp_path)
+    assert bad_profile.returncode == 2 and "FINEINSTRUCTIONS_PROFILE='fast'" in bad_profile.stderr
+    assert "profiles: paper, demo" in bad_profile.stderr
+
+
+def test_good_settings_have_no_problem(monkeypatch, smoke_model, sample_inputs, tmp_path):
+    from fineinstructions_dagster.preflight import problems
+
+    for k, v in demo_env(tmp_path / "root", smoke_model, sample_inputs).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert problems() == []
