@@ -3,7 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
-export FINEINSTRUCTIONS_ROOT ?= $(CURDIR)/data
+# The demo's (and `make dev`'s) storage root; `make run` on your inputs gets a root of its own (runs/...).
+DEMO_ROOT := $(CURDIR)/data
 export FINEINSTRUCTIONS_SMOKE_MODEL ?= $(CURDIR)/models/smoke
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -23,7 +24,8 @@ smoke-models: setup
 
 # The whole graph on the offline sample with smoke models (demo profile: relaxed gates, said so).
 demo: sample smoke-models
-	FINEINSTRUCTIONS_PROFILE=demo FINEINSTRUCTIONS_QUERIES=$(SAMPLE)/queries FINEINSTRUCTIONS_CORPUS=$(SAMPLE)/corpus \
+	FINEINSTRUCTIONS_ROOT=$${FINEINSTRUCTIONS_ROOT:-$(DEMO_ROOT)} FINEINSTRUCTIONS_PROFILE=demo \
+	  FINEINSTRUCTIONS_QUERIES=$(SAMPLE)/queries FINEINSTRUCTIONS_CORPUS=$(SAMPLE)/corpus \
 	  $(BIN)/fineinstructions run --show-lineage --require-pairs
 
 # The whole graph on your inputs: FINEINSTRUCTIONS_QUERIES and FINEINSTRUCTIONS_CORPUS must be set.
@@ -65,8 +67,9 @@ lint: setup
 
 # The web UI on http://127.0.0.1:3000 (demo profile unless FINEINSTRUCTIONS_PROFILE is set).
 dev: sample smoke-models
+	FINEINSTRUCTIONS_ROOT=$${FINEINSTRUCTIONS_ROOT:-$(DEMO_ROOT)} \
 	FINEINSTRUCTIONS_PROFILE=$${FINEINSTRUCTIONS_PROFILE:-demo} FINEINSTRUCTIONS_QUERIES=$${FINEINSTRUCTIONS_QUERIES:-$(SAMPLE)/queries} \
 	FINEINSTRUCTIONS_CORPUS=$${FINEINSTRUCTIONS_CORPUS:-$(SAMPLE)/corpus} $(BIN)/dagster dev -w workspace.yaml
 
 clean:
-	rm -rf data models .dagster_home
+	rm -rf data runs models .dagster_home

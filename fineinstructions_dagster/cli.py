@@ -39,12 +39,31 @@ def cmd_smoke_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def own_root(queries: str, corpus: str) -> str:
+    """A storage root of its own for a pair of input folders (`runs/<corpus folder name>-<hash of both>`), so a
+    run on new inputs never writes into another's tables (the demo's `data/` included)."""
+    import hashlib
+
+    name = Path(corpus.rstrip("/")).name or "corpus"
+    digest = hashlib.sha256(f"{queries}\n{corpus}".encode()).hexdigest()[:8]
+    return str((Path("runs") / f"{name}-{digest}").resolve())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from fineinstructions_dagster.preflight import problems
     from fineinstructions_dagster.runner import run_pipeline
 
+    if args.root:
+        os.environ["FINEINSTRUCTIONS_ROOT"] = args.root
+    elif not os.environ.get("FINEINSTRUCTIONS_ROOT"):
+        from fineinstructions_dagster.defs.resources import env_value
+
+        os.environ["FINEINSTRUCTIONS_ROOT"] = own_root(env_value("FINEINSTRUCTIONS_QUERIES"),
+                                                       env_value("FINEINSTRUCTIONS_CORPUS"))
+        print(f"storage root: {os.environ['FINEINSTRUCTIONS_ROOT']} (FINEINSTRUCTIONS_ROOT is not set: a root of "
+              "its own for these inputs; give it to `summary` and `lineage` with --root)", file=sys.stderr)
     found = problems()  # seconds: folders, profile, models, before any work
     if found:
         print(f"cannot start the run ({len(found)} problem{'s' if len(found) > 1 else ''}):", file=sys.stderr)
@@ -142,7 +161,8 @@ def cmd_document(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineinstructions", description=__doc__)
-    parser.add_argument("--root", help="storage root (default: $FINEINSTRUCTIONS_ROOT or ./data)")
+    parser.add_argument("--root", help="storage root (default: $FINEINSTRUCTIONS_ROOT, else ./data; for `run`, a "
+                                        "root of its own under ./runs for its input folders)")
     parser.add_argument("--online", action="store_true",
                         help="allow model downloads from the Hugging Face Hub (default: offline, local cache only; "
                              "or set FINEINSTRUCTIONS_ALLOW_DOWNLOADS=1)")

@@ -125,6 +125,7 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
 
     assets = list(ASSETS)
     resources = build_resources()
+    root_uri = env_value("FINEINSTRUCTIONS_ROOT")  # on every run: the Dagster history says which root it used
     found_sources = query_sources(env_value("FINEINSTRUCTIONS_QUERIES"))  # listed once (an S3 listing is slow)
     found_shards = corpus_shards(env_value("FINEINSTRUCTIONS_CORPUS"))
     sources, shards = sorted(found_sources), sorted(found_shards)
@@ -180,7 +181,8 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
         with muted:
             result = materialize(assets, selection=selection, partition_key=partition, instance=instance,
                                  resources=resources,
-                                 tags={"fineinstructions/step": name, **tags, **(extra_tags or {})},
+                                 tags={"fineinstructions/step": name, "fineinstructions/root": root_uri, **tags,
+                                       **(extra_tags or {})},
                                  raise_on_error=False,
                                  run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
         out.run_ids[f"{name}:{partition}" if partition else name] = result.run_id

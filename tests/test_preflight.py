@@ -54,3 +54,16 @@ def test_good_settings_have_no_problem(monkeypatch, smoke_model, sample_inputs, 
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert problems() == []
+
+
+def test_a_run_on_new_inputs_gets_a_root_of_its_own(tmp_path):
+    from fineinstructions_dagster.cli import own_root
+
+    root = own_root("/in/queries", "/in/corpus")
+    assert root == own_root("/in/queries", "/in/corpus") and Path(root).name.startswith("corpus-")
+    assert Path(root).parent.name == "runs" and root != own_root("/in/queries", "/other/corpus")
+    env = {"FINEINSTRUCTIONS_QUERIES": str(tmp_path / "q"), "FINEINSTRUCTIONS_CORPUS": str(tmp_path / "c"),
+           "FINEINSTRUCTIONS_ROOT": ""}
+    proc, _ = _run(env, tmp_path)  # stops at the preflight (no folders), after saying where it would write
+    assert proc.returncode == 2 and "FINEINSTRUCTIONS_ROOT is not set: a root of its own" in proc.stderr
+    assert f"storage root: {tmp_path / 'runs' / 'c-'}" in proc.stderr
