@@ -96,10 +96,10 @@ def local_input(path: str) -> str:
 def input_version(path: str) -> tuple[int, str]:
     """(size, version) of an input file, what tells that it changed: its mtime locally, its ETag on S3."""
     if path.startswith("s3://"):
-        from fineinstructions_dagster.lib.storage import make_s3_client, split_s3_uri
+        from fineinstructions_dagster.lib.storage import default_s3_client, split_s3_uri
 
         bucket, key = split_s3_uri(path)
-        head = make_s3_client().head_object(Bucket=bucket, Key=key)
+        head = default_s3_client().head_object(Bucket=bucket, Key=key)
         return int(head["ContentLength"]), str(head["ETag"])
     stat = Path(path).stat()
     return stat.st_size, str(stat.st_mtime_ns)

@@ -216,12 +216,16 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+def _cache_base() -> Path:
+    """FINEINSTRUCTIONS_CACHE_DIR, else ~/.cache/fineinstructions: S3 working copies and input copies."""
+    return Path(os.environ.get("FINEINSTRUCTIONS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fineinstructions"))
+
+
 def default_working_copy(uri: str) -> Path:
     """Where an S3 root's working copy lives when FINEINSTRUCTIONS_CACHE_DIR is not set."""
-    base = os.environ.get("FINEINSTRUCTIONS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fineinstructions")
     bucket, prefix = split_s3_uri(uri)
-    return Path(base) / "s3" / bucket / (prefix or "_root")
+    return _cache_base() / "s3" / bucket / (prefix or "_root")
 
 
 def make_s3_client(endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 5) -> Any:
@@ -235,10 +239,23 @@ def make_s3_client(endpoint_url: str | None = None, region: str | None = None, m
                         config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}))
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_client(endpoint: str | None, region: str | None, key_id: str | None) -> Any:
+    return make_s3_client(endpoint, region)
+
+
+def default_s3_client() -> Any:
+    """One client per process for the environment's endpoint, region and credentials (building a boto3 client
+    costs tens of milliseconds: not once per input file)."""
+    env = os.environ.get
+    return _shared_client(env("AWS_ENDPOINT_URL"), env("AWS_REGION") or env("AWS_DEFAULT_REGION"),
+                          env("AWS_ACCESS_KEY_ID"))
+
+
 def list_s3_files(uri: str, client: Any = None) -> list[str]:
     """Every object under an `s3://bucket/prefix` "folder" (any depth), as s3:// URIs; FileNotFoundError naming
     the prefix when nothing is there (S3 has no folders: a prefix exists when an object lies under it)."""
-    client = client or make_s3_client()
+    client = client or default_s3_client()
     bucket, prefix = split_s3_uri(uri)
     base = f"{prefix}/" if prefix else ""
     try:
@@ -255,11 +272,9 @@ def local_copy(uri: str, client: Any = None) -> Path:
     """A local copy of an input object, downloaded once and again only when the object changed (its ETag):
     readers then stream and seek a local file (Parquet needs both) whatever the object's size. Under
     FINEINSTRUCTIONS_CACHE_DIR (or ~/.cache/fineinstructions)/inputs/<bucket>/<key>."""
-    client = client or make_s3_client()
+    client = client or default_s3_client()
     bucket, key = split_s3_uri(uri)
-    base = os.environ.get("FINEINSTRUCTIONS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fineinstructions")
-    target = Path(base) / "inputs" / bucket / key
+    target = _cache_base() / "inputs" / bucket / key
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         etag = client.head_object(Bucket=bucket, Key=key)["ETag"]
