@@ -31,7 +31,7 @@ CHUNK_ROWS = 512
 
 
 def bench_resources() -> dict:
-    """The demo profile's resources with short generations (few output tokens) and `CHUNK_ROWS` chunks."""
+    """The smoke profile's resources with short generations (few output tokens) and `CHUNK_ROWS` chunks."""
     from dataclasses import replace
 
     from fineinstructions_dagster.defs.resources import PipelineResource, build_resources
@@ -45,7 +45,7 @@ def bench_resources() -> dict:
                            instantiator_sampling=short, judge_sampling=short)
 
     resources = build_resources()
-    resources["pipeline"] = BenchPipeline(profile="demo")
+    resources["pipeline"] = BenchPipeline(profile="smoke")
     return resources
 
 
@@ -180,7 +180,7 @@ def main() -> None:
     home = WORK / "home"
     env = {**os.environ, "DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(WORK / "root"),
            "FINEINSTRUCTIONS_QUERIES": str(WORK / "inputs" / "queries"),
-           "FINEINSTRUCTIONS_CORPUS": str(WORK / "inputs" / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+           "FINEINSTRUCTIONS_CORPUS": str(WORK / "inputs" / "corpus"), "FINEINSTRUCTIONS_PROFILE": "smoke",
            "FINEINSTRUCTIONS_LLM_BACKEND": "vllm", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     if args.resume_only:

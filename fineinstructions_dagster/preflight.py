@@ -62,8 +62,10 @@ def problems() -> list[str]:
             why = _model_resolves(model, offline)
             if why:
                 source = (f"set by {var}" if os.environ.get(var) else
-                          "the smoke model of the demo profile (FINEINSTRUCTIONS_SMOKE_MODEL; `make smoke-models`)"
-                          if profile == "demo" else f"the paper's default; set {var} to use another")
+                          "the smoke model of the smoke profile (FINEINSTRUCTIONS_SMOKE_MODEL; `make smoke-models`)"
+                          if profile == "smoke" else
+                          "the packaged model of the demo profile (FINEINSTRUCTIONS_PACKAGED_MODEL; `make setup` "
+                          "builds it)" if profile == "demo" else f"the paper's default; set {var} to use another")
                 out.append(f"{role} model {model!r} ({source}): {why}")
     embedder = env_value("FINEINSTRUCTIONS_EMBEDDER_MODEL")
     if embedder:

@@ -61,10 +61,10 @@ def sample_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def demo_env(root: Path, smoke_model: Path, sample_inputs: Path) -> dict[str, str]:
-    """The environment of a demo-profile run over the offline sample with the smoke model (transformers)."""
+def smoke_env(root: Path, smoke_model: Path, sample_inputs: Path) -> dict[str, str]:
+    """The environment of a smoke-profile run over the offline sample with the smoke model (transformers)."""
     return {"FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-            "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+            "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "smoke",
             "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers"}
 
 
@@ -79,7 +79,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample
 
     root = tmp_path_factory.mktemp("root")
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in demo_env(root, smoke_model, sample_inputs).items():
+        for k, v in smoke_env(root, smoke_model, sample_inputs).items():
             mp.setenv(k, v)
         instance = DagsterInstance.ephemeral()
         yield TableStore(root), instance, run_pipeline(instance, log=lambda _: None)

@@ -11,7 +11,7 @@ from dagster import AssetKey, DagsterInstance
 from fineinstructions_dagster.lib.storage import TableStore
 from fineinstructions_dagster.runner import SHARD_STEP, run_pipeline
 from fineinstructions_dagster.sample import build_sample
-from tests.conftest import demo_env
+from tests.conftest import smoke_env
 
 OLD = ["faq", "tutorial"]
 PER_SHARD = [*SHARD_STEP, "export_chat", "export_packed"]
@@ -31,7 +31,7 @@ def test_a_new_shard_runs_alone_and_its_copies_of_older_documents_are_removed(tm
     inputs = tmp_path / "inputs"
     shutil.copytree(sample_inputs, inputs)
     root = tmp_path / "root"
-    for k, v in demo_env(root, smoke_model, inputs).items():
+    for k, v in smoke_env(root, smoke_model, inputs).items():
         monkeypatch.setenv(k, v)
     instance = DagsterInstance.ephemeral()
     first = run_pipeline(instance, log=lambda _: None)

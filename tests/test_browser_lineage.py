@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance
 
-from tests.conftest import demo_env
+from tests.conftest import smoke_env
 from tests.servers import LOCATION, REPO, DagsterDev, start_dagster_dev
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -45,7 +45,7 @@ def ui(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[tuple[DagsterDe
     home = tmp_path_factory.mktemp("dagster_home")
     shutil.copy(REPO / "deploy" / "dagster.local.yaml", home / "dagster.yaml")
     root = tmp_path_factory.mktemp("root")
-    env = {"DAGSTER_HOME": str(home), **demo_env(root, smoke_model, sample_inputs)}
+    env = {"DAGSTER_HOME": str(home), **smoke_env(root, smoke_model, sample_inputs)}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)

@@ -19,7 +19,7 @@ def test_every_stage_materialized_and_final_table_nonempty(pipeline):
     pairs = pl.read_parquet(store.glob("fineinstructions"))
     assert pairs.height > 0 and pairs["pair_id"].is_unique().all()
     report = json.loads((store.root / "dataset_report" / "report.json").read_text())
-    assert report["pairs"] == pairs.height and report["profile"] == "demo"
+    assert report["pairs"] == pairs.height and report["profile"] == "smoke"
     chat = pl.read_parquet(store.glob("export_chat"))
     assert sorted(chat["pair_id"]) == sorted(pairs["pair_id"])  # every final pair exported once
     packed = pl.read_parquet(store.glob("export_packed"))

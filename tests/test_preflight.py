@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import demo_env
+from tests.conftest import smoke_env
 
 CLI = str(Path(sys.executable).with_name("fineinstructions"))
 
@@ -23,7 +23,7 @@ def _run(env: dict[str, str], tmp_path: Path) -> tuple[subprocess.CompletedProce
 
 def test_a_run_with_bad_settings_stops_in_seconds_naming_each_problem(tmp_path, smoke_model, sample_inputs):
     (tmp_path / "empty").mkdir()
-    env = {**demo_env(tmp_path / "root", smoke_model, sample_inputs),
+    env = {**smoke_env(tmp_path / "root", smoke_model, sample_inputs),
            "FINEINSTRUCTIONS_QUERIES": str(tmp_path / "no-such-folder"),
            "FINEINSTRUCTIONS_CORPUS": str(tmp_path / "empty"),
            "FINEINSTRUCTIONS_JUDGE_MODEL": str(tmp_path / "no-such-model"),
@@ -41,16 +41,16 @@ def test_a_run_with_bad_settings_stops_in_seconds_naming_each_problem(tmp_path, 
     assert "genericizer" not in err  # the smoke model resolves
     assert not (tmp_path / "root").exists()  # nothing was written
 
-    bad_profile, _ = _run({**demo_env(tmp_path / "root", smoke_model, sample_inputs),
+    bad_profile, _ = _run({**smoke_env(tmp_path / "root", smoke_model, sample_inputs),
                            "FINEINSTRUCTIONS_PROFILE": "fast"}, tmp_path)
     assert bad_profile.returncode == 2 and "FINEINSTRUCTIONS_PROFILE='fast'" in bad_profile.stderr
-    assert "profiles: paper, demo" in bad_profile.stderr
+    assert "profiles: paper, demo, smoke" in bad_profile.stderr
 
 
 def test_good_settings_have_no_problem(monkeypatch, smoke_model, sample_inputs, tmp_path):
     from fineinstructions_dagster.preflight import problems
 
-    for k, v in demo_env(tmp_path / "root", smoke_model, sample_inputs).items():
+    for k, v in smoke_env(tmp_path / "root", smoke_model, sample_inputs).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert problems() == []

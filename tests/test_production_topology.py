@@ -162,7 +162,7 @@ def topology(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[Topology]
                "FINEINSTRUCTIONS_ROOT": f"s3://{BUCKET}/data",
                "FINEINSTRUCTIONS_CACHE_DIR": str(base / "user_code_cache"),
                "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-               "FINEINSTRUCTIONS_CORPUS": f"s3://{BUCKET}/{CORPUS_PREFIX}", "FINEINSTRUCTIONS_PROFILE": "demo",
+               "FINEINSTRUCTIONS_CORPUS": f"s3://{BUCKET}/{CORPUS_PREFIX}", "FINEINSTRUCTIONS_PROFILE": "smoke",
                "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
         workspace = str(REPO / "deploy" / "workspace.yaml")

@@ -164,13 +164,13 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
 
 
 def test_dbt_vars_are_the_dataset_gates_and_each_pair_carries_its_own(pipeline):
-    demo, paper = dbt_vars(profile_config("demo")), dbt_vars(profile_config("paper"))
+    demo, paper = dbt_vars(profile_config("smoke")), dbt_vars(profile_config("paper"))
     assert "min_grounding" not in paper and "judge_threshold" not in paper  # recorded on each pair instead
     assert (paper["judge_min_score"], paper["judge_max_score"]) == (1, 5)
     assert paper["max_template_share"] == demo["max_template_share"] == DEFAULT_MAX_TEMPLATE_SHARE
     store, _, _ = pipeline
     pairs = pl.read_parquet(store.glob("fineinstructions"))
-    demo_cfg = profile_config("demo")
+    demo_cfg = profile_config("smoke")
     assert set(pairs["selected_judge_threshold"]) == {demo_cfg.judge_threshold}
     assert set(pairs["selected_min_grounding"]) == {demo_cfg.min_grounding}
 

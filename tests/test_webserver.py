@@ -24,7 +24,7 @@ def dagster_dev(tmp_path_factory, smoke_model, sample_inputs):
         instance.add_dynamic_partitions("corpus_shard", ["faq", "tutorial"])
     env = {"DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(root),
            "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "smoke",
            "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers"}
     with start_dagster_dev(env, home / "dagster_dev.log") as server:
         yield server.url, server.port, root

@@ -17,6 +17,7 @@ from fineinstructions_dagster.llm.engines import LLMEngine, get_engine, release_
 from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
 
 DEFAULT_SMOKE_MODEL = "models/smoke"
+DEFAULT_PACKAGED_MODEL = "models/smollm2-135m-instruct"  # built by scripts/setup.sh (llm/packaged.py)
 ROLES = ("genericizer", "instantiator", "judge")
 
 # Every environment variable the platform reads, with its default: the one place they are named.
@@ -31,6 +32,7 @@ ENV_DEFAULTS = {
     **{f"FINEINSTRUCTIONS_{r.upper()}_BASE_URL": "" for r in ROLES},
     **{f"FINEINSTRUCTIONS_{r.upper()}_MODEL": "" for r in ROLES},  # empty: by profile (smoke / paper models)
     "FINEINSTRUCTIONS_SMOKE_MODEL": DEFAULT_SMOKE_MODEL,
+    "FINEINSTRUCTIONS_PACKAGED_MODEL": DEFAULT_PACKAGED_MODEL,
     "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
     "FINEINSTRUCTIONS_CPU_KV_CACHE_GB": "0",
     "AWS_ENDPOINT_URL": "",  # an S3-compatible store (MinIO, moto); empty: AWS
@@ -87,11 +89,20 @@ class InputsResource(ConfigurableResource):
         return setting("FINEINSTRUCTIONS_CORPUS", self.corpus_dir)
 
 
+def default_model(role: str, profile: str) -> str:
+    """A role's model when none is named: the profile's (smoke model, packaged model, paper model)."""
+    if profile == "smoke":
+        return setting("FINEINSTRUCTIONS_SMOKE_MODEL")
+    if profile == "demo":
+        return setting("FINEINSTRUCTIONS_PACKAGED_MODEL")
+    return PAPER_MODELS[role]
+
+
 class LLMResource(ConfigurableResource):
     """One generative model role. backend: vllm | openai | transformers | auto (vllm if installed).
 
     Empty fields are resolved when the step runs: `model` from FINEINSTRUCTIONS_<ROLE>_MODEL, else the smoke
-    model (demo profile) or the role's paper model; `base_url` from FINEINSTRUCTIONS_<ROLE>_BASE_URL, else
+    model (smoke profile), the packaged model (demo profile) or the role's paper model; `base_url` from FINEINSTRUCTIONS_<ROLE>_BASE_URL, else
     FINEINSTRUCTIONS_OPENAI_BASE_URL (one vLLM server serves one model); `backend` from
     FINEINSTRUCTIONS_LLM_BACKEND. The engine lives as long as the step's execution: set up lazily on first
     use, shut down when the step ends (success, failure or Terminate), and a step process dies with its run
@@ -123,9 +134,7 @@ class LLMResource(ConfigurableResource):
         own = f"FINEINSTRUCTIONS_{self.role.upper()}_MODEL"
         if self.model or os.environ.get(own):
             return setting(own, self.model)
-        if setting("FINEINSTRUCTIONS_PROFILE") == "demo":
-            return setting("FINEINSTRUCTIONS_SMOKE_MODEL")
-        return PAPER_MODELS[self.role]
+        return default_model(self.role, setting("FINEINSTRUCTIONS_PROFILE"))
 
     def engine(self) -> LLMEngine:
         backend = setting("FINEINSTRUCTIONS_LLM_BACKEND", self.backend)
@@ -162,7 +171,7 @@ class EmbedderResource(ConfigurableResource):
 
 
 class PipelineResource(ConfigurableResource):
-    """Thresholds and k. `profile`: paper (default) or demo (relaxed gates for smoke models)."""
+    """Thresholds and k. `profile`: paper (default), demo (the packaged small model) or smoke (smoke models)."""
 
     profile: str = ""  # empty: FINEINSTRUCTIONS_PROFILE, else paper
     templates_per_document: int | None = None

@@ -35,6 +35,10 @@ class SamplingConfig:
     max_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
+    # > 1 discourages tokens already in the prompt or output: a small model decoding greedily otherwise loops
+    # on one phrase until max_tokens (measured: benchmarks/packaged_model.py).
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()  # strings that end the output (not included in it)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -43,6 +47,20 @@ class SamplingConfig:
             raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 1.0 <= self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in [1, 2], got {self.repetition_penalty}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The parameters as recorded in lineage and cache keys; the newer ones only when set, so that the
+        keys of generations made before they existed stay valid."""
+        d = asdict(self)
+        if d["repetition_penalty"] == 1.0:
+            del d["repetition_penalty"]
+        if not d["stop"]:
+            del d["stop"]
+        else:
+            d["stop"] = list(d["stop"])
+        return d
 
 
 @dataclass(frozen=True)
@@ -56,7 +74,7 @@ class GenerationRequest:
         return [{"role": r, "content": c} for r, c in self.messages]
 
     def sampling_dict(self) -> dict[str, Any]:
-        return {**asdict(self.sampling), "seed": self.seed}
+        return {**self.sampling.as_dict(), "seed": self.seed}
 
 
 @dataclass
@@ -233,7 +251,7 @@ class VLLMEngine:
         params = [
             SamplingParams(
                 max_tokens=r.sampling.max_tokens, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
-                seed=r.seed,
+                repetition_penalty=r.sampling.repetition_penalty, stop=list(r.sampling.stop) or None, seed=r.seed,
                 structured_outputs=StructuredOutputsParams(json=r.json_schema) if r.json_schema else None,
             )
             for r in requests
@@ -306,6 +324,8 @@ class TransformersEngine:
                 **enc, max_new_tokens=max_new, do_sample=sampling.temperature > 0,
                 temperature=sampling.temperature if sampling.temperature > 0 else None,
                 top_p=sampling.top_p if sampling.temperature > 0 else None,
+                repetition_penalty=sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None,
+                stop_strings=list(sampling.stop) or None, tokenizer=self._tok if sampling.stop else None,
                 logits_processor=processors or None, pad_token_id=self._tok.pad_token_id,
             )
         new = out[:, enc["input_ids"].shape[1]:]
@@ -343,6 +363,10 @@ class OpenAIEngine:
 
     def _one(self, r: GenerationRequest) -> GenerationResult:
         extra: dict[str, Any] = {}
+        if r.sampling.stop:
+            extra["stop"] = list(r.sampling.stop)
+        if r.sampling.repetition_penalty != 1.0:  # vLLM's server takes it as an extra sampling parameter
+            extra["extra_body"] = {"repetition_penalty": r.sampling.repetition_penalty}
         if r.json_schema:
             extra["response_format"] = {"type": "json_schema",
                                         "json_schema": {"name": "output", "schema": r.json_schema}}

@@ -38,12 +38,9 @@ def grounding(answer: str, document: str, span: int = 3) -> float:
     """Share of the answer's word tokens that lie inside a run of >= `span` consecutive words also
     found, in order, in the document. 1.0 = entirely copied, 0.0 = nothing copied."""
     a = [w.lower() for w in _WORD.findall(answer)]
-    if not a:
+    if len(a) < span:  # too short to hold a quoted span: a one- or two-word match shows no grounding
         return 0.0
     d = [w.lower() for w in _WORD.findall(document)]
-    if len(a) < span:  # too short for a span: grounded only if it occurs verbatim
-        n = len(a)
-        return 1.0 if any(d[i:i + n] == a for i in range(len(d) - n + 1)) else 0.0
     grams = {tuple(d[i:i + span]) for i in range(len(d) - span + 1)}
     covered = [False] * len(a)
     for i in range(len(a) - span + 1):
@@ -115,7 +112,18 @@ def expand_excerpts(answer: str, document: str, max_excerpt_chars: int = 4000) -
     return "".join(out) + rest, ""
 
 
-def gate_instantiation(instruction: str, answer: str, template: str) -> str | None:
+def repetition(text: str, n: int = 3) -> float:
+    """Share of the text's word n-grams that repeat an earlier one: 0 for prose, near 1 for a decoding loop."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+MAX_REPETITION = 0.3  # prose repeats few 3-grams (measured on the sample's documents: well under 0.1)
+
+
+def gate_instantiation(instruction: str, answer: str, template: str, min_instruction_words: int = 1,
+                       min_answer_words: int = 1) -> str | None:
     """Validity gates on a parsed instantiation: the reason it is unusable, or None."""
     if not answer.strip():
         return "empty_answer"
@@ -125,31 +133,61 @@ def gate_instantiation(instruction: str, answer: str, template: str) -> str | No
         return "unfilled_slot"
     if " ".join(instruction.split()).lower() == " ".join(template.split()).lower():
         return "copies_template"
+    if len(_WORD.findall(instruction)) < min_instruction_words:
+        return "instruction_too_short"
+    if len(_WORD.findall(answer)) < min_answer_words:
+        return "answer_too_short"
+    if repetition(answer) > MAX_REPETITION or repetition(instruction) > MAX_REPETITION:
+        return "repetitive_output"
     return None
+
+
+_SLOT = re.compile(r"<fi>(.*?)</fi>", re.DOTALL)
+
+
+def fill_template(template: str, fills: list[str]) -> tuple[str, str]:
+    """The template with its slots replaced by `fills` in order: (instruction, "") or (template, reason) when a
+    fill only repeats its slot's description (the model did not look at the document)."""
+    slots = _SLOT.findall(template)
+    for slot, fill in zip(slots, fills, strict=True):
+        if " ".join(fill.split()).lower().strip(" .") == " ".join(slot.split()).lower().strip(" ."):
+            return template, "slot_not_filled"
+    it = iter(fills)
+    return _SLOT.sub(lambda _: " ".join(next(it).split()), template), ""
 
 
 def instantiate_matches(
     pending: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_document_chars: int,
     max_instruction_chars: int, max_answer_chars: int, run_id: str = "", prompt_format: str = "instruct",
+    min_instruction_words: int = 1, min_answer_words: int = 1,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: one row per match with columns match_id, doc_id, template_id, shard, text, template.
     Returns (instantiations, quarantined rows with reason and raw output, stats). `prompt_format`: `instruct`
-    (our prompt + JSON schema) or `template_instantiator` (the released model's JSON input; its `null`, for a
-    template that does not fit the document, is counted as `incompatible_template`)."""
+    (our prompt + JSON schema), `extract` (small models: fill the slots and pick the document's sentences that
+    answer it, under a schema that offers only those sentences) or `template_instantiator` (the released model's
+    JSON input; its `null`, for a template that does not fit the document, is counted as `incompatible_template`)."""
     if prompt_format not in instantiate.FORMATS:
         raise ValueError(f"instantiator prompt_format must be one of {instantiate.FORMATS}, got {prompt_format!r}")
-    released = prompt_format == "template_instantiator"
+    released, extract = prompt_format == "template_instantiator", prompt_format == "extract"
     stats = StageStats(total=pending.height)
-    schema = None if released else instantiate.schema(max_instruction_chars, max_answer_chars)
-    build = instantiate.released_messages if released else instantiate.messages
-    version = instantiate.RELEASED_PROMPT_VERSION if released else instantiate.PROMPT_VERSION
+    version = {"template_instantiator": instantiate.RELEASED_PROMPT_VERSION,
+               "extract": instantiate.EXTRACT_PROMPT_VERSION}.get(prompt_format, instantiate.PROMPT_VERSION)
     # Sorted by document so that a document's k prompts sit together and share their prefix.
     rows = pending.sort("doc_id", "match_id").to_dicts()
-    requests = [
-        GenerationRequest(build(truncate(r["text"], max_document_chars), r["template"]),
-                          sampling, seed_for(r["match_id"]), schema)
-        for r in rows
-    ]
+
+    def request(r: dict[str, Any]) -> GenerationRequest:
+        document, seed = truncate(r["text"], max_document_chars), seed_for(r["match_id"])
+        if released:
+            return GenerationRequest(instantiate.released_messages(document, r["template"]), sampling, seed)
+        if extract:
+            sentences = instantiate.document_sentences(document) or [document[:instantiate.MAX_SENTENCE_CHARS]]
+            return GenerationRequest(instantiate.extract_messages(document, r["template"]), sampling, seed,
+                                     instantiate.extract_schema(len(_SLOT.findall(r["template"])), sentences))
+        return GenerationRequest(instantiate.messages(document, r["template"]), sampling, seed,
+                                 instantiate.schema(max_instruction_chars, max_answer_chars))
+
+    requests = [request(r) for r in rows]
+    required = () if released else ("fills", "answer") if extract else ("instruction", "answer")
 
     def identify(r: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
         return {"instantiation_id": content_id("instantiation", r["match_id"], prov), "match_id": r["match_id"],
@@ -158,9 +196,18 @@ def instantiate_matches(
     def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
         if released and not res.error and res.text.strip() == "null":
             return {}, "incompatible_template"
-        obj, reason = parse_json_object(res, () if released else ("instruction", "answer"))
+        obj, reason = parse_json_object(res, required)
         if obj is None:
             return {}, reason
+        if extract:
+            fills, picked = obj["fills"], obj["answer"]
+            if not (isinstance(fills, list) and isinstance(picked, list)) or \
+                    len(fills) != len(_SLOT.findall(r["template"])):
+                return {}, "missing_field"
+            instruction, reason = fill_template(r["template"], [str(f) for f in fills])
+            if reason:
+                return {}, reason
+            obj = {"instruction": instruction, "answer": " ".join(dict.fromkeys(str(p) for p in picked))}
         if released:  # key names other releases use for the same two fields
             obj = {"instruction": _first_key(obj, RELEASED_INSTRUCTION_KEYS),
                    "answer": _first_key(obj, RELEASED_ANSWER_KEYS)}
@@ -170,7 +217,8 @@ def instantiate_matches(
         answer, reason = expand_excerpts(answer, r["text"])  # verified against the full document
         if reason:
             return {}, reason
-        reason = gate_instantiation(instruction, answer, r["template"]) or ""
+        reason = gate_instantiation(instruction, answer, r["template"], min_instruction_words,
+                                    min_answer_words) or ""
         return {"instruction": instruction, "answer": answer, "grounding": grounding(answer, r["text"])}, reason
 
     kept, quarantined = run_generation_stage(rows, requests, llm, version, sampling, identify, interpret, stats)

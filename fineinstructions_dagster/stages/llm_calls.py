@@ -47,7 +47,7 @@ class LLMCall:
             "model_revision": self.engine.info.revision,
             "backend": self.engine.info.backend,
             "prompt_version": prompt_version,
-            "sampling_params": json.dumps(sampling.__dict__, sort_keys=True),
+            "sampling_params": json.dumps(sampling.as_dict(), sort_keys=True),
         }
 
 

@@ -99,22 +99,35 @@ def genericize_queries(
         raise ValueError(f"genericizer prompt_format must be one of {genericize.FORMATS}, got {prompt_format!r}")
     released = prompt_format == "query_templatizer"
     stats = StageStats(total=queries.height)
-    schema = None if released else genericize.schema(max_template_chars, max_description_chars)
-    build = genericize.released_messages if released else genericize.messages
     version = genericize.RELEASED_PROMPT_VERSION if released else genericize.PROMPT_VERSION
     rows = queries.select("query_id", "source", "text").to_dicts()
-    requests = [GenerationRequest(build(r["text"]), sampling, seed_for(r["query_id"]), schema) for r in rows]
+    requests = [GenerationRequest(genericize.released_messages(r["text"]), sampling, seed_for(r["query_id"]))
+                if released else
+                GenerationRequest(genericize.messages(r["text"]), sampling, seed_for(r["query_id"]),
+                                  genericize.schema(r["text"], max_template_chars, max_description_chars))
+                for r in rows]
+    required = ("template", "compatible_document_description") if released else \
+        ("specific", "kind", "compatible_document_description")
 
     def identify(r: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
         return {"query_id": r["query_id"], "source": r["source"], "query_text": r["text"],
                 "genericization_id": content_id("genericization", r["query_id"], prov), "run_id": run_id}
 
     def interpret(r: dict[str, Any], res: GenerationResult) -> tuple[dict[str, Any], str]:
-        obj, reason = parse_json_object(res, ("template", "compatible_document_description"))
+        obj, reason = parse_json_object(res, required)
         if obj is None:
             return {}, reason
-        template = normalise_template(str(obj["template"]))
         description = " ".join(str(obj["compatible_document_description"]).split())
+        if released:
+            template = normalise_template(str(obj["template"]))
+        else:  # our convention: the template is the query with the chosen phrase as its slot
+            kind = " ".join(str(obj["kind"]).split())
+            if kind.lower() in genericize.EXAMPLE_TEXTS or description.lower() in genericize.EXAMPLE_TEXTS:
+                return {}, "copied_example"
+            built = genericize.template_from(r["text"], str(obj["specific"]), kind)
+            if built is None:
+                return {}, "phrase_not_in_query"
+            template = normalise_template(built)
         reason = validate_template(template, description, max_template_chars, max_description_chars,
                                    query=r["text"]) or ""
         return {"template_id": content_id("template", template), "template": template,

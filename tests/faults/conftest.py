@@ -33,7 +33,7 @@ def new_home(path: Path) -> Path:
 def cli_env(home: Path, root: Path, inputs: Path, smoke_model: Path, backend: str = "vllm") -> dict[str, str]:
     return {**os.environ, "DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(root),
             "FINEINSTRUCTIONS_QUERIES": str(inputs / "queries"), "FINEINSTRUCTIONS_CORPUS": str(inputs / "corpus"),
-            "FINEINSTRUCTIONS_PROFILE": "demo", "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model),
+            "FINEINSTRUCTIONS_PROFILE": "smoke", "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model),
             "FINEINSTRUCTIONS_LLM_BACKEND": backend, "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1"}
 

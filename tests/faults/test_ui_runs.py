@@ -32,7 +32,7 @@ def ui(tmp_path_factory, smoke_model, sample_inputs):
         instance.add_dynamic_partitions("query_source", ["python_faq"])
     env = {"DAGSTER_HOME": str(home), "FINEINSTRUCTIONS_ROOT": str(root),
            "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
-           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "demo",
+           "FINEINSTRUCTIONS_CORPUS": str(sample_inputs / "corpus"), "FINEINSTRUCTIONS_PROFILE": "smoke",
            "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "vllm",
            "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with start_dagster_dev(env, home / "dagster_dev.log") as server, \

@@ -34,12 +34,17 @@ def queries(texts):
 
 
 def test_bad_llm_output_goes_to_quarantine_with_raw_output(fake_engine):
+    doc = "Guides that explain how to cook a dish."
     outputs = {
-        "good": json.dumps({"template": "How to <fi>x</fi>?", "compatible_document_description": "Docs on x."}),
-        "notjson": "Sure! Here is your template: How to <fi>x</fi>",
-        "noslot": json.dumps({"template": "How to cook?", "compatible_document_description": "Cooking."}),
-        "missing": json.dumps({"template": "How to <fi>x</fi>?"}),
-        "array": "[1, 2]",
+        "How to cook risotto fast?": json.dumps({"specific": "risotto", "kind": "a dish",
+                                                 "compatible_document_description": doc}),
+        "How to cook pasta well?": "Sure! Here is your template: How to <fi>x</fi>",
+        "How to cook rice slowly?": json.dumps({"specific": "rice", "kind": "a grain"}),
+        "How to cook beans well?": "[1, 2]",
+        "How to cook fish well?": json.dumps({"specific": "fish", "kind": "a baked good",
+                                              "compatible_document_description": doc}),
+        "How to cook eggs well?": json.dumps({"specific": "egg", "kind": "food",
+                                              "compatible_document_description": doc}),
     }
     def respond(r):
         repair = "could not be used" in r.messages[-1][1]  # a repair turn gets the same reply again
@@ -48,13 +53,29 @@ def test_bad_llm_output_goes_to_quarantine_with_raw_output(fake_engine):
     engine = fake_engine(respond)
     kept, quarantined, stats = genericize_queries(queries(list(outputs)), LLMCall(engine, None, GenerationStats()),
                                                   SamplingConfig(), 400, 400, run_id="r")
-    assert kept["query_text"].to_list() == ["good"]
-    assert kept["template_id"][0].startswith("t")
+    assert kept["template"].to_list() == ["How to cook <fi>a dish</fi> fast?"]
+    assert kept["template_id"][0].startswith("t") and kept["n_slots"].to_list() == [1]
     reasons = dict(zip(quarantined["query_text"], quarantined["reason"], strict=True))
-    assert reasons == {"notjson": "unparseable_json", "noslot": "no_slot", "missing": "missing_field",
-                       "array": "not_an_object"}
-    assert quarantined.filter(pl.col("query_text") == "notjson")["raw_output"][0].startswith("Sure!")
-    assert stats.total == 5 and stats.kept == 1
+    assert reasons == {"How to cook pasta well?": "unparseable_json", "How to cook rice slowly?": "missing_field",
+                       "How to cook beans well?": "not_an_object", "How to cook fish well?": "copied_example",
+                       "How to cook eggs well?": "phrase_not_in_query"}  # "egg" is not a whole word there
+    assert quarantined.filter(pl.col("query_text") == "How to cook pasta well?")["raw_output"][0].startswith("Sure!")
+    assert stats.total == 6 and stats.kept == 1
+
+
+def test_the_schema_offers_only_the_query_s_own_phrases_and_the_examples_are_elsewhere():
+    from fineinstructions_dagster.prompts import genericize
+
+    query = "Why must 'self' be used explicitly in method definitions and calls?"
+    offered = genericize.schema(query, 400, 400)["properties"]["specific"]["enum"]
+    assert "self" in offered and "method definitions" in offered and all(p in query for p in offered)
+    assert not {"Why", "must", "in method", "and"} & set(offered)  # no run starts or ends on a function word
+    assert genericize.template_from(query, "self", "a name") == \
+        "Why must '<fi>a name</fi>' be used explicitly in method definitions and calls?"
+    assert genericize.template_from("Can I write functions in C?", "C", "a language") == \
+        "Can I write functions in <fi>a language</fi>?"  # whole words: not the C of "Can"
+    # the worked examples' phrases are not in a Python question, so a model cannot copy them as its pick
+    assert not {"banana bread", "a bicycle"} & set(offered)
 
 
 def test_truncated_output_is_named_as_such(fake_engine):

@@ -44,10 +44,11 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     cfg = pipeline.config()
     store = storage.store()
     engine = instantiator_llm.engine()
+    prompt_format = cfg.format_for("instantiator", engine.info.model)
     bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
     definition = definition_hash("instantiations", engine.info.backend, engine.info.model, engine.info.revision,
                                  instantiate.PROMPT_VERSION, instantiate.RELEASED_PROMPT_VERSION,
-                                 cfg.instantiator_sampling, cfg.instantiator_format, cfg.max_document_chars,
+                                 cfg.instantiator_sampling, prompt_format, cfg.max_document_chars,
                                  cfg.max_instruction_chars, cfg.max_answer_chars)
 
     def one(shard: str) -> MaterializeResult:
@@ -62,7 +63,8 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
             llm = LLMCall(engine, cache, GenerationStats())  # per chunk: a part's counts are its own
             kept, quarantined, stats = instantiate_matches(
                 pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
-                cfg.max_answer_chars, context.run_id, cfg.instantiator_format)
+                cfg.max_answer_chars, context.run_id, prompt_format, cfg.min_instruction_words,
+                cfg.min_answer_words)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:

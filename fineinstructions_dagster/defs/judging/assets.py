@@ -43,9 +43,10 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     cfg = pipeline.config()
     store = storage.store()
     engine = judge_llm.engine()
+    judge_format = cfg.format_for("judge", engine.info.model)
     definition = definition_hash("judgements", engine.info.backend, engine.info.model, engine.info.revision,
                                  judge.PROMPT_VERSION, judge.FLOW_PROMPT_VERSION, cfg.judge_sampling,
-                                 cfg.judge_format, cfg.max_document_chars, cfg.max_feedback_chars)
+                                 judge_format, cfg.max_document_chars, cfg.max_feedback_chars)
 
     def one(shard: str) -> MaterializeResult:
         source, docs = store.file("instantiations", shard), store.file("documents", shard)
@@ -57,7 +58,7 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
                 f"instantiations[{shard}] -> documents")
             llm = LLMCall(engine, cache, GenerationStats())  # per chunk: a part's counts are its own
             kept, quarantined, stats = judge_instantiations(pending, llm, cfg.judge_sampling, cfg.max_document_chars,
-                                                            cfg.max_feedback_chars, context.run_id, cfg.judge_format)
+                                                            cfg.max_feedback_chars, context.run_id, judge_format)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:
@@ -74,7 +75,7 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
         ok = bad.collect().item() == 0
         return MaterializeResult(
             metadata=stage_metadata(run.stats, kept.head(5).collect(), ["judgement_id", "score", "feedback"],
-                                    score_histogram=hist, judge_format=cfg.judge_format,
+                                    score_histogram=hist, judge_format=judge_format,
                                     **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=SCORES_ON_SCALE, passed=ok, metadata={"histogram": hist})])
 

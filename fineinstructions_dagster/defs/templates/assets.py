@@ -44,7 +44,8 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
             llm = LLMCall(genericizer_llm.engine(), cache, GenerationStats())
             kept, quarantined, stats = genericize_queries(queries, llm, cfg.genericizer_sampling,
                                                           cfg.max_template_chars, cfg.max_description_chars,
-                                                          context.run_id, cfg.genericizer_format)
+                                                          context.run_id,
+                                                          cfg.format_for("genericizer", llm.engine.info.model))
         store.write("templates", kept, source)
         store.write("templates", quarantined, source, quarantine=True)
         return MaterializeResult(
