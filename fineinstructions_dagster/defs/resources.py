@@ -102,8 +102,9 @@ class LLMResource(ConfigurableResource):
     """One generative model role. backend: vllm | openai | transformers | auto (vllm if installed).
 
     Empty fields are resolved when the step runs: `model` from FINEINSTRUCTIONS_<ROLE>_MODEL, else the smoke
-    model (smoke profile), the packaged model (demo profile) or the role's paper model; `base_url` from FINEINSTRUCTIONS_<ROLE>_BASE_URL, else
-    FINEINSTRUCTIONS_OPENAI_BASE_URL (one vLLM server serves one model); `backend` from
+    model (smoke profile), the packaged model (demo profile) or the role's paper model; `base_url` from
+    FINEINSTRUCTIONS_<ROLE>_BASE_URL, else FINEINSTRUCTIONS_OPENAI_BASE_URL (one vLLM server serves one model);
+    `backend` from
     FINEINSTRUCTIONS_LLM_BACKEND. The engine lives as long as the step's execution: set up lazily on first
     use, shut down when the step ends (success, failure or Terminate), and a step process dies with its run
     worker, so a killed run leaves no model in memory. `vllm_multiprocessing`: vLLM's engine core in its own

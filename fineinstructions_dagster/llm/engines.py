@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fineinstructions_dagster.lib.models import model_revision
+from fineinstructions_dagster.llm.packaged import packaged_model_revision
 from fineinstructions_dagster.llm.smoke import smoke_model_revision
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def resolve_revision(model: str, revision: str | None) -> str:
     if revision:
         return revision
     if Path(model).is_dir():
-        return smoke_model_revision(model) or model_revision(model)
+        return smoke_model_revision(model) or packaged_model_revision(model) or model_revision(model)
     return model_revision(model)
 
 

@@ -34,14 +34,14 @@ def gguf_path() -> Path:
 def build_packaged_model(out_dir: str | Path, force: bool = False) -> Path:
     """Convert the packaged GGUF into a bf16 safetensors checkpoint at `out_dir` (about a minute, 1.4 GB peak);
     a second call returns at once. The marker is written last, so a killed conversion is redone whole."""
+    out = Path(out_dir)
+    marker = out / MARKER
+    if marker.exists() and not force:
+        return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    out = Path(out_dir)
-    marker = out / MARKER
     source = gguf_path()
-    if marker.exists() and not force:
-        return out
     out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -61,6 +61,12 @@ def build_packaged_model(out_dir: str | Path, force: bool = False) -> Path:
 def packaged_model_info(path: str | Path) -> dict[str, str] | None:
     marker = Path(path) / MARKER
     return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def packaged_model_revision(path: str | Path) -> str | None:
+    """`SmolLM2-135M-Instruct@gguf-q4_1-<weights hash>` for lineage: names the model whatever its folder."""
+    info = packaged_model_info(path)
+    return f"{info['name']}@{info['revision']}" if info else None
 
 
 if __name__ == "__main__":

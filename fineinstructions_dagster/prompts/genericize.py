@@ -45,25 +45,30 @@ _STOP = frozenset(
     "a an the of to in on for and or is are be been was were am i you we my your our it its do does did how "
     "why what when where which who can could should would will must may might there here some all any with use "
     "using used by at as from into instead than more most so this that these those not no if then get getting "
-    "have has had me".split())
+    "have has had me he she they them their his her us also just only very well even much many such other "
+    "another same own both either neither every each none few less least after before while during through over "
+    "under about above below between again once because until against like but want wants done time times "
+    "way ways thing things one two first next last new see let lets make makes made take takes".split())
 _EDGE = "?.,!;:()[]{}\"'`"
 MAX_CANDIDATES = 96
 
 
-def slot_candidates(query: str, max_words: int = 4) -> list[str]:
+def slot_candidates(query: str, max_words: int = 4, limit: int = MAX_CANDIDATES) -> list[str]:
     """The phrases of `query` that may become its slot: runs of 1-`max_words` words that neither start nor end
-    with a function word, as written in the query (first seen first)."""
+    with a function word, as written in the query (first seen first; at most `limit`)."""
     words = [w.strip(_EDGE) for w in query.split()]
     out: dict[str, None] = {}
+    seen: set[str] = set()  # case-folded: "Generators" and "generators" are one choice
     for n in range(1, max_words + 1):
         for i in range(len(words) - n + 1):
             run = words[i:i + n]
             if not run[0] or not run[-1] or run[0].lower() in _STOP or run[-1].lower() in _STOP:
                 continue
             phrase = " ".join(run)
-            if phrase in query:
+            if phrase in query and len(phrase) > 2 and phrase.lower() not in seen:
+                seen.add(phrase.lower())
                 out.setdefault(phrase)
-    found = list(out)[:MAX_CANDIDATES]
+    found = list(out)[:limit]
     return found or [w for w in words if w][:1] or [query.strip()[:40] or "?"]
 
 

@@ -69,14 +69,16 @@ def judge_instantiations(
     max_feedback_chars: int, run_id: str = "", judge_format: str = "json",
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: instantiation_id, doc_id, shard, text, instruction, answer. Returns (judgements,
-    quarantined rows, stats). `judge_format`: `json` (schema-constrained) or `flow` (Flow-Judge-v0.1 tags)."""
+    quarantined rows, stats). `judge_format`: `json` (schema-constrained), `flow` (Flow-Judge-v0.1 tags) or
+    `checklist` (small judges: four yes/no questions under a schema, score = 1 + yes count)."""
     if judge_format not in judge.FORMATS:
         raise ValueError(f"judge_format must be one of {judge.FORMATS}, got {judge_format!r}")
     stats = StageStats(total=pending.height)
-    flow = judge_format == "flow"
-    schema = None if flow else judge.schema(max_feedback_chars)
-    build = judge.flow_messages if flow else judge.messages
-    prompt_version = judge.FLOW_PROMPT_VERSION if flow else judge.PROMPT_VERSION
+    flow, checklist = judge_format == "flow", judge_format == "checklist"
+    schema = None if flow else judge.checklist_schema() if checklist else judge.schema(max_feedback_chars)
+    build = judge.flow_messages if flow else judge.checklist_messages if checklist else judge.messages
+    prompt_version = {"flow": judge.FLOW_PROMPT_VERSION,
+                      "checklist": judge.CHECKLIST_PROMPT_VERSION}.get(judge_format, judge.PROMPT_VERSION)
     rows = pending.sort("doc_id", "instantiation_id").to_dicts()
     requests = [
         GenerationRequest(build(truncate(r["text"], max_document_chars), r["instruction"], r["answer"]),
@@ -98,6 +100,15 @@ def judge_instantiations(
                 return {}, "truncated_output" if res.finish_reason == "length" else "malformed_flow_output"
             feedback, raw_score = parsed
             structure = f"</feedback><score>{raw_score}</score>"
+        elif checklist:
+            obj, reason = parse_json_object(res, tuple(key for key, _ in judge.CHECKLIST))
+            if obj is None:
+                return {}, reason
+            scored = judge.checklist_score(obj)
+            if scored is None:
+                return {}, "score_out_of_range"
+            raw_score, feedback = scored
+            structure = json.dumps(obj, ensure_ascii=False)
         else:
             obj, reason = parse_json_object(res, ("feedback", "score"))
             if obj is None:

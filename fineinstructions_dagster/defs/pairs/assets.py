@@ -10,6 +10,7 @@ from dagster import (
     asset,
 )
 
+from fineinstructions_dagster.config import PipelineConfig
 from fineinstructions_dagster.defs.automation import over_every_partition, shard_step
 from fineinstructions_dagster.defs.judging.assets import judgements
 from fineinstructions_dagster.defs.metadata import (
@@ -30,6 +31,7 @@ from fineinstructions_dagster.lib.chunks import (
 )
 from fineinstructions_dagster.stages.pairs import QUARANTINED_TABLES, rejection_counts, select_pairs
 from fineinstructions_dagster.stages.pairs import dataset_report as build_report
+from fineinstructions_dagster.stages.report import stage_quality
 
 LINEAGE_COMPLETE = "every_pair_has_full_lineage"
 LINEAGE_ID_COLUMNS = ["pair_id", "judgement_id", "instantiation_id", "match_id", "template_id", "query_id",
@@ -96,7 +98,19 @@ def dataset_report(context: AssetExecutionContext, storage: StorageResource,
         else pl.DataFrame(schema={"pair_id": pl.String})
     report = build_report(pairs)
     report["rejections"] = rejection_counts(store)
-    report["profile"] = pipeline.config().profile
+    cfg, paper = pipeline.config(), PipelineConfig()
+
+    def current(table: str) -> pl.LazyFrame | None:
+        scan = store.scan_all(table)
+        return None if scan is None else scan.filter(pl.col("shard").is_in(sorted(shards)))
+
+    report["quality"] = stage_quality(
+        store.scan_all("templates"), current("instantiations"), current("judgements"), pairs, report["rejections"],
+        cfg.judge_threshold, cfg.min_grounding,
+        {"judge_threshold": paper.judge_threshold, "min_grounding": paper.min_grounding,
+         "min_instruction_words": paper.min_instruction_words, "min_answer_words": paper.min_answer_words})
+    report["profile"] = cfg.profile
+    report["gates"] = cfg.gates()
     path = store.write_json("dataset_report/report.json", report)
     return MaterializeResult(metadata={
         "dagster/row_count": int(report["pairs"]),  # type: ignore[call-overload]
