@@ -69,6 +69,13 @@ class Embedder:
                                   convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vecs, dtype=np.float32)
 
+    def rank_by_similarity(self, query: str, candidates: list[str]) -> list[str]:
+        """`candidates` most similar to `query` first (cosine of the embeddings)."""
+        if not candidates:
+            return []
+        vecs = self.encode([query, *candidates])
+        order = np.argsort(-(vecs[1:] @ vecs[0]), kind="stable")
+        return [candidates[i] for i in order]
 
     def encode_documents(self, texts: list[str], pooling: CoveragePoolingConfig,
                          docs_per_group: int = 256) -> np.ndarray:

@@ -5,6 +5,7 @@ measure how much of the answer is copied from the document (grounding)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import polars as pl
@@ -145,6 +146,9 @@ def gate_instantiation(instruction: str, answer: str, template: str, min_instruc
 
 _SLOT = re.compile(r"<fi>(.*?)</fi>", re.DOTALL)
 MAX_FILL_CHOICES = 48
+FILL_CHOICES_PER_SLOT = 8
+# (slot description, candidate phrases) -> the candidates, best first (e.g. by embedding similarity)
+FillRanker = Callable[[str, list[str]], list[str]]
 
 
 def topical_phrases(document: str, limit: int = MAX_FILL_CHOICES) -> list[str]:
@@ -175,13 +179,14 @@ def fill_template(template: str, fills: list[str]) -> tuple[str, str]:
 def instantiate_matches(
     pending: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_document_chars: int,
     max_instruction_chars: int, max_answer_chars: int, run_id: str = "", prompt_format: str = "instruct",
-    min_instruction_words: int = 1, min_answer_words: int = 1,
+    min_instruction_words: int = 1, min_answer_words: int = 1, rank_fills: FillRanker | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: one row per match with columns match_id, doc_id, template_id, shard, text, template.
     Returns (instantiations, quarantined rows with reason and raw output, stats). `prompt_format`: `instruct`
     (our prompt + JSON schema), `extract` (small models: fill the slots and pick the document's sentences that
     answer it, under a schema that offers only those sentences) or `template_instantiator` (the released model's
-    JSON input; its `null`, for a template that does not fit the document, is counted as `incompatible_template`)."""
+    JSON input; its `null`, for a template that does not fit the document, is counted as `incompatible_template`).
+    `rank_fills` (extract): offer each slot only the document phrases it ranks best for the slot's description."""
     if prompt_format not in instantiate.FORMATS:
         raise ValueError(f"instantiator prompt_format must be one of {instantiate.FORMATS}, got {prompt_format!r}")
     released, extract = prompt_format == "template_instantiator", prompt_format == "extract"
@@ -198,6 +203,9 @@ def instantiate_matches(
         if extract:
             sentences = instantiate.document_sentences(document) or [document[:instantiate.MAX_SENTENCE_CHARS]]
             fills = topical_phrases(document)
+            if rank_fills is not None:  # the phrases nearest each slot's description, slots in order
+                fills = list(dict.fromkeys(p for slot in _SLOT.findall(r["template"])
+                                           for p in rank_fills(slot, fills)[:FILL_CHOICES_PER_SLOT])) or fills
             return GenerationRequest(instantiate.extract_messages(document, r["template"]), sampling, seed,
                                      instantiate.extract_schema(len(_SLOT.findall(r["template"])), sentences,
                                                                 fills))

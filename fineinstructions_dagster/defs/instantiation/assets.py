@@ -13,7 +13,7 @@ from fineinstructions_dagster.defs.metadata import (
     throughput_metadata,
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
-from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.resources import EmbedderResource, LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.chunks import (
     ChunkOutput,
     chunks_of,
@@ -36,7 +36,7 @@ GROUNDING_IN_RANGE = "grounding_in_unit_interval"
        kinds={"vllm", "parquet"}, pool="gpu",
        check_specs=[AssetCheckSpec(GROUNDING_IN_RANGE, asset="instantiations")])
 def instantiations(context: AssetExecutionContext, storage: StorageResource, instantiator_llm: LLMResource,
-                   pipeline: PipelineResource) -> MaterializeResult:
+                   pipeline: PipelineResource, embedder: EmbedderResource) -> MaterializeResult:
     """Each matched template filled from its document, with an answer drawn from the document and
     the share of the answer copied from it (grounding). Unusable outputs go to quarantine. The shard's matches
     are read `chunk_rows` at a time (a document's k together); each chunk's output is kept as a part on the
@@ -45,11 +45,14 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     store = storage.store()
     engine = instantiator_llm.engine()
     prompt_format = cfg.format_for("instantiator", engine.info.model)
+    # extract: each slot is offered the document phrases the embedder puts nearest its description
+    ranker = embedder.embedder() if prompt_format == "extract" else None
     bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
     definition = definition_hash("instantiations", engine.info.backend, engine.info.model, engine.info.revision,
                                  instantiate.PROMPT_VERSION, instantiate.RELEASED_PROMPT_VERSION,
-                                 cfg.instantiator_sampling, prompt_format, cfg.max_document_chars,
-                                 cfg.max_instruction_chars, cfg.max_answer_chars)
+                                 instantiate.EXTRACT_PROMPT_VERSION, cfg.instantiator_sampling, prompt_format,
+                                 ranker.name if ranker else "", cfg.max_document_chars, cfg.max_instruction_chars,
+                                 cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words)
 
     def one(shard: str) -> MaterializeResult:
         source, docs = store.file("matches", shard), store.file("documents", shard)
@@ -64,7 +67,7 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
             kept, quarantined, stats = instantiate_matches(
                 pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
                 cfg.max_answer_chars, context.run_id, prompt_format, cfg.min_instruction_words,
-                cfg.min_answer_words)
+                cfg.min_answer_words, ranker.rank_by_similarity if ranker else None)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:
