@@ -1,11 +1,63 @@
 """Checks a run's set-up in seconds, before any work: the input folders exist and hold inputs, the profile is
 valid, every model resolves (offline unless downloads are allowed), naming the model and the variable that set
-it. One line per problem; the command-line runner prints them and stops."""
+it, and the vLLM engine fits in the memory there is (CPU hosts). One line per problem; the command-line runner
+prints them and stops."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+GiB = 1 << 30
+RUNTIME_OVERHEAD = GiB  # Python, torch and vLLM themselves, measured ~0.9 GiB RSS before weights on this CPU host
+
+
+def _vllm_on_cpu() -> bool:
+    from fineinstructions_dagster.defs.resources import env_value
+    from fineinstructions_dagster.llm.engines import vllm_available
+
+    backend = env_value("FINEINSTRUCTIONS_LLM_BACKEND")
+    return (backend == "vllm" or (backend == "auto" and vllm_available())) and not Path("/dev/nvidia0").exists()
+
+
+def engine_memory_bytes(model: str, max_model_len: int = 4096) -> int | None:
+    """RAM an in-process vLLM engine on CPU takes for a local model: its weight files, the KV cache it will be
+    given (FINEINSTRUCTIONS_CPU_KV_CACHE_GB, else sized from the model's config) and the runtime. None where it
+    cannot be told (a GPU host, another backend, a Hub model not on disk)."""
+    import json
+
+    from fineinstructions_dagster.defs.resources import env_value
+    from fineinstructions_dagster.llm.engines import cpu_kv_cache_bytes
+
+    folder = Path(model)
+    if not (folder / "config.json").is_file() or not _vllm_on_cpu():
+        return None
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) or \
+        sum(f.stat().st_size for f in folder.glob("*.bin"))
+    kv_gb = float(env_value("FINEINSTRUCTIONS_CPU_KV_CACHE_GB") or 0)
+    kv = int(kv_gb * GiB) if kv_gb > 0 else cpu_kv_cache_bytes(json.loads((folder / "config.json").read_text()),
+                                                                max_model_len)
+    return weights + kv + RUNTIME_OVERHEAD
+
+
+def available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_problem(need: int, model: str) -> str | None:
+    """A line when the engine would not fit in the memory available now (one engine runs at a time: the largest)."""
+    free = available_memory_bytes()
+    if free is None or need <= free:
+        return None
+    return (f"the vLLM engine for {model!r} needs about {need / GiB:.1f} GiB (weights, KV cache, runtime) and "
+            f"{free / GiB:.1f} GiB is available: free memory, or give the KV cache less with "
+            "FINEINSTRUCTIONS_CPU_KV_CACHE_GB")
 
 
 def _model_resolves(name: str, offline: bool) -> str | None:
@@ -56,6 +108,7 @@ def problems() -> list[str]:
         return out
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     if env_value("FINEINSTRUCTIONS_LLM_BACKEND") != "openai":  # a server loads its own models
+        largest: tuple[int, str] | None = None
         for role in ROLES:
             var = f"FINEINSTRUCTIONS_{role.upper()}_MODEL"
             model = LLMResource(role=role).model_name()
@@ -67,6 +120,12 @@ def problems() -> list[str]:
                           "the packaged model of the demo profile (FINEINSTRUCTIONS_PACKAGED_MODEL; `make setup` "
                           "builds it)" if profile == "demo" else f"the paper's default; set {var} to use another")
                 out.append(f"{role} model {model!r} ({source}): {why}")
+            else:
+                need = engine_memory_bytes(model)
+                if need is not None and (largest is None or need > largest[0]):
+                    largest = (need, model)
+        if largest is not None and (problem := memory_problem(*largest)):
+            out.append(problem)
     embedder = env_value("FINEINSTRUCTIONS_EMBEDDER_MODEL")
     if embedder:
         why = _model_resolves(embedder, offline)

@@ -67,3 +67,23 @@ def test_a_run_on_new_inputs_gets_a_root_of_its_own(tmp_path):
     proc, _ = _run(env, tmp_path)  # stops at the preflight (no folders), after saying where it would write
     assert proc.returncode == 2 and "FINEINSTRUCTIONS_ROOT is not set: a root of its own" in proc.stderr
     assert f"storage root: {tmp_path / 'runs' / 'c-'}" in proc.stderr
+
+
+def test_an_engine_that_does_not_fit_in_memory_is_named_before_it_starts(monkeypatch, tmp_path):
+    from fineinstructions_dagster import preflight
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256}')
+    (model / "model.safetensors").write_bytes(b"\0" * 1024)
+    monkeypatch.setattr(preflight, "_vllm_on_cpu", lambda: True)
+    monkeypatch.setenv("FINEINSTRUCTIONS_CPU_KV_CACHE_GB", "4096")
+    need = preflight.engine_memory_bytes(str(model))
+    assert need is not None and need > 4096 * preflight.GiB
+    line = preflight.memory_problem(need, str(model))
+    assert line and f"the vLLM engine for '{model}' needs about 4097.0 GiB" in line
+    assert "FINEINSTRUCTIONS_CPU_KV_CACHE_GB" in line
+    monkeypatch.setenv("FINEINSTRUCTIONS_CPU_KV_CACHE_GB", "0.25")
+    assert preflight.memory_problem(preflight.engine_memory_bytes(str(model)), str(model)) is None
+    monkeypatch.setattr(preflight, "_vllm_on_cpu", lambda: False)  # a GPU host or another backend: not told
+    assert preflight.engine_memory_bytes(str(model)) is None
