@@ -28,10 +28,12 @@ def test_transformers_engine_structured_output(smoke_model):
     assert engine.info.revision.startswith("smoke-")
     results = engine.generate(requests(6))
     check_outputs(results)
-    templates = engine.generate([GenerationRequest(genericize.messages("How do I sort a list?"),
+    query = "How do I sort a list?"
+    templates = engine.generate([GenerationRequest(genericize.messages(query),
                                                    SamplingConfig(max_tokens=120, temperature=1.0), seed=1,
-                                                   json_schema=genericize.schema(160, 80))])
-    assert "<fi>" in json.loads(templates[0].text, strict=False)["template"]
+                                                   json_schema=genericize.schema(query, 160, 80))])
+    # the schema holds even a random model to a phrase of the query
+    assert json.loads(templates[0].text, strict=False)["specific"] in genericize.slot_candidates(query)
 
 
 @pytest.mark.vllm
