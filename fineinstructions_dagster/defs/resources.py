@@ -35,6 +35,7 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_PACKAGED_MODEL": DEFAULT_PACKAGED_MODEL,
     "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
     "FINEINSTRUCTIONS_CPU_KV_CACHE_GB": "0",
+    "FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION": "0.3",  # vLLM on GPU: the share of GPU memory it reserves
     "AWS_ENDPOINT_URL": "",  # an S3-compatible store (MinIO, moto); empty: AWS
     "AWS_REGION": "",
 }
@@ -110,7 +111,8 @@ class LLMResource(ConfigurableResource):
     worker, so a killed run leaves no model in memory. `vllm_multiprocessing`: vLLM's engine core in its own
     process (large GPU hosts) instead of in the step process (default). `cpu_kv_cache_gb`: vLLM's KV cache on
     CPU (FINEINSTRUCTIONS_CPU_KV_CACHE_GB when unset); 0 sizes it from the model and batch, not as a share of
-    the machine's RAM. On GPU, `gpu_memory_utilization` applies."""
+    the machine's RAM. On GPU, `gpu_memory_utilization` applies (FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION when
+    unset, default 0.3)."""
 
     role: str = "instantiator"
     backend: str = ""
@@ -118,7 +120,7 @@ class LLMResource(ConfigurableResource):
     revision: str = ""
     base_url: str = ""  # openai backend: e.g. http://127.0.0.1:8000/v1
     max_model_len: int = 4096
-    gpu_memory_utilization: float = 0.3
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, le=1.0)
     enforce_eager: bool = True
     batch_size: int = 16  # transformers backend
     concurrency: int = 16  # openai backend
@@ -154,7 +156,8 @@ class LLMResource(ConfigurableResource):
             kv_gb = (self.cpu_kv_cache_gb if self.cpu_kv_cache_gb is not None
                      else float(setting("FINEINSTRUCTIONS_CPU_KV_CACHE_GB")))
             return get_engine("vllm", model, revision, max_model_len=self.max_model_len,
-                              gpu_memory_utilization=self.gpu_memory_utilization,
+                              gpu_memory_utilization=(self.gpu_memory_utilization if self.gpu_memory_utilization
+                                                      else float(setting("FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION"))),
                               enforce_eager=self.enforce_eager, multiprocessing=self.vllm_multiprocessing,
                               cpu_kv_cache_gb=kv_gb)
         return get_engine(backend, model, revision, batch_size=self.batch_size, max_model_len=self.max_model_len)
