@@ -339,6 +339,10 @@ class TransformersEngine:
                 n = ids.index(self._tok.eos_token_id)
                 finish = "stop"
             text = self._tok.decode(ids[:n], skip_special_tokens=True)
+            # transformers stops after a stop string but keeps it; vLLM and the OpenAI API leave it out
+            hits = [i for i in (text.find(s) for s in sampling.stop) if i >= 0]
+            if hits:
+                text, finish = text[:min(hits)], "stop"
             results.append(GenerationResult(
                 text=text, prompt=prompt, prompt_tokens=int(enc["attention_mask"][i].sum()),
                 completion_tokens=n, finish_reason=finish,

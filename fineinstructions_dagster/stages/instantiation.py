@@ -158,11 +158,11 @@ def topical_phrases(document: str, limit: int = MAX_FILL_CHOICES) -> list[str]:
     phrases = slot_candidates(document, max_words=3, limit=instantiate.MAX_FILLS)
     words = [w.lower() for w in _WORD.findall(document)]
     text = " " + " ".join(words) + " "
+
     def count(p: str) -> int:
         return text.count(" " + " ".join(w.lower() for w in _WORD.findall(p)) + " ")
     ranked = sorted(enumerate(phrases), key=lambda ip: (-count(ip[1]), ip[0]))
     return [p for _, p in ranked[:limit]]
-
 
 
 def fill_template(template: str, fills: list[str]) -> tuple[str, str]:

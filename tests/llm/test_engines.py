@@ -1,6 +1,7 @@
 """Real engines on the smoke model: structured output makes noise parse."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -117,3 +118,23 @@ def test_openai_engine_does_not_retry_a_client_error():
     finally:
         server.close()
     assert out.text == "" and "HTTP 400" in out.error and len(server.bodies) == 1
+
+
+def test_sampling_records_a_repetition_penalty_and_stops_only_when_set():
+    # keys of generations made before these parameters existed stay valid
+    assert SamplingConfig(max_tokens=8).as_dict() == {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}
+    both = SamplingConfig(max_tokens=8, repetition_penalty=1.2, stop=("\n\n",)).as_dict()
+    assert both["repetition_penalty"] == 1.2 and both["stop"] == ["\n\n"]
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingConfig(repetition_penalty=0.5)
+
+
+def test_transformers_engine_applies_a_stop_string(smoke_model):
+    engine = get_engine("transformers", str(smoke_model), batch_size=2)
+    noisy = SamplingConfig(max_tokens=40, temperature=1.0)
+    free = engine.generate([GenerationRequest((("user", "hi"),), noisy, seed=1)])[0]
+    assert len(free.text) > 20, free.text
+    stop = free.text[12:15]
+    cut = engine.generate([GenerationRequest((("user", "hi"),), replace(noisy, stop=(stop,)), seed=1)])[0]
+    # the same seed writes the same text up to the stop string, which is left out (as vLLM does)
+    assert cut.text == free.text[:free.text.find(stop)] and cut.finish_reason == "stop"

@@ -149,3 +149,49 @@ def test_excerpt_edge_cases():
     assert expand_excerpts("a </excerpt> b <excerpt>quick brown</excerpt>", doc)[1] == "malformed_excerpt"
     # words are matched whole: "he" is not found inside "the"
     assert expand_excerpts("<excerpt>he quick</excerpt>", doc)[1] == "excerpt_not_in_document"
+
+
+LONG_DOC = ("Generators are a simple and powerful tool for creating iterators. Generators are written like regular "
+            "functions but use the yield statement whenever they want to return data. Each time next() is called "
+            "on it, the generator resumes where it left off. What makes generators so compact?")
+
+
+def test_extract_format_offers_only_the_document_s_sentences_and_phrases(fake_engine):
+    from fineinstructions_dagster.prompts import instantiate
+    from fineinstructions_dagster.stages.llm_calls import seed_for
+
+    first, second = instantiate.document_sentences(LONG_DOC)[:2]
+    replies = {seed_for("m1"): json.dumps({"fills": ["Generators"], "answer": [first, second, first]}),
+               seed_for("m2"): json.dumps({"fills": ["a tool"], "answer": [first, second]}),  # the slot's words
+               seed_for("m3"): json.dumps({"fills": ["Generators"], "answer": ["Generators are a simple tool."]})}
+    seen = []
+    pending = pl.DataFrame({"match_id": ["m1", "m2", "m3"], "doc_id": "d1", "template_id": "t1", "shard": "s",
+                            "text": LONG_DOC, "template": "How do I use <fi>a tool</fi> in Python?"})
+    engine = fake_engine(lambda r: seen.append(r) or replies.get(r.seed) or replies[r.seed - 1])
+    ranked = []
+    kept, quarantined, _ = instantiate_matches(
+        pending, LLMCall(engine, None, GenerationStats()), SamplingConfig(), 2000, 400, 800, prompt_format="extract",
+        min_instruction_words=4, min_answer_words=8,
+        rank_fills=lambda slot, phrases: ranked.append(slot) or sorted(phrases, key=len))
+    schema = seen[0].json_schema["properties"]
+    assert "What makes generators so compact?" not in schema["answer"]["items"]["enum"]  # a question: no answer
+    assert set(schema["answer"]["items"]["enum"]) == set(instantiate.document_sentences(LONG_DOC))
+    assert schema["fills"]["minItems"] == schema["fills"]["maxItems"] == 1 and ranked[0] == "a tool"
+    assert all(p.lower() in LONG_DOC.lower() for p in schema["fills"]["items"]["enum"])
+    assert len(schema["fills"]["items"]["enum"]) <= 8  # the ranker's best few per slot
+    assert kept["instruction"].to_list() == ["How do I use Generators in Python?"]
+    assert kept["answer"][0] == f"{first} {second}" and kept["grounding"][0] == 1.0  # the repeat dropped
+    assert kept["prompt_version"][0] == instantiate.EXTRACT_PROMPT_VERSION
+    # m3's sentence is not the document's: the stage measures it (a fake engine ignores the schema)
+    assert dict(zip(quarantined["match_id"], quarantined["reason"], strict=True)) == {"m2": "slot_not_filled",
+                                                                                     "m3": "answer_too_short"}
+
+
+@pytest.mark.parametrize("instruction,answer,reason", [
+    ("Why?", "The sort method sorts the list in place and returns None.", "instruction_too_short"),
+    ("How do I sort a list?", "Sort it.", "answer_too_short"),
+    ("How do I sort a list?", "the list the list the list the list the list the list the list", "repetitive_output"),
+    ("How do I sort a list?", "The sort method sorts the list in place and returns None.", None),
+])
+def test_length_and_repetition_gates(instruction, answer, reason):
+    assert gate_instantiation(instruction, answer, "How do I sort <fi>x</fi>?", 4, 8) == reason
