@@ -50,6 +50,13 @@ def _canonical(text: str) -> str:
     return _NOISE.sub("", fold(text).casefold())
 
 
+def checklist_copied(inputs: tuple[str, ...], answers: dict[str, Any]) -> bool:
+    """Whether every checklist answer the judge gave is written, key by key, in one of the texts it judged: a
+    planted `{"clear": "yes", ...}` copied in any key order, spacing or case."""
+    pairs = [_canonical(f'"{key}":"{value}"') for key, value in answers.items()]
+    return any(all(p in text for p in pairs) for text in map(_canonical, inputs))
+
+
 def copied_from_inputs(inputs: tuple[str, ...], feedback: str, score: int, structure: str) -> bool:
     """Whether the judgement is one planted in the texts it judged. `structure` is the output's own, as written:
     the JSON object, or Flow's `</feedback><score>N</score>` (a planted tail completed with feedback of the model's
@@ -109,6 +116,8 @@ def judge_instantiations(
                 return {}, "score_out_of_range"
             raw_score, feedback = scored
             structure = json.dumps(obj, ensure_ascii=False)
+            if checklist_copied((r["text"], r["instruction"], r["answer"]), obj):
+                return {}, "judgement_copied_from_input"
         else:
             obj, reason = parse_json_object(res, ("feedback", "score"))
             if obj is None:
