@@ -246,7 +246,7 @@ def test_the_daemon_alone_takes_each_shard_in_the_bucket_to_its_export_once(topo
         pl.concat([howto, pl.DataFrame([copy])]).write_parquet(tmp_path / "howto.parquet")
         boto3.client("s3").upload_file(str(tmp_path / "howto.parquet"), BUCKET, f"{CORPUS_PREFIX}/howto.parquet")
         wait_until(topo, "the new shard's export", lambda: exported(["howto"]))
-        time.sleep(60)  # an automation tick or two more: nothing else may follow
+        time.sleep(35)  # one more automation tick (30 s): nothing else may follow
         for asset in PER_SHARD:  # the older shards' chains and exports were not run again
             assert materialized(asset) == sorted([*SHARDS, "howto"]), asset
         assert materialized("duplicate_edges") == sorted(bucket_range_keys() * 2)  # once per arrival

@@ -78,6 +78,18 @@ def in_the_llm_step(instance: DagsterInstance, run_id: str) -> list:
     return tree  # type: ignore[return-value]
 
 
+def test_code_location_loads_with_every_asset(ui):
+    client, _, _, _ = ui
+    data = client._execute("""{ workspaceOrError { ... on Workspace { locationEntries {
+        name locationOrLoadError { __typename ... on PythonError { message } } } } }
+        assetNodes { assetKey { path } } }""")
+    entries = {e["name"]: e["locationOrLoadError"] for e in data["workspaceOrError"]["locationEntries"]}
+    assert entries[LOCATION]["__typename"] == "RepositoryLocation", entries
+    keys = {"/".join(n["assetKey"]["path"]) for n in data["assetNodes"]}
+    assert {"user_queries", "templates", "template_bank", "template_index", "documents", "matches",
+            "instantiations", "judgements", "fineinstructions", "dataset_report"} <= keys
+
+
 def test_a_run_from_the_ui_with_vllm_and_no_cache_succeeds(ui):
     client, instance, root, server = ui
     empty_cache(root)
