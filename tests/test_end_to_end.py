@@ -44,6 +44,23 @@ def test_every_pair_traces_to_a_real_document_and_query(pipeline, sample_inputs)
         assert all(chain["runs"].values())
 
 
+def test_lineage_reports_the_runs_recorded_on_the_pair_not_the_current_ones(pipeline, tmp_path):
+    import shutil
+
+    from fineinstructions_dagster.lib.storage import TableStore
+
+    store, _, _ = pipeline
+    copy = tmp_path / "root"
+    shutil.copytree(store.root, copy)
+    pair = pl.read_parquet(store.glob("fineinstructions")).row(0, named=True)
+    # the template bank was built again since (a new query source): its rows now carry another run id
+    bank = TableStore(str(copy)).path("template_bank")
+    pl.read_parquet(bank).with_columns(pl.lit("a-later-run").alias("run_id")).write_parquet(bank)
+    runs = trace_pair(TableStore(str(copy)), pair["pair_id"])["runs"]
+    assert runs["template_bank"] == pair["template_bank_run_id"] != "a-later-run"
+    assert runs["instantiations"] == pair["instantiations_run_id"] and runs["fineinstructions"] == pair["run_id"]
+
+
 def test_rerunning_a_shard_reproduces_it_exactly_from_the_cache(pipeline):
     store, instance, _ = pipeline
     before = {t: store.read(t, "faq") for t in ("matches", "instantiations", "judgements", "fineinstructions")}

@@ -64,14 +64,19 @@ def trace_pair(store: TableStore, pair_id: str) -> dict[str, Any]:
     if row is None:
         raise LineageError(f"pair {pair_id}: no genericizer record for query {pair['query_id']}")
     chain["template"]["genericization"] = dict(zip([d[0] for d in gen.description], row, strict=True))
+    # The runs recorded on the pair when it was selected (a step run again since, e.g. the template bank after
+    # a new query source, must not be reported as the one that made this pair); the rows' own for the rest.
+    def recorded(step: str, row_run: str) -> str:
+        return pair.get(f"{step}_run_id") or row_run
+
     chain["runs"] = {
         "user_queries": chain["query"]["run_id"],
         "templates": chain["template"]["genericization"]["run_id"],
-        "template_bank": chain["template"]["run_id"],
-        "documents": chain["document"]["run_id"],
-        "matches": chain["match"]["run_id"],
-        "instantiations": chain["instantiation"]["run_id"],
-        "judgements": chain["judgement"]["run_id"],
+        "template_bank": recorded("template_bank", chain["template"]["run_id"]),
+        "documents": recorded("documents", chain["document"]["run_id"]),
+        "matches": recorded("matches", chain["match"]["run_id"]),
+        "instantiations": recorded("instantiations", chain["instantiation"]["run_id"]),
+        "judgements": recorded("judgements", chain["judgement"]["run_id"]),
         "fineinstructions": pair["run_id"],
     }
     return json.loads(json.dumps(chain, default=str))  # plain JSON types (lists, no numpy)
