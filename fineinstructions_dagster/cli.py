@@ -49,6 +49,19 @@ def cmd_packaged_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fineinstructions_dagster.defs.resources import env_value
+    from fineinstructions_dagster.explore.app import create_app
+
+    root = _root(args)
+    dagster_url = args.dagster_url or env_value("FINEINSTRUCTIONS_DAGSTER_URL")
+    print(f"explorer of {root} on http://{args.host}:{args.port} (Dagster UI links: {dagster_url})", file=sys.stderr)
+    uvicorn.run(create_app(root, dagster_url), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def own_root(queries: str, corpus: str) -> str:
     """A storage root of its own for a pair of input folders (`runs/<corpus folder name>-<hash of both>`), so a
     run on new inputs never writes into another's tables (the demo's `data/` included)."""
@@ -238,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="run every step, even those a run already made from the same inputs and settings")
     p.add_argument("--samples", action="store_true", help="print five samples of each LLM stage")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("explore", help="a web app to look up any pair, document, template or query of the root")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--dagster-url", default="", help="the Dagster UI the pages link to (default: "
+                                                      "$FINEINSTRUCTIONS_DAGSTER_URL, else http://127.0.0.1:3000)")
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("summary", help="row counts, rejections, dataset statistics and quality per LLM stage")
     p.add_argument("--samples", action="store_true", help="print five samples of each LLM stage")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import polars as pl
 from dagster import (
@@ -20,7 +21,10 @@ from fineinstructions_dagster.lib.chunks import ChunkedRun, Progress, progress_b
 from fineinstructions_dagster.lib.stats import StageStats
 
 
-def preview_markdown(df: pl.DataFrame, columns: list[str], rows: int = 5, width: int = 80) -> str:
+def preview_markdown(df: pl.DataFrame, columns: list[str], rows: int = 5, width: int = 80,
+                     links: dict[str, str] | None = None) -> str:
+    """A Markdown table of the first rows; `links`: column -> URL prefix, for ids that link to their page (the
+    explorer's)."""
     if df.height == 0:
         return "_(no rows)_"
     cols = [c for c in columns if c in df.columns]
@@ -28,24 +32,38 @@ def preview_markdown(df: pl.DataFrame, columns: list[str], rows: int = 5, width:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in head.iter_rows():
         cells = []
-        for v in row:
+        for col, v in zip(cols, row, strict=True):
             s = " ".join(str(v).split()).replace("|", "\\|")
+            if links and col in links and v is not None and s.isalnum():  # ids only: nothing to escape
+                cells.append(f"[{s}]({links[col]}{s})")
+                continue
             cells.append(s if len(s) <= width else s[: width - 1] + "…")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def stage_metadata(stats: StageStats, preview: pl.DataFrame | None = None, columns: list[str] | None = None,
-                   row_count: int | None = None, **extra: Any) -> dict[str, Any]:
+                   row_count: int | None = None, preview_rows: int = 5, links: dict[str, str] | None = None,
+                   **extra: Any) -> dict[str, Any]:
     """`row_count`: rows written, where it differs from the kept inputs (e.g. k matches per document)."""
     meta: dict[str, Any] = {"dagster/row_count": stats.kept if row_count is None else row_count}
     meta.update({k: MetadataValue.int(v) if isinstance(v, int) else MetadataValue.float(float(v))
                  for k, v in stats.as_dict().items()})
     if preview is not None:
-        meta["preview"] = MetadataValue.md(preview_markdown(preview, columns or list(preview.columns)))
+        meta["preview"] = MetadataValue.md(preview_markdown(preview, columns or list(preview.columns), preview_rows,
+                                                            links=links))
     for k, v in extra.items():
         meta[k] = MetadataValue.md(v) if isinstance(v, str) and "\n" in v else v
     return meta
+
+
+def explore_links(shard: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The shard page's URL in the explorer (metadata) and the link prefixes for ids in a preview."""
+    from fineinstructions_dagster.defs.resources import setting
+
+    base = setting("FINEINSTRUCTIONS_EXPLORE_URL").rstrip("/")
+    return ({"explore": MetadataValue.url(f"{base}/shard/{quote(shard)}")},
+            {"pair_id": f"{base}/pair/", "doc_id": f"{base}/document/", "template_id": f"{base}/template/"})
 
 
 def progress_reporter(context: Any) -> Callable[[Progress], None]:

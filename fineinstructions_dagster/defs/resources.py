@@ -35,7 +35,10 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_PACKAGED_MODEL": DEFAULT_PACKAGED_MODEL,
     "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
     "FINEINSTRUCTIONS_CPU_KV_CACHE_GB": "0",
-    "FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION": "0.3",  # vLLM on GPU: the share of GPU memory it reserves
+    "FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION": "0.3",
+    # where the explorer and the Dagster UI are, for the links each shows to the other
+    "FINEINSTRUCTIONS_EXPLORE_URL": "http://127.0.0.1:8080",
+    "FINEINSTRUCTIONS_DAGSTER_URL": "http://127.0.0.1:3000",  # vLLM on GPU: the share of GPU memory it reserves
     "AWS_ENDPOINT_URL": "",  # an S3-compatible store (MinIO, moto); empty: AWS
     "AWS_REGION": "",
 }

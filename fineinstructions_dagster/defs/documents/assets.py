@@ -20,7 +20,7 @@ from dagster import (
 
 from fineinstructions_dagster.defs.automation import after_dedup_of_own_shard, over_every_partition
 from fineinstructions_dagster.defs.inputs import corpus_shards, log_skipped_inputs, skipped_metadata
-from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
+from fineinstructions_dagster.defs.metadata import explore_links, for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, bucket_range_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.storage import TableStore
@@ -228,9 +228,10 @@ def documents(context: AssetExecutionContext, storage: StorageResource) -> Mater
                                                          context.run_id)
         store.write("documents", kept.sort("doc_id"), shard)  # sorted: later stages read a chunk's ids by range
         store.write("documents", removed, shard, quarantine=True)
+        shard_page, links = explore_links(shard)
         return MaterializeResult(
-            metadata=stage_metadata(stats, kept, ["doc_id", "url", "n_words", "text"],
-                                    duplicate_clusters=removed["cluster"].n_unique()),
+            metadata=stage_metadata(stats, kept, ["doc_id", "url", "n_words", "text"], links=links,
+                                    duplicate_clusters=removed["cluster"].n_unique(), **shard_page),
             check_results=[AssetCheckResult(check_name=DOC_ID_UNIQUE, passed=bool(kept["doc_id"].is_unique().all()))],
         )
 

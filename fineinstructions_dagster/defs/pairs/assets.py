@@ -14,6 +14,7 @@ from fineinstructions_dagster.config import PipelineConfig
 from fineinstructions_dagster.defs.automation import over_every_partition, shard_step
 from fineinstructions_dagster.defs.judging.assets import judgements
 from fineinstructions_dagster.defs.metadata import (
+    explore_links,
     for_each_partition,
     progress_reporter,
     stage_metadata,
@@ -74,10 +75,12 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
         extra = {"profile": cfg.profile}
         if cfg.relaxed:
             extra["warning"] = cfg.describe_relaxations()
+        shard_page, links = explore_links(shard)
         return MaterializeResult(
-            metadata=stage_metadata(run.stats, pairs.head(5).collect(),
+            metadata=stage_metadata(run.stats, pairs.head(20).collect(),
                                     ["pair_id", "template_id", "doc_id", "instruction", "answer", "judge_score",
-                                     "grounding"], **extra, **throughput_metadata(run)),
+                                     "grounding"], preview_rows=20, links=links, **shard_page, **extra,
+                                    **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=LINEAGE_COMPLETE, passed=incomplete.item() == 0)],
         )
 
