@@ -1,15 +1,17 @@
-"""The Dagster web UI in a real browser (headless Chromium, Playwright): after a real pipeline run, the
-asset graph shows the stages, and the lineage job launched from its launchpad shows a pair's whole chain
-(ids and links to the runs and asset partitions) as rendered markdown in the run's event log.
+"""The Dagster web UI and the explorer in a real browser (headless Chromium, Playwright): after a real pipeline
+run, the asset graph shows the stages, the lineage job launched from its launchpad shows a pair's whole chain
+(ids and links to the runs and asset partitions) as rendered markdown in the run's event log, and the explorer
+finds a pair by one search, goes to its document and back, and follows a link into the Dagster run that made it.
 
-Screenshots go to artifacts/browser/ (CI keeps them): asset_graph.png and lineage.png, and
-<test>-failure.png when a test fails."""
+Screenshots go to artifacts/browser/ (CI keeps them): asset_graph.png, lineage.png, explore_pair.png,
+explore_document.png, explore_shard.png, and <test>-failure.png when a test fails."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from dagster import DagsterInstance
 
 from tests.conftest import smoke_env
-from tests.servers import LOCATION, REPO, DagsterDev, start_dagster_dev
+from tests.servers import LOCATION, REPO, DagsterDev, free_port, start_dagster_dev, stop_group
 
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRE_BROWSER = "FINEINSTRUCTIONS_REQUIRE_BROWSER"  # set in CI: a missing browser fails instead of skipping
@@ -188,5 +190,68 @@ def test_lineage_job_from_the_launchpad_shows_the_chain(ui, pair, page):
 
         # The pair step's run link opens the run that wrote the pair.
         dialog.get_by_role("link", name=pair["run_id"][:8], exact=True).first.click()
+        page.wait_for_url(re.compile(rf"/runs/{pair['run_id']}"))
+        expect(page.get_by_text("Success", exact=True).first).to_be_visible()
+
+
+@pytest.fixture(scope="module")
+def explorer(ui) -> Iterator[str]:
+    """`fineinstructions explore` over the same root, linking to the same Dagster UI."""
+    import subprocess
+    import time
+    import urllib.request
+
+    server, root = ui
+    port = free_port()
+    cli = Path(sys.executable).with_name("fineinstructions")
+    log = ARTIFACTS.parent / "explore.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(cli), "--root", str(root), "explore", "--port", str(port), "--dagster-url",
+                                 server.url], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if urllib.request.urlopen(url, timeout=2).status == 200:
+                    break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"the explorer did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(proc, grace=10)
+
+
+def test_explorer_finds_a_pair_goes_to_its_document_and_back_then_into_its_dagster_run(ui, pair, page, explorer):
+    from playwright.sync_api import expect
+
+    server, _ = ui
+    with screenshot_on_failure(page, "explore", server):
+        page.goto(explorer)
+        page.get_by_label("search").fill(pair["pair_id"])
+        page.get_by_label("search").press("Enter")
+        page.wait_for_url(f"{explorer}/pair/{pair['pair_id']}")
+        for section in ("Pair", "Query", "Template", "Match", "Document", "Instantiation", "Judgement"):
+            expect(page.get_by_role("heading", name=re.compile(f"^{section} "))).to_be_visible()
+        expect(page.locator(".slot").first).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "explore_pair.png"), full_page=True)
+
+        page.locator("#document").get_by_role("link", name=pair["doc_id"], exact=True).click()
+        page.wait_for_url(f"{explorer}/document/{pair['doc_id']}")
+        expect(page.get_by_role("link", name=pair["pair_id"], exact=True)).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "explore_document.png"), full_page=True)
+        page.go_back()
+        page.wait_for_url(f"{explorer}/pair/{pair['pair_id']}")
+
+        page.goto(f"{explorer}/shard/{pair['shard']}")
+        expect(page.locator("svg")).to_have_count(3)
+        page.screenshot(path=str(ARTIFACTS / "explore_shard.png"), full_page=True)
+        page.go_back()
+
+        # into the Dagster UI: the run that wrote the pair
+        page.locator("#pair").get_by_role("link", name="run", exact=True).click()
         page.wait_for_url(re.compile(rf"/runs/{pair['run_id']}"))
         expect(page.get_by_text("Success", exact=True).first).to_be_visible()

@@ -19,10 +19,6 @@ from fineinstructions_dagster.stages.lineage import LineageError
 
 TEMPLATES = Path(__file__).with_name("templates")
 PAGE_OF = {"pair": "/pair/", "document": "/document/", "template": "/template/", "query": "/query/"}
-# The per-pair steps, the asset each wrote and the run id the pair recorded for it
-STEPS = (("documents", "documents"), ("matches", "matches"), ("instantiations", "instantiations"),
-         ("judgements", "judgements"), ("fineinstructions", "fineinstructions"), ("template_bank", "template_bank"),
-         ("templates", "templates"), ("user_queries", "user_queries"))
 
 
 def create_app(root: str, dagster_url: str = "http://127.0.0.1:3000") -> Starlette:
@@ -34,7 +30,7 @@ def create_app(root: str, dagster_url: str = "http://127.0.0.1:3000") -> Starlet
         return f"{dagster}/runs/{run_id}" if run_id else ""
 
     def asset_url(asset: str, partition: str | None = None) -> str:
-        return f"{dagster}/assets/{asset}" + (f"?partition={quote(partition)}" if partition else "")
+        return f"{dagster}/assets/{asset}" + (f"?view=partitions&partition={quote(partition)}" if partition else "")
 
     templates.env.globals.update(run_url=run_url, asset_url=asset_url, root=root, dagster=dagster)
 
@@ -62,7 +58,7 @@ def create_app(root: str, dagster_url: str = "http://127.0.0.1:3000") -> Starlet
             chain = explorer.pair(request.path_params["pair_id"])
         except LineageError as e:
             return missing(request, str(e))
-        return page(request, "pair.html", c=chain, steps=STEPS)
+        return page(request, "pair.html", c=chain)
 
     async def document(request: Request) -> Response:
         try:
