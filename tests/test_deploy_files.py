@@ -26,7 +26,8 @@ ALLOWED_IMAGES = {"postgres", "minio/minio", "minio/mc", "quay.io/minio/minio", 
 # FINEINSTRUCTIONS_* variables the compose file may use beyond those the code reads: the bucket (read by
 # deploy/dagster.yaml for compute logs, and by compose to build FINEINSTRUCTIONS_ROOT) and the S3
 # working-copy folder.
-EXTRA_FINEINSTRUCTIONS_VARS = {"FINEINSTRUCTIONS_S3_BUCKET", "FINEINSTRUCTIONS_CACHE_DIR"}
+EXTRA_FINEINSTRUCTIONS_VARS = {"FINEINSTRUCTIONS_S3_BUCKET", "FINEINSTRUCTIONS_CACHE_DIR",
+                               "FINEINSTRUCTIONS_EXPLORE_PORT"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY(_ID)?$")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}; `$${` is an escaped dollar.
 REFERENCE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?([-?])([^}]*))?\}")
@@ -79,7 +80,8 @@ def deploy_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 # --- docker-compose.yml ------------------------------------------------------------------------------
 
 def test_compose_has_exactly_the_platform_services():
-    assert set(SERVICES) == {"postgres", "minio", "minio_init", "user_code", "webserver", "daemon", "vllm"}
+    assert set(SERVICES) == {"postgres", "minio", "minio_init", "user_code", "webserver", "daemon", "explore",
+                             "vllm"}
 
 
 def test_vllm_is_only_in_the_gpu_profile_and_reserves_an_nvidia_gpu():
@@ -92,7 +94,7 @@ def test_vllm_is_only_in_the_gpu_profile_and_reserves_an_nvidia_gpu():
 def test_every_service_builds_the_repo_dockerfile_or_uses_a_pinned_allowed_image():
     assert (ROOT / "Dockerfile").is_file()
     for name, svc in SERVICES.items():
-        if name in OURS:
+        if name in (*OURS, "explore"):
             assert svc.get("build") in (".", {"context": "."}), name
             assert "image" not in svc, name
             continue
@@ -151,6 +153,20 @@ def test_webserver_and_daemon_use_the_production_workspace_and_home():
         assert SERVICES[name]["depends_on"]["user_code"]["condition"] == "service_healthy", name
     for name in OURS:
         assert SERVICES[name]["environment"]["DAGSTER_HOME"] == DAGSTER_HOME, name
+
+
+def test_the_explorer_serves_the_data_root_on_loopback_and_links_to_the_ui():
+    svc = SERVICES["explore"]
+    assert svc["command"][:2] == ["fineinstructions", "explore"]
+    assert (Path(sys.executable).parent / "fineinstructions").exists()
+    (binding,) = svc["ports"]
+    assert binding == "${DAGSTER_WEBSERVER_BIND:-127.0.0.1}:${FINEINSTRUCTIONS_EXPLORE_PORT:-8080}:8080"
+    assert svc["command"][svc["command"].index("--port") + 1] == "8080"
+    env = svc["environment"]
+    assert env["FINEINSTRUCTIONS_ROOT"] == SERVICES["user_code"]["environment"]["FINEINSTRUCTIONS_ROOT"]
+    assert env["FINEINSTRUCTIONS_DAGSTER_URL"].endswith(":${DAGSTER_WEBSERVER_PORT:-3000}")
+    assert SERVICES["user_code"]["environment"]["FINEINSTRUCTIONS_EXPLORE_URL"].endswith(
+        ":${FINEINSTRUCTIONS_EXPLORE_PORT:-8080}")
 
 
 def test_webserver_port_binding_takes_its_host_from_the_environment():
