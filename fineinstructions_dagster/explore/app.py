@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -53,43 +54,21 @@ def create_app(root: str, dagster_url: str = "http://127.0.0.1:3000") -> Starlet
                                     "id, or a query's source id)")
         return page(request, "search.html", q=q, hits=hits, page_of=PAGE_OF)
 
-    async def pair(request: Request) -> Response:
-        try:
-            chain = explorer.pair(request.path_params["pair_id"])
-        except LineageError as e:
-            return missing(request, str(e))
-        return page(request, "pair.html", c=chain)
-
-    async def document(request: Request) -> Response:
-        try:
-            found = explorer.document(request.path_params["doc_id"])
-        except LineageError as e:
-            return missing(request, str(e))
-        return page(request, "document.html", d=found)
-
-    async def template(request: Request) -> Response:
-        try:
-            found = explorer.template(request.path_params["template_id"])
-        except LineageError as e:
-            return missing(request, str(e))
-        return page(request, "template.html", t=found)
-
-    async def query(request: Request) -> Response:
-        try:
-            found = explorer.query(request.path_params["query_id"])
-        except LineageError as e:
-            return missing(request, str(e))
-        return page(request, "query.html", q=found)
-
-    async def shard(request: Request) -> Response:
-        try:
-            found = explorer.shard(request.path_params["shard"])
-        except LineageError as e:
-            return missing(request, str(e))
-        return page(request, "shard.html", s=found)
+    def detail(lookup: Callable[[str], dict[str, Any]], param: str, name: str, key: str) -> Callable[..., Any]:
+        """A page of one object: `lookup(id)` rendered by `name` as `key`, or the not-found page naming why."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                found = lookup(request.path_params[param])
+            except LineageError as e:
+                return missing(request, str(e))
+            return page(request, name, **{key: found})
+        return endpoint
 
     return Starlette(routes=[
-        Route("/", index), Route("/search", search), Route("/pair/{pair_id}", pair),
-        Route("/document/{doc_id}", document), Route("/template/{template_id}", template),
-        Route("/query/{query_id}", query), Route("/shard/{shard:path}", shard),
+        Route("/", index), Route("/search", search),
+        Route("/pair/{pair_id}", detail(explorer.pair, "pair_id", "pair.html", "c")),
+        Route("/document/{doc_id}", detail(explorer.document, "doc_id", "document.html", "d")),
+        Route("/template/{template_id}", detail(explorer.template, "template_id", "template.html", "t")),
+        Route("/query/{query_id}", detail(explorer.query, "query_id", "query.html", "q")),
+        Route("/shard/{shard:path}", detail(explorer.shard, "shard", "shard.html", "s")),
     ])
