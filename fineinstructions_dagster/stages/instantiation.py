@@ -201,8 +201,7 @@ def instantiate_matches(
         if released:
             return GenerationRequest(instantiate.released_messages(document, r["template"]), sampling, seed)
         if extract:
-            sentences = instantiate.document_sentences(document) or [document[:instantiate.MAX_SENTENCE_CHARS]]
-            fills = topical_phrases(document)
+            sentences, fills = document_choices(r["doc_id"], document)
             if rank_fills is not None:  # the phrases nearest each slot's description, slots in order
                 fills = list(dict.fromkeys(p for slot in _SLOT.findall(r["template"])
                                            for p in rank_fills(slot, fills)[:FILL_CHOICES_PER_SLOT])) or fills
@@ -211,6 +210,15 @@ def instantiate_matches(
                                                                 fills))
         return GenerationRequest(instantiate.messages(document, r["template"]), sampling, seed,
                                  instantiate.schema(max_instruction_chars, max_answer_chars))
+
+    # A document's sentences and phrases are the same for its k matches: worked out once per document.
+    choices: dict[str, tuple[list[str], list[str]]] = {}
+
+    def document_choices(doc_id: str, document: str) -> tuple[list[str], list[str]]:
+        if doc_id not in choices:
+            choices[doc_id] = (instantiate.document_sentences(document)
+                               or [document[:instantiate.MAX_SENTENCE_CHARS]], topical_phrases(document))
+        return choices[doc_id]
 
     requests = [request(r) for r in rows]
     required = () if released else ("fills", "answer") if extract else ("instruction", "answer")
