@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from fineinstructions_dagster.llm.engines import SamplingConfig
 from fineinstructions_dagster.stages.dedup import MinhashConfig
 from fineinstructions_dagster.stages.matching import IndexConfig, MatchConfig
+from fineinstructions_dagster.stages.pairs import Gates
 from fineinstructions_dagster.stages.pooling import CoveragePoolingConfig
 
 PROFILES = ("paper", "demo", "smoke")
@@ -116,6 +117,17 @@ class PipelineConfig:
     max_feedback_chars: int = 600
     min_grounding: float = 0.6  # share of answer tokens copied from the document (paper: most >= 0.8)
     judge_threshold: int = 4  # keep pairs the judge scores >= this on the 1-5 Likert scale
+    # How well the answer answers the instruction (the relevance model's score: cosine for a bi-encoder, the
+    # reranker's score for a CrossEncoder); set from the control pairs' distribution (benchmarks/quality.py) for
+    # the packaged all-MiniLM-L6-v2. Another relevance model needs its own threshold.
+    min_relevance: float = 0.35
+    # Control pairs (never exported): a share of each shard's judged pairs gets twins with another document's
+    # answer (swapped) and another passage of its own document (near miss), judged and gated like the real ones.
+    control_share: float = 0.02
+    min_controls_per_shard: int = 20
+    # The control check fails a shard (blocking its export) whose gates keep more than this share of its controls.
+    max_control_kept_share: float = 0.1
+    control_check_blocks: bool = True  # False: the control check only warns (the smoke profile's relaxed gates)
     # dbt gate on template concentration: no template above this share of the pairs (matching collapsed onto
     # a hub template). Loose by default; at paper scale (18M templates) ~0.01 is the meaningful cap.
     max_template_share: float = 0.2
@@ -139,6 +151,9 @@ class PipelineConfig:
         _check(0.0 <= self.min_grounding <= 1.0, "min_grounding must be in [0, 1]")
         _check(1 <= self.judge_threshold <= 5, "judge_threshold must be in 1..5")
         _check(0.0 < self.max_template_share <= 1.0, "max_template_share must be in (0, 1]")
+        _check(0.0 <= self.control_share <= 1.0, f"control_share must be in [0, 1], got {self.control_share}")
+        _check(self.min_controls_per_shard >= 0, "min_controls_per_shard must be >= 0")
+        _check(0.0 <= self.max_control_kept_share <= 1.0, "max_control_kept_share must be in [0, 1]")
         for role, formats in PROMPT_FORMATS.items():
             value = getattr(self, f"{role}_format")
             _check(value in ("", *formats), f"{role}_format must be one of {formats} (or empty: follow the "
@@ -161,8 +176,12 @@ class PipelineConfig:
     def relaxed(self) -> bool:
         return self.profile != "paper"
 
+    def final_gates(self) -> Gates:
+        return Gates(self.judge_threshold, self.min_grounding, self.min_relevance)
+
     def gates(self) -> str:
         return (f"judge_threshold={self.judge_threshold}, min_grounding={self.min_grounding}, "
+                f"min_relevance={self.min_relevance}, min_match_score={self.min_match_score}, "
                 f"min_instruction_words={self.min_instruction_words}, min_answer_words={self.min_answer_words}")
 
     def describe_relaxations(self) -> str:
@@ -222,7 +241,8 @@ def profile_config(profile: str = "paper", **overrides: object) -> PipelineConfi
         base = PipelineConfig(
             profile="smoke", templates_per_document=2, max_template_chars=160, max_description_chars=120,
             max_document_chars=1500, max_instruction_chars=160, max_answer_chars=240, max_feedback_chars=120,
-            min_grounding=0.0, judge_threshold=1, min_instruction_words=1, min_answer_words=1,
+            min_grounding=0.0, judge_threshold=1, min_instruction_words=1, min_answer_words=1, min_relevance=-1.0,
+            control_check_blocks=False,
             genericizer_sampling=noisy, instantiator_sampling=noisy, judge_sampling=noisy,
         )
     else:

@@ -93,6 +93,18 @@ def throughput_metadata(run: ChunkedRun) -> dict[str, Any]:
     return out
 
 
+def control_metadata(figures: dict[str, Any]) -> dict[str, Any]:
+    """The control pairs' figures (stages/controls.control_figures) as flat metadata: counts and kept shares per
+    kind, and each signal's AUC of real pair over control (1.0: it always ranks the real pair higher; 0.5: chance)."""
+    out: dict[str, Any] = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            out.update({f"{key}_{k}": v for k, v in value.items() if v is not None})
+        elif value is not None:
+            out[f"control_{key}" if not key.startswith(("control", "true", "kept")) else key] = value
+    return out
+
+
 def require_all_joined(left: pl.DataFrame, joined: pl.DataFrame, what: str) -> pl.DataFrame:
     """An inner join that must keep every row: upstream tables out of step are an error, not a drop."""
     if joined.height != left.height:
@@ -103,17 +115,19 @@ def require_all_joined(left: pl.DataFrame, joined: pl.DataFrame, what: str) -> p
     return joined
 
 
-def for_each_partition(context: Any, one: Callable[[str], MaterializeResult]) -> MaterializeResult:
+def for_each_partition(context: Any, one: Callable[[str], Any]) -> Any:
     """Run `one(partition)` for every partition of the run (a backfill batches several per run so a model
-    loads once). One partition: its result as is. Several: each partition's own metadata (counts, drop
-    reasons, preview) is attached to that partition's materialization, and a check passes only if it passed
-    for every partition (the failing ones are named). A partition that raises does not take the others with
-    it: the ones that succeeded are recorded as materialized, and the step then fails naming the others."""
+    loads once). `one` returns a MaterializeResult, or a list of them (each with its asset_key) for a multi-asset;
+    the same comes back. One partition: its result(s) as is. Several: each partition's own metadata (counts, drop
+    reasons, preview) is attached to that partition's materialization, and a check passes only if it passed for
+    every partition (the failing ones are named). A partition that raises does not take the others with it: the
+    ones that succeeded are recorded as materialized, and the step then fails naming the others."""
     keys = list(context.partition_keys)
     if len(keys) == 1:
         return one(keys[0])
-    checks: dict[str, tuple[bool, list[str]]] = {}
-    results: dict[str, MaterializeResult] = {}
+    multi = False
+    checks: dict[tuple[Any, str], tuple[bool, list[str], Any]] = {}
+    results: dict[str, list[MaterializeResult]] = {}
     errors: dict[str, str] = {}
     for key in keys:
         try:
@@ -122,28 +136,40 @@ def for_each_partition(context: Any, one: Callable[[str], MaterializeResult]) ->
             errors[key] = f"{type(e).__name__}: {e}"
             context.log.error(f"partition {key} failed: {errors[key]}")
             continue
-        results[key] = res
-        for check in res.check_results or []:
-            passed, failed = checks.get(check.check_name, (True, []))
-            if not check.passed:
-                failed.append(key)
-            checks[check.check_name] = (passed and check.passed, failed)
+        multi = isinstance(res, list)
+        results[key] = res if multi else [res]
+        for r in results[key]:
+            for check in r.check_results or []:
+                passed, failed, severity = checks.get((r.asset_key, check.check_name), (True, [], check.severity))
+                if not check.passed:
+                    failed.append(key)
+                checks[(r.asset_key, check.check_name)] = (passed and check.passed, failed, severity)
     if errors:
-        for key, res in results.items():
-            context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=key,
-                                                   metadata=dict(res.metadata or {})))
-            for check in res.check_results or []:  # the good partitions' checks count too
-                context.log_event(AssetCheckEvaluation(
-                    asset_key=check.asset_key or context.asset_key, check_name=check.check_name or "",
-                    passed=check.passed, metadata=dict(check.metadata or {}), partition=key))
+        for key, rs in results.items():
+            for res in rs:
+                asset_key = res.asset_key or context.asset_key
+                context.log_event(AssetMaterialization(asset_key=asset_key, partition=key,
+                                                       metadata=dict(res.metadata or {})))
+                for check in res.check_results or []:  # the good partitions' checks count too
+                    context.log_event(AssetCheckEvaluation(
+                        asset_key=check.asset_key or asset_key, check_name=check.check_name or "",
+                        passed=check.passed, metadata=dict(check.metadata or {}), partition=key,
+                        severity=check.severity))
         raise Failure(
             f"{len(errors)} of {len(keys)} partitions failed (the other {len(results)} are recorded as "
             "materialized): " + "; ".join(f"{k}: {v}" for k, v in errors.items())[:4000],
             metadata={"failed_partitions": ", ".join(errors), "materialized_partitions": ", ".join(results)})
-    for key, res in results.items():
-        context.add_asset_metadata(dict(res.metadata or {}), partition_key=key)
-    return MaterializeResult(
-        metadata={"partitions_in_run": len(keys)},
-        check_results=[AssetCheckResult(check_name=name, passed=ok,
+    asset_keys: list[Any] = []
+    for key, rs in results.items():
+        for res in rs:
+            if res.asset_key not in asset_keys:
+                asset_keys.append(res.asset_key)
+            context.add_asset_metadata(dict(res.metadata or {}), partition_key=key,
+                                       **({"asset_key": res.asset_key} if multi else {}))
+    out = [MaterializeResult(
+        asset_key=asset_key if multi else None, metadata={"partitions_in_run": len(keys)},
+        check_results=[AssetCheckResult(check_name=name, passed=ok, severity=severity,
                                         metadata={"failed_partitions": ", ".join(failed) or "none"})
-                       for name, (ok, failed) in checks.items()])
+                       for (owner, name), (ok, failed, severity) in checks.items() if owner == asset_key])
+        for asset_key in asset_keys]
+    return out if multi else out[0]

@@ -15,6 +15,7 @@ from fineinstructions_dagster.lib.storage import TableStore, make_s3_client
 from fineinstructions_dagster.llm.cache import GenerationCache
 from fineinstructions_dagster.llm.engines import LLMEngine, get_engine, release_engines
 from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
+from fineinstructions_dagster.stages.relevance import RelevanceScorer, get_relevance_scorer
 
 DEFAULT_SMOKE_MODEL = "models/smoke"
 DEFAULT_PACKAGED_MODEL = "models/smollm2-135m-instruct"  # built by scripts/setup.sh (llm/packaged.py)
@@ -34,6 +35,9 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_SMOKE_MODEL": DEFAULT_SMOKE_MODEL,
     "FINEINSTRUCTIONS_PACKAGED_MODEL": DEFAULT_PACKAGED_MODEL,
     "FINEINSTRUCTIONS_EMBEDDER_MODEL": "",
+    # the relevance signal's model (empty: the embedder's) and kind (auto | bi-encoder | cross-encoder)
+    "FINEINSTRUCTIONS_RELEVANCE_MODEL": "",
+    "FINEINSTRUCTIONS_RELEVANCE_KIND": "auto",
     "FINEINSTRUCTIONS_CPU_KV_CACHE_GB": "0",
     "FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION": "0.3",
     # where the explorer and the Dagster UI are, for the links each shows to the other
@@ -177,6 +181,23 @@ class EmbedderResource(ConfigurableResource):
         return get_embedder(setting("FINEINSTRUCTIONS_EMBEDDER_MODEL", self.model), self.batch_size, self.device)
 
 
+class RelevanceResource(ConfigurableResource):
+    """The model that scores how well an answer answers its instruction (the `relevance` gate and the control
+    pairs' relevance): FINEINSTRUCTIONS_RELEVANCE_MODEL, else the embedder's model (the packaged all-MiniLM-L6-v2,
+    a bi-encoder: cosine); a CrossEncoder reranker for production (`kind` cross-encoder, or auto from its config).
+    Its threshold is PipelineConfig.min_relevance, measured for the default model."""
+
+    model: str = ""
+    kind: str = ""
+    batch_size: int = 64
+    device: str = "cpu"
+
+    def scorer(self) -> RelevanceScorer:
+        model = setting("FINEINSTRUCTIONS_RELEVANCE_MODEL", self.model) or setting("FINEINSTRUCTIONS_EMBEDDER_MODEL")
+        return get_relevance_scorer(model, setting("FINEINSTRUCTIONS_RELEVANCE_KIND", self.kind), self.batch_size,
+                                    self.device)
+
+
 class PipelineResource(ConfigurableResource):
     """Thresholds and k. `profile`: paper (default), demo (the packaged small model) or smoke (smoke models)."""
 
@@ -184,12 +205,18 @@ class PipelineResource(ConfigurableResource):
     templates_per_document: int | None = None
     judge_threshold: int | None = None
     min_grounding: float | None = None
+    min_relevance: float | None = None
+    min_match_score: float | None = None
+    control_share: float | None = None
+    max_control_kept_share: float | None = None
     chunk_rows: int | None = None
 
     def config(self) -> PipelineConfig:
         return profile_config(setting("FINEINSTRUCTIONS_PROFILE", self.profile),
                               templates_per_document=self.templates_per_document,
                               judge_threshold=self.judge_threshold, min_grounding=self.min_grounding,
+                              min_relevance=self.min_relevance, min_match_score=self.min_match_score,
+                              control_share=self.control_share, max_control_kept_share=self.max_control_kept_share,
                               chunk_rows=self.chunk_rows)
 
 
@@ -201,6 +228,7 @@ def build_resources() -> dict[str, ConfigurableResource]:
         "inputs": InputsResource(),
         **{f"{role}_llm": LLMResource(role=role) for role in ROLES},
         "embedder": EmbedderResource(),
+        "relevance": RelevanceResource(),
         "pipeline": PipelineResource(),
     }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class ChunkOutput:
     kept: pl.DataFrame
     quarantined: pl.DataFrame
     stats: StageStats
+    # tables the same step writes beside its own, chunk by chunk (e.g. the judged control pairs): table -> rows
+    side: dict[str, pl.DataFrame] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,17 +140,21 @@ def run_chunked(
     store: TableStore, table: str, partition: str, chunks: Iterator[pl.DataFrame], id_column: str,
     definition: str, process: Callable[[pl.DataFrame], ChunkOutput], empty_kept: pl.DataFrame,
     empty_quarantined: pl.DataFrame, rows_total: int, report: Callable[[Progress], None] | None = None,
+    side_tables: dict[str, pl.DataFrame] | None = None,
 ) -> ChunkedRun:
     """Process `chunks` (each a frame with `id_column`) into parts, skipping parts that exist, then publish the
     partition of `table` (and its quarantine) whole. `definition`: `definition_hash(...)` of the stage's
     config, model and prompt; with the chunk's ids it names the part, so a changed config never reuses a part.
     Two runs of one partition on one working copy take turns (a lock per partition), so the second never lists
-    parts the first then publishes and removes."""
+    parts the first then publishes and removes. `side_tables` (table -> its empty frame): tables each chunk also
+    writes (`ChunkOutput.side`), kept as parts beside the chunk's and published with the partition."""
+    side_tables = side_tables or {}
     with file_lock(store.root / PARTS_DIR / table / f".{partition}.lock"):
         folder = f"{PARTS_DIR}/{table}/{partition}"
         total = StageStats()
         kept_parts: list[Path] = []
         quarantined_parts: list[Path] = []
+        side_parts: dict[str, list[Path]] = {t: [] for t in side_tables}
         run = ChunkedRun(total)
         started = time.monotonic()
         tokens = 0
@@ -156,7 +162,8 @@ def run_chunked(
             ids = chunk[id_column].cast(pl.String)
             name = hashlib.sha256((definition + "\x1e" + "\x1f".join(ids.to_list())).encode()).hexdigest()[:24]
             done = store.read_json(f"{folder}/{name}.json")  # written last: a part is complete when it exists
-            resumed = done is not None and store.exists(folder, name) and store.exists(folder, f"{name}-q")
+            resumed = (done is not None and store.exists(folder, name) and store.exists(folder, f"{name}-q")
+                       and all(store.exists(folder, f"{name}-s-{t}") for t in side_tables))
             if resumed:
                 # Rows are accounted for; the work (engine requests, tokens, seconds) was another run's.
                 stats = StageStats(total=done["total"], kept=done["kept"])
@@ -167,10 +174,17 @@ def run_chunked(
                 stats = out.stats
                 store.write(folder, out.kept, name)
                 store.write(folder, out.quarantined, f"{name}-q")
+                if set(out.side) != set(side_tables):
+                    raise ValueError(f"{table}: a chunk wrote side tables {sorted(out.side)}, the step declares "
+                                     f"{sorted(side_tables)}")
+                for t, rows in out.side.items():
+                    store.write(folder, rows, f"{name}-s-{t}")
                 store.write_json(f"{folder}/{name}.json", {"total": stats.total, "kept": stats.kept,
                                                            "dropped": dict(stats.dropped), "extra": stats.extra})
             kept_parts.append(store.path(folder, name))
             quarantined_parts.append(store.path(folder, f"{name}-q"))
+            for t in side_tables:
+                side_parts[t].append(store.path(folder, f"{name}-s-{t}"))
             total.merge(stats)
             run.rows += chunk.height
             run.rows_processed += 0 if resumed else chunk.height
@@ -181,6 +195,8 @@ def run_chunked(
                                 time.monotonic() - started, tokens, run.rows_processed))
         store.write_parts(table, kept_parts, empty_kept, partition)
         store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True)
+        for t, empty in side_tables.items():
+            store.write_parts(t, side_parts[t], empty, partition)
         store.remove_dir(folder)
         run.seconds = time.monotonic() - started
         total.check_balanced()

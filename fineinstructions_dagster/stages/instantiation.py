@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from fineinstructions_dagster.lib.ids import content_id
@@ -31,7 +32,8 @@ BASE_SCHEMA: dict[str, pl.DataType] = {
     "shard": pl.String(),
 } | GENERATION_SCHEMA
 INSTANTIATION_SCHEMA = BASE_SCHEMA | {"instruction": pl.String(), "answer": pl.String(),
-                                      "grounding": pl.Float64()}
+                                      "grounding": pl.Float64(), "relevance": pl.Float64(),
+                                      "relevance_model": pl.String()}
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -149,6 +151,28 @@ MAX_FILL_CHOICES = 48
 FILL_CHOICES_PER_SLOT = 8
 # (slot description, candidate phrases) -> the candidates, best first (e.g. by embedding similarity)
 FillRanker = Callable[[str, list[str]], list[str]]
+# (instructions, answers) -> how well each answer answers its instruction (stages/relevance.RelevanceScorer.score)
+RelevanceScore = Callable[[list[str], list[str]], np.ndarray]
+# extract: the answer sentences offered, best first for the instruction (a 135M model picks among the first)
+ANSWER_CHOICES = 8
+
+
+def template_as_question(template: str) -> str:
+    """The template with each slot's description in place of the slot: what its answer must answer before the
+    slots are filled ("How does <fi>a programming language</fi> manage memory?" -> "How does a programming
+    language manage memory?")."""
+    return _SLOT.sub(lambda m: " ".join(m.group(1).split()), template)
+
+
+def score_relevance(frame: pl.DataFrame, score: RelevanceScore | None, model: str) -> pl.DataFrame:
+    """`frame` with `relevance` (of its answer to its instruction; null without a scorer, which the final gate
+    rejects) and `relevance_model`."""
+    if score is None or frame.height == 0:
+        values = pl.Series("relevance", [None] * frame.height, dtype=pl.Float64)
+    else:
+        values = pl.Series("relevance", score(frame["instruction"].to_list(), frame["answer"].to_list()),
+                           dtype=pl.Float64)
+    return frame.with_columns(values, pl.lit(model if score is not None else None, pl.String).alias("relevance_model"))
 
 
 def topical_phrases(document: str, limit: int = MAX_FILL_CHOICES) -> list[str]:
@@ -180,13 +204,17 @@ def instantiate_matches(
     pending: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_document_chars: int,
     max_instruction_chars: int, max_answer_chars: int, run_id: str = "", prompt_format: str = "instruct",
     min_instruction_words: int = 1, min_answer_words: int = 1, rank_fills: FillRanker | None = None,
+    rank_answers: FillRanker | None = None, relevance: RelevanceScore | None = None, relevance_model: str = "",
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: one row per match with columns match_id, doc_id, template_id, shard, text, template.
     Returns (instantiations, quarantined rows with reason and raw output, stats). `prompt_format`: `instruct`
     (our prompt + JSON schema), `extract` (small models: fill the slots and pick the document's sentences that
     answer it, under a schema that offers only those sentences) or `template_instantiator` (the released model's
     JSON input; its `null`, for a template that does not fit the document, is counted as `incompatible_template`).
-    `rank_fills` (extract): offer each slot only the document phrases it ranks best for the slot's description."""
+    `rank_fills` (extract): offer each slot only the document phrases it ranks best for the slot's description;
+    `rank_answers` (extract): offer only the ANSWER_CHOICES sentences it ranks best as answers to the template (its
+    slots read as their descriptions), best first. `relevance`: scores each kept pair's answer against its
+    instruction (column `relevance`, named by `relevance_model`)."""
     if prompt_format not in instantiate.FORMATS:
         raise ValueError(f"instantiator prompt_format must be one of {instantiate.FORMATS}, got {prompt_format!r}")
     released, extract = prompt_format == "template_instantiator", prompt_format == "extract"
@@ -202,6 +230,8 @@ def instantiate_matches(
             return GenerationRequest(instantiate.released_messages(document, r["template"]), sampling, seed)
         if extract:
             sentences, fills = document_choices(r["doc_id"], document)
+            if rank_answers is not None:
+                sentences = rank_answers(template_as_question(r["template"]), sentences)[:ANSWER_CHOICES]
             if rank_fills is not None:  # the phrases nearest each slot's description, slots in order
                 fills = list(dict.fromkeys(p for slot in _SLOT.findall(r["template"])
                                            for p in rank_fills(slot, fills)[:FILL_CHOICES_PER_SLOT])) or fills
@@ -256,4 +286,6 @@ def instantiate_matches(
         return {"instruction": instruction, "answer": answer, "grounding": grounding(answer, r["text"])}, reason
 
     kept, quarantined = run_generation_stage(rows, requests, llm, version, sampling, identify, interpret, stats)
-    return frame(kept, INSTANTIATION_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats
+    schema = {k: v for k, v in INSTANTIATION_SCHEMA.items() if k not in ("relevance", "relevance_model")}
+    scored = score_relevance(frame(kept, schema), relevance, relevance_model)
+    return scored.select(list(INSTANTIATION_SCHEMA)), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats

@@ -135,3 +135,41 @@ def judge_instantiations(
     kept, quarantined = run_generation_stage(rows, requests, llm, prompt_version, sampling, identify,
                                              interpret, stats)
     return frame(kept, JUDGEMENT_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats
+
+
+_JUDGE_INPUT = ["instantiation_id", "doc_id", "shard", "text", "instruction", "answer"]
+_VERDICT = ["judgement_id", "score", "feedback", "judge_reason", "model", "prompt_version", "raw_output"]
+
+
+def judge_with_controls(
+    pending: pl.DataFrame, controls: pl.DataFrame, documents: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig,
+    max_document_chars: int, max_feedback_chars: int, run_id: str = "", judge_format: str = "json",
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, StageStats]:
+    """Judge the real pairs (`pending`, as for `judge_instantiations`) and their control twins (`controls`,
+    stages/controls.CONTROL_SCHEMA, not yet judged) in the same engine calls: the same judge, prompt, sampling and
+    batches, each control against its answer's own document (`documents`: doc_id, text). Returns (judgements,
+    quarantined judgements, the controls with their verdicts, stats of the real pairs; the engine's counts, which
+    include the controls' requests, and the controls' counts in `extra`)."""
+    judged = controls.filter(pl.col("gate_reason").is_null())
+    as_pending = judged.select(pl.col("control_id").alias("instantiation_id"), "doc_id", "shard", "instruction",
+                               "answer").join(documents.unique("doc_id"), on="doc_id", how="left")
+    if as_pending["text"].null_count():
+        raise ValueError("a control's answer document is not among the chunk's documents")
+    rows = pl.concat([pending.select(_JUDGE_INPUT), as_pending.select(_JUDGE_INPUT)])
+    kept, quarantined, both = judge_instantiations(rows, llm, sampling, max_document_chars, max_feedback_chars,
+                                                   run_id, judge_format)
+    is_control = pl.col("instantiation_id").is_in(judged["control_id"].implode())
+    real_kept, real_quarantined = kept.filter(~is_control), quarantined.filter(~is_control)
+    stats = StageStats(total=pending.height, kept=real_kept.height, extra=dict(both.extra))
+    stats.drop_counts(real_quarantined["reason"])
+    stats.extra.update(control_pairs=controls.height, control_pairs_judged=judged.height,
+                       control_judgements_quarantined=quarantined.height - real_quarantined.height)
+    stats.check_balanced()
+    verdicts = pl.concat([
+        kept.filter(is_control).with_columns(pl.lit(None, pl.String).alias("judge_reason")),
+        quarantined.filter(is_control).with_columns(pl.lit(None, pl.Int8).alias("score"),
+                                                    pl.lit(None, pl.String).alias("feedback"),
+                                                    pl.col("reason").alias("judge_reason")),
+    ], how="diagonal_relaxed").select(pl.col("instantiation_id").alias("control_id"), *_VERDICT)
+    out = controls.drop(_VERDICT).join(verdicts, on="control_id", how="left")
+    return real_kept, real_quarantined, out.select(controls.columns).cast(dict(controls.schema)), stats

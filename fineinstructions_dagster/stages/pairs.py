@@ -3,6 +3,9 @@ the Dagster runs that produced them; plus the dataset report."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import duckdb
 import polars as pl
 
@@ -11,9 +14,9 @@ from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.lib.storage import TableStore
 
 PAIR_COLUMNS = [
-    "pair_id", "instruction", "answer", "judge_score", "grounding",
+    "pair_id", "instruction", "answer", "judge_score", "grounding", "relevance", "relevance_model",
     # the gates this pair was selected under (the profile's), so a check by hand needs no settings
-    "selected_judge_threshold", "selected_min_grounding",
+    "selected_judge_threshold", "selected_min_grounding", "selected_min_relevance",
     "judgement_id", "instantiation_id", "match_id", "template_id", "query_id", "query_ids", "doc_id",
     "shard", "url", "match_score", "match_rank",
     "instantiator_model", "judge_model",
@@ -22,9 +25,37 @@ PAIR_COLUMNS = [
 ]
 
 
+@dataclass(frozen=True)
+class Gates:
+    """The final gates, applied alike to real pairs and to control pairs (stages/controls.py)."""
+
+    judge_threshold: int
+    min_grounding: float
+    min_relevance: float
+
+    def reason(self) -> pl.Expr:
+        """Why a judged pair (columns judge_score, grounding, relevance, instruction, answer) fails a gate, or
+        null. A pair without a relevance score fails the relevance gate: nothing passes unmeasured."""
+        return (
+            pl.when(pl.col("judge_score") < self.judge_threshold).then(pl.lit("below_judge_threshold"))
+            .when(pl.col("grounding") < self.min_grounding).then(pl.lit("below_grounding_threshold"))
+            .when(pl.col("relevance").fill_null(float("-inf")) < self.min_relevance)
+            .then(pl.lit("below_relevance_threshold"))
+            .when(pl.col("instruction").str.contains("</?fi>")).then(pl.lit("unfilled_slot"))
+            .when(pl.col("answer").str.strip_chars() == "").then(pl.lit("empty_answer"))
+            .otherwise(pl.lit(None, pl.String))
+        )
+
+    def recorded(self) -> list[pl.Expr]:
+        """The thresholds as columns, on every pair and control outcome (a check by hand needs no settings)."""
+        return [pl.lit(self.judge_threshold, pl.Int64).alias("selected_judge_threshold"),
+                pl.lit(self.min_grounding, pl.Float64).alias("selected_min_grounding"),
+                pl.lit(self.min_relevance, pl.Float64).alias("selected_min_relevance")]
+
+
 def select_pairs(
     judgements: pl.DataFrame, instantiations: pl.DataFrame, matches: pl.DataFrame, documents: pl.DataFrame,
-    bank: pl.DataFrame, judge_threshold: int, min_grounding: float, run_id: str = "",
+    bank: pl.DataFrame, gates: Gates, run_id: str = "",
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """Join every stage's row for each judged pair and apply the final gates. Returns (pairs, rejected
     with reason, stats)."""
@@ -33,7 +64,8 @@ def select_pairs(
     # types as a full shard, so dbt and the report read every shard alike.
     j = judgements.select("judgement_id", "instantiation_id", pl.col("score").alias("judge_score"),
                           pl.col("model").alias("judge_model"), pl.col("run_id").alias("judgements_run_id"))
-    i = instantiations.select("instantiation_id", "match_id", "instruction", "answer", "grounding",
+    i = instantiations.select("instantiation_id", "match_id", "instruction", "answer", "grounding", "relevance",
+                              "relevance_model",
                               pl.col("model").alias("instantiator_model"),
                               pl.col("run_id").alias("instantiations_run_id"))
     m = matches.select("match_id", "doc_id", "template_id", pl.col("score").alias("match_score"),
@@ -48,26 +80,58 @@ def select_pairs(
         pl.when(pl.col("instruction").is_null() | pl.col("match_id").is_null()).then(pl.lit("broken_lineage"))
         .when(pl.col("url").is_null() & pl.col("shard").is_null()).then(pl.lit("broken_lineage"))
         .when(pl.col("template").is_null()).then(pl.lit("broken_lineage"))
-        .when(pl.col("judge_score") < judge_threshold).then(pl.lit("below_judge_threshold"))
-        .when(pl.col("grounding") < min_grounding).then(pl.lit("below_grounding_threshold"))
-        .when(pl.col("instruction").str.contains("</?fi>")).then(pl.lit("unfilled_slot"))
-        .when(pl.col("answer").str.strip_chars() == "").then(pl.lit("empty_answer"))
-        .otherwise(pl.lit(None, pl.String))
+        .otherwise(gates.reason())
     )
     df = df.with_columns(reason.alias("reason"))
     rejected = df.filter(pl.col("reason").is_not_null())
     pairs = (
         df.filter(pl.col("reason").is_null())
         .with_columns(content_id_expr("pair", "instantiation_id", "judgement_id").alias("pair_id"),
-                      pl.lit(run_id).alias("run_id"),
-                      pl.lit(judge_threshold, pl.Int64).alias("selected_judge_threshold"),
-                      pl.lit(min_grounding, pl.Float64).alias("selected_min_grounding"))
+                      pl.lit(run_id).alias("run_id"), *gates.recorded())
         .select(PAIR_COLUMNS).sort("pair_id")
     )
     stats.drop_counts(rejected["reason"])
     stats.kept = pairs.height
     stats.check_balanced()
-    return pairs, rejected.select("judgement_id", "instantiation_id", "reason", "judge_score", "grounding"), stats
+    return pairs, rejected.select("judgement_id", "instantiation_id", "reason", "judge_score", "grounding",
+                                  "relevance"), stats
+
+
+CONTROL_OUTCOME_COLUMNS = [
+    "control_id", "instantiation_id", "control_kind", "shard", "instruction_doc_id", "doc_id", "judgement_id",
+    "judge_score", "grounding", "relevance", "judged", "kept", "reason", "selected_judge_threshold",
+    "selected_min_grounding", "selected_min_relevance", "run_id",
+]
+
+
+def gate_controls(controls: pl.DataFrame, gates: Gates, run_id: str = "") -> tuple[pl.DataFrame, StageStats]:
+    """The control pairs (stages/controls.CONTROL_SCHEMA, judged) through the same gates as the real pairs: the
+    instantiation gate it failed, else why its judgement was quarantined, else the final gates' reason. Returns
+    (one outcome row per control: kept, reason; stats with `total` = controls, `kept` = controls the gates let
+    through, which must be few)."""
+    df = controls.rename({"score": "judge_score"}).with_columns(
+        pl.coalesce(pl.col("gate_reason"), pl.col("judge_reason"), gates.reason()).alias("reason"))
+    out = (df.with_columns(pl.col("reason").is_null().alias("kept"), pl.col("gate_reason").is_null().alias("judged"),
+                           pl.lit(run_id).alias("run_id"), *gates.recorded())
+           .select(CONTROL_OUTCOME_COLUMNS).sort("control_id"))
+    stats = StageStats(total=out.height, kept=int(out["kept"].sum()))
+    stats.drop_counts(out.filter(~pl.col("kept"))["reason"])
+    stats.check_balanced()
+    return out, stats
+
+
+def sampled_true_pairs(instantiations: Path, judgements: Path, pairs: Path, ids: pl.Series) -> pl.DataFrame:
+    """The real pairs whose instantiation_id is one of `ids` (the controls' originals): judge_score (null where
+    the judgement was quarantined), grounding, relevance, and whether it became a pair (`kept`)."""
+    wanted = ids.drop_nulls().unique().implode()
+    inst = (pl.scan_parquet(instantiations).select("instantiation_id", "grounding", "relevance")
+            .filter(pl.col("instantiation_id").is_in(wanted)))
+    judged = (pl.scan_parquet(judgements).select("instantiation_id", pl.col("score").alias("judge_score"))
+              .filter(pl.col("instantiation_id").is_in(wanted)))
+    kept = (pl.scan_parquet(pairs).select("instantiation_id").filter(pl.col("instantiation_id").is_in(wanted))
+            .with_columns(pl.lit(True).alias("kept")))
+    return (inst.join(judged, on="instantiation_id", how="left").join(kept, on="instantiation_id", how="left")
+            .with_columns(pl.col("kept").fill_null(False)).collect())
 
 
 def dataset_report(pairs: pl.DataFrame) -> dict[str, object]:

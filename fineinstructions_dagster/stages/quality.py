@@ -17,7 +17,7 @@ TEMPLATE_SHARE_MIN_PAIRS = 50
 
 # The tables the dbt project reads (its sources), i.e. the assets its models sit downstream of.
 SOURCE_TABLES = ("fineinstructions", "template_bank", "user_queries", "documents", "matches", "instantiations",
-                 "judgements")
+                 "judgements", "control_judgements")
 
 
 def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int]:

@@ -9,6 +9,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetSpec,
+    Failure,
     MaterializeResult,
     MetadataValue,
     multi_asset,
@@ -16,7 +17,7 @@ from dagster import (
 
 from fineinstructions_dagster.defs.automation import after_blocking_checks
 from fineinstructions_dagster.defs.metadata import progress_reporter, stage_metadata, throughput_metadata
-from fineinstructions_dagster.defs.pairs.assets import fineinstructions
+from fineinstructions_dagster.defs.pairs.assets import control_check, fineinstructions, judged_controls_kept
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, dbt_quality, refuse_unless_checks_passed
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
@@ -38,7 +39,7 @@ EXPORTED_ONCE = "every_pair_exported_once"
 
 # Reads the shard's pairs; the dbt models are a gate (their blocking tests), not read.
 _GATE = sorted(dbt_quality.keys)
-_COMMON = {"deps": [fineinstructions, *_GATE], "group_name": "export",
+_COMMON = {"deps": [*fineinstructions.keys, *_GATE], "group_name": "export",
            "automation_condition": after_blocking_checks(QUALITY_PAIRS_KEY)}
 
 
@@ -60,6 +61,12 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
     refuse_unless_checks_passed(context, shard)
     cfg = pipeline.config()
     store = storage.store()
+    # The shard's own control check, from its data: Dagster records one latest evaluation per check, not per shard.
+    controls = control_check(*judged_controls_kept(store, shard), cfg.max_control_kept_share, cfg.control_check_blocks,
+                             shard)
+    if not controls.passed:
+        raise Failure(description=f"pretraining_export [{shard}] not run: {controls.description}",
+                      metadata={"control_check": str(controls.description)})
     source = store.file("fineinstructions", shard)
     total = count_rows(source)
     packing = PackingConfig(tokenizer=cfg.export_tokenizer or instantiator_llm.model_name(), seq_len=cfg.export_seq_len)

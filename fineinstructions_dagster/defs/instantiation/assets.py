@@ -13,7 +13,13 @@ from fineinstructions_dagster.defs.metadata import (
     throughput_metadata,
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
-from fineinstructions_dagster.defs.resources import EmbedderResource, LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.resources import (
+    EmbedderResource,
+    LLMResource,
+    PipelineResource,
+    RelevanceResource,
+    StorageResource,
+)
 from fineinstructions_dagster.lib.chunks import (
     ChunkOutput,
     chunks_of,
@@ -24,7 +30,12 @@ from fineinstructions_dagster.lib.chunks import (
 )
 from fineinstructions_dagster.llm.cache import GenerationStats
 from fineinstructions_dagster.prompts import instantiate
-from fineinstructions_dagster.stages.instantiation import BASE_SCHEMA, INSTANTIATION_SCHEMA, instantiate_matches
+from fineinstructions_dagster.stages.instantiation import (
+    ANSWER_CHOICES,
+    BASE_SCHEMA,
+    INSTANTIATION_SCHEMA,
+    instantiate_matches,
+)
 from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 
 GROUNDING_IN_RANGE = "grounding_in_unit_interval"
@@ -36,22 +47,27 @@ GROUNDING_IN_RANGE = "grounding_in_unit_interval"
        kinds={"vllm", "parquet"}, pool="gpu",
        check_specs=[AssetCheckSpec(GROUNDING_IN_RANGE, asset="instantiations")])
 def instantiations(context: AssetExecutionContext, storage: StorageResource, instantiator_llm: LLMResource,
-                   pipeline: PipelineResource, embedder: EmbedderResource) -> MaterializeResult:
+                   pipeline: PipelineResource, embedder: EmbedderResource,
+                   relevance: RelevanceResource) -> MaterializeResult:
     """Each matched template filled from its document, with an answer drawn from the document and
     the share of the answer copied from it (grounding). Unusable outputs go to quarantine. The shard's matches
     are read `chunk_rows` at a time (a document's k together); each chunk's output is kept as a part on the
-    storage root, so a killed run resumes where it stopped."""
+    storage root, so a killed run resumes where it stopped. Each kept pair's `relevance` (how well its answer answers
+    its instruction) is scored by the relevance model; in the `extract` format the answer sentences offered are the
+    document's best answers to the template by the same score."""
     cfg = pipeline.config()
     store = storage.store()
     engine = instantiator_llm.engine()
     prompt_format = cfg.format_for("instantiator", engine.info.model)
     # extract: each slot is offered the document phrases the embedder puts nearest its description
     ranker = embedder.embedder() if prompt_format == "extract" else None
+    scorer = relevance.scorer()
     bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
     definition = definition_hash("instantiations", engine.info.backend, engine.info.model, engine.info.revision,
                                  instantiate.PROMPT_VERSION, instantiate.RELEASED_PROMPT_VERSION,
                                  instantiate.EXTRACT_PROMPT_VERSION, cfg.instantiator_sampling, prompt_format,
-                                 ranker.name if ranker else "", cfg.max_document_chars, cfg.max_instruction_chars,
+                                 ranker.name if ranker else "", scorer.name, scorer.revision,
+                                 ANSWER_CHOICES if ranker else 0, cfg.max_document_chars, cfg.max_instruction_chars,
                                  cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words)
 
     def one(shard: str) -> MaterializeResult:
@@ -67,7 +83,8 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
             kept, quarantined, stats = instantiate_matches(
                 pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
                 cfg.max_answer_chars, context.run_id, prompt_format, cfg.min_instruction_words,
-                cfg.min_answer_words, ranker.rank_by_similarity if ranker else None)
+                cfg.min_answer_words, ranker.rank_by_similarity if ranker else None,
+                rank_answers=scorer.rank if ranker else None, relevance=scorer.score, relevance_model=scorer.name)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:
@@ -78,10 +95,13 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
                 pl.DataFrame(schema=BASE_SCHEMA | QUARANTINE_EXTRA), count_rows(source), progress_reporter(context))
         kept = pl.scan_parquet(store.path("instantiations", shard))
         summary = kept.select(pl.len().alias("n"), pl.col("grounding").mean().alias("mean"),
+                              pl.col("relevance").mean().alias("relevance"),
                               pl.col("grounding").is_between(0, 1).all().alias("ok")).collect()
         return MaterializeResult(
-            metadata=stage_metadata(run.stats, kept.head(5).collect(), ["instruction", "answer", "grounding"],
+            metadata=stage_metadata(run.stats, kept.head(5).collect(),
+                                    ["instruction", "answer", "grounding", "relevance"],
                                     mean_grounding=float(summary["mean"][0] or 0.0),
+                                    mean_relevance=float(summary["relevance"][0] or 0.0), relevance_model=scorer.name,
                                     **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=GROUNDING_IN_RANGE,
                                             passed=summary["n"][0] == 0 or bool(summary["ok"][0]))],
