@@ -30,7 +30,7 @@ from fineinstructions_dagster.defs.partitions import (
     corpus_shard_partitions,
     query_source_partitions,
 )
-from fineinstructions_dagster.defs.resources import build_resources, env_value
+from fineinstructions_dagster.defs.resources import PipelineResource, build_resources, env_value
 from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
 from fineinstructions_dagster.defs.steps import (
     BANK_STEP,
@@ -111,7 +111,8 @@ def _settings_fingerprint(resources: dict) -> str:
 
 
 def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
-                 console_level: str = "WARNING", force: bool = False) -> PipelineRun:
+                 console_level: str = "WARNING", force: bool = False,
+                 pipeline_overrides: dict[str, object] | None = None) -> PipelineRun:
     """Materialize every asset for every input. A failed partition does not stop the others: everything
     that does not depend on it still runs, and `PipelineRun.failures` says what failed and why. Dagster's
     step events stay in the instance (and the UI); the console shows warnings and errors only unless
@@ -120,11 +121,14 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     Each step carries a key: a hash of the settings, its own input files and the keys of the steps it reads
     (and, for a shard's chain, its dedup removal list). A step whose key a successful run already carries, and
     whose output is still there, is not run again (`force` runs everything): adding a shard runs that shard's
-    filter, the dedup step and that shard's chain; the other shards' pairs and exports stay as they are."""
+    filter, the dedup step and that shard's chain; the other shards' pairs and exports stay as they are.
+    `pipeline_overrides`: fields of the PipelineResource (thresholds, control_share, ...), as the launchpad sets them."""
     from fineinstructions_dagster.definitions import ASSETS
 
     assets = list(ASSETS)
     resources = build_resources()
+    if pipeline_overrides:
+        resources["pipeline"] = PipelineResource(**pipeline_overrides)  # type: ignore[arg-type]
     root_uri = env_value("FINEINSTRUCTIONS_ROOT")  # on every run: the Dagster history says which root it used
     found_sources = query_sources(env_value("FINEINSTRUCTIONS_QUERIES"))  # listed once (an S3 listing is slow)
     found_shards = corpus_shards(env_value("FINEINSTRUCTIONS_CORPUS"))

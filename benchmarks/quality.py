@@ -1,0 +1,179 @@
+"""Do the gates tell a right pair from a wrong one? The whole graph on the offline sample, per profile that runs
+here, with a control twin for every judged pair (control_share = 1: more controls than a run's default 2%, for
+tighter figures), then what the final gates kept of the real pairs and of each kind of control, and how well each
+signal (judge score, grounding, relevance) separates them (AUC of real over control: 1.0 always ranks the real
+pair higher, 0.5 is chance). The same judged rows are then gated again without the relevance gate, so its effect
+is a measured difference, and swept over thresholds (relevance, match score) to set the profile's values.
+
+    .venv/bin/python benchmarks/quality.py [--profiles demo,smoke] [--keep-root DIR]   (~10 min on 2 cores)
+
+Writes benchmarks/results/quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
+SAMPLE = ROOT / "data" / "inputs"
+RELEVANCE_SWEEP = (-1.0, 0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
+
+
+def _read_all(store, table: str, quarantine: bool = False) -> pl.DataFrame:  # noqa: ANN001
+    parts = store.partitions(table, quarantine=quarantine)
+    frames = [store.read(table, p, quarantine=quarantine) for p in parts]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+
+
+def judged_frames(store) -> tuple[pl.DataFrame, pl.DataFrame]:  # noqa: ANN001
+    """(real, controls): every instantiation the judge saw (with its signals, match score and whether it became a
+    pair) and every judged control (as stages/controls.CONTROL_SCHEMA)."""
+    inst = _read_all(store, "instantiations")
+    judged = _read_all(store, "judgements").select("instantiation_id", pl.col("score").alias("judge_score"))
+    unparsed = _read_all(store, "judgements", quarantine=True)
+    seen = pl.concat([judged["instantiation_id"], unparsed["instantiation_id"]]) if unparsed.height \
+        else judged["instantiation_id"]
+    matches = _read_all(store, "matches").select("match_id", pl.col("score").alias("match_score"))
+    pairs = _read_all(store, "fineinstructions").select("instantiation_id", pl.lit(True).alias("kept"))
+    real = (inst.filter(pl.col("instantiation_id").is_in(seen.implode()))
+            .join(judged, on="instantiation_id", how="left").join(matches, on="match_id", how="left")
+            .join(pairs, on="instantiation_id", how="left").with_columns(pl.col("kept").fill_null(False)))
+    controls = _read_all(store, "control_judgements")
+    return real, controls
+
+
+def gated(real: pl.DataFrame, controls: pl.DataFrame, gates) -> tuple[pl.DataFrame, pl.DataFrame]:  # noqa: ANN001
+    """The same judged rows through `gates` (stages/pairs.Gates): real pairs keep `kept` from the run when the gates
+    are the run's; otherwise the final gates are applied again (the validity gates before them passed already)."""
+    from fineinstructions_dagster.stages.pairs import gate_controls
+
+    again = real.with_columns((pl.col("judge_score").is_not_null() & gates.reason().is_null()).alias("kept"))
+    outcomes, _ = gate_controls(controls, gates)
+    return again, outcomes.filter(pl.col("judged"))
+
+
+def summary(real: pl.DataFrame, outcomes: pl.DataFrame) -> dict[str, object]:
+    from fineinstructions_dagster.stages.controls import control_figures
+
+    f = control_figures(real, outcomes)
+    return {
+        "true_pairs": f["true_pairs"], "true_kept_share": f["true_kept_share"],
+        "swapped_controls": f["swapped"]["controls"], "swapped_kept_share": f["swapped"]["kept_share"],
+        "near_miss_controls": f["near_miss"]["controls"], "near_miss_kept_share": f["near_miss"]["kept_share"],
+        "judge_auc_swapped": f["swapped"]["judge_score_auc"], "judge_auc_near_miss": f["near_miss"]["judge_score_auc"],
+        "relevance_auc_swapped": f["swapped"]["relevance_auc"],
+        "relevance_auc_near_miss": f["near_miss"]["relevance_auc"],
+        "grounding_auc_swapped": f["swapped"]["grounding_auc"],
+        "grounding_auc_near_miss": f["near_miss"]["grounding_auc"],
+        "kept_relevance_auc_swapped": f["kept_relevance_auc_swapped"],
+        "kept_mean_relevance": f["kept_mean_relevance"],
+    }
+
+
+def without_llm_answers(store, real: pl.DataFrame, scorer, max_document_chars: int) -> dict[str, object]:  # noqa: ANN001
+    """Extractive answers picked by the relevance ranking alone (the two document sentences that score best against
+    the filled instruction), against the ones the LLM picked: is the model adding anything?"""
+    from fineinstructions_dagster.prompts.common import truncate
+    from fineinstructions_dagster.prompts.instantiate import document_sentences
+
+    docs = _read_all(store, "documents").select("doc_id", "text")
+    rows = real.join(docs, on="doc_id", how="left").select("instruction", "answer", "text", "relevance").to_dicts()
+    picked = []
+    for r in rows:
+        sentences = document_sentences(truncate(r["text"] or "", max_document_chars))
+        picked.append(" ".join(scorer.rank(r["instruction"], sentences)[:2]) if sentences else r["answer"])
+    ranked = scorer.score([r["instruction"] for r in rows], picked)
+    llm = pl.Series([r["relevance"] for r in rows], dtype=pl.Float64)
+    return {"pairs": len(rows), "llm_mean_relevance": round(float(llm.mean() or 0), 4),
+            "ranking_only_mean_relevance": round(float(ranked.mean()) if len(rows) else 0.0, 4),
+            "same_answer_share": round(sum(p == r["answer"] for p, r in zip(picked, rows, strict=True))
+                                       / max(len(rows), 1), 4)}
+
+
+def run_profile(profile: str, root: Path) -> dict[str, object]:
+    from dagster import DagsterInstance
+
+    from fineinstructions_dagster.config import profile_config
+    from fineinstructions_dagster.defs.resources import RelevanceResource
+    from fineinstructions_dagster.lib.storage import TableStore
+    from fineinstructions_dagster.runner import run_pipeline
+    from fineinstructions_dagster.stages.pairs import Gates
+
+    env = {"FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_PROFILE": profile,
+           "FINEINSTRUCTIONS_QUERIES": str(SAMPLE / "queries"), "FINEINSTRUCTIONS_CORPUS": str(SAMPLE / "corpus")}
+    os.environ.update(env)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["DAGSTER_HOME"] = home
+        run = run_pipeline(DagsterInstance.ephemeral(), log=lambda line: print(f"  [{profile}] {line}"),
+                           pipeline_overrides={"control_share": 1.0})
+    seconds = time.perf_counter() - started
+    cfg = profile_config(profile)
+    store = TableStore(str(root))
+    real, controls = judged_frames(store)
+    gates = cfg.final_gates()
+    out: dict[str, object] = {"seconds": round(seconds, 1), "failed_steps": [f.describe() for f in run.failures],
+                              "gates": cfg.gates(), "min_relevance": cfg.min_relevance,
+                              "min_match_score": cfg.min_match_score}
+    out.update(summary(*gated(real, controls, gates)))
+    out["run_pairs"] = int(real["kept"].sum())  # what the run itself kept: gated() must agree with it
+    out["without_relevance_gate"] = summary(*gated(real, controls, Gates(gates.judge_threshold, gates.min_grounding,
+                                                                         float("-inf"))))
+    out["relevance_sweep"] = {
+        str(t): {k: v for k, v in summary(*gated(real, controls, Gates(gates.judge_threshold, gates.min_grounding, t)))
+                 .items() if k.endswith("kept_share")} for t in RELEVANCE_SWEEP}
+    # A match too weak to yield a relevant answer is not worth an LLM call: of the pairs the relevance gate keeps,
+    # how many a min_match_score would have cost, against the instantiations it would have saved.
+    passing = real.filter(pl.col("relevance") >= gates.min_relevance)
+    out["match_score_sweep"] = {
+        f"{t:.2f}": {"llm_calls_saved_share": round(float((real["match_score"] < t).mean() or 0), 4),
+                     "relevant_pairs_lost_share": round(float((passing["match_score"] < t).mean() or 0), 4)
+                     if passing.height else None}
+        for t in (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)}
+    if cfg.instantiator_format == "extract":
+        out["answers_by_ranking_alone"] = without_llm_answers(store, real, RelevanceResource().scorer(),
+                                                              cfg.max_document_chars)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profiles", default="demo,smoke")
+    ap.add_argument("--keep-root", default="", help="run into DIR/<profile> and keep it (re-runs use its cache)")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("FINEINSTRUCTIONS_PACKAGED_MODEL", str(ROOT / "models" / "smollm2-135m-instruct"))
+    os.environ.setdefault("FINEINSTRUCTIONS_SMOKE_MODEL", str(ROOT / "models" / "smoke"))
+    results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "sample": str(SAMPLE),
+                                  "control_share": 1.0, "profiles": {}}
+    for profile in args.profiles.split(","):
+        if args.keep_root:
+            root = Path(args.keep_root) / profile
+            root.mkdir(parents=True, exist_ok=True)
+            results["profiles"][profile] = run_profile(profile, root)  # type: ignore[index]
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"quality-{profile}-") as tmp:
+                results["profiles"][profile] = run_profile(profile, Path(tmp))  # type: ignore[index]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    cols = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "judge_auc_swapped",
+            "relevance_auc_swapped", "grounding_auc_swapped", "relevance_auc_near_miss", "kept_relevance_auc_swapped",
+            "kept_mean_relevance")
+    print(f"\n{'profile':<8} {'gates':<22} " + " ".join(f"{c[:22]:>22}" for c in cols))
+    for profile, r in results["profiles"].items():  # type: ignore[union-attr]
+        for label, row in (("as configured", r), ("no relevance gate", r["without_relevance_gate"])):
+            print(f"{profile:<8} {label:<22} " + " ".join(f"{str(row.get(c)):>22}" for c in cols))
+    print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

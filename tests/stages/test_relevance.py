@@ -1,0 +1,55 @@
+"""The relevance signal: the packaged bi-encoder scores an answer to the question above a passage about something
+else; a CrossEncoder checkpoint is recognised and scored pair by pair; the extractive format offers the sentences
+the ranker puts first."""
+
+import json
+
+import polars as pl
+
+from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.llm.engines import SamplingConfig
+from fineinstructions_dagster.stages.instantiation import ANSWER_CHOICES, instantiate_matches, template_as_question
+from fineinstructions_dagster.stages.llm_calls import LLMCall
+from fineinstructions_dagster.stages.relevance import RelevanceScorer, looks_like_cross_encoder
+
+
+def test_the_packaged_bi_encoder_scores_an_answer_above_an_unrelated_passage():
+    scorer = RelevanceScorer()
+    q = "How do I sort a list in place in Python?"
+    right, wrong = ("The sort method sorts the list in place and returns None.",
+                    "The yield statement suspends a generator function and saves its local state.")
+    scores = scorer.score([q, q], [right, wrong])
+    assert scores[0] > scores[1] + 0.2 and scorer.kind == "bi-encoder"
+    assert scorer.rank(q, [wrong, right]) == [right, wrong]
+    assert scorer.name.endswith(":bi-encoder") and len(scorer.score([], [])) == 0
+
+
+def test_a_cross_encoder_checkpoint_is_used_as_a_reranker(tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    from fineinstructions_dagster.stages.embedding import default_embedder_path
+
+    # MiniLM's encoder with a fresh one-logit head: the shape of a reranker checkpoint (its scores are noise here)
+    CrossEncoder(default_embedder_path(), num_labels=1).save(str(tmp_path / "reranker"))
+    assert looks_like_cross_encoder(str(tmp_path / "reranker"))
+    scorer = RelevanceScorer(str(tmp_path / "reranker"))
+    assert scorer.kind == "cross-encoder"
+    assert scorer.score(["q one", "q two", "q three"], ["a", "b", "c"]).shape == (3,)
+
+
+def test_extract_offers_the_best_ranked_sentences_first(fake_engine):
+    doc = " ".join(f"Sentence number {i} talks about topic {i} at some length here." for i in range(20))
+    seen, asked = [], []
+    engine = fake_engine(lambda r: seen.append(r) or json.dumps({"fills": ["topic 3"], "answer": []}))
+
+    def rank(query: str, sentences: list[str]) -> list[str]:
+        asked.append(query)
+        return sorted(sentences, key=lambda s: -int(s.split()[2]))  # highest number first
+
+    pending = pl.DataFrame({"match_id": ["m1"], "doc_id": "d1", "template_id": "t1", "shard": "s", "text": doc,
+                            "template": "What does <fi>a topic</fi> mean?"})
+    instantiate_matches(pending, LLMCall(engine, None, GenerationStats()), SamplingConfig(), 4000, 400, 800,
+                        prompt_format="extract", rank_answers=rank)
+    offered = seen[0].json_schema["properties"]["answer"]["items"]["enum"]
+    assert len(offered) == ANSWER_CHOICES and offered[0].startswith("Sentence number 19 ")
+    assert asked == ["What does a topic mean?"] == [template_as_question("What does <fi>a topic</fi> mean?")]
