@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
+.PHONY: setup sample smoke-models demo run test lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
 
 setup:
 	@scripts/setup.sh
@@ -50,6 +50,11 @@ bench-documents: setup
 # Template retrieval: real-text recall by pooling (python3-doc FAQ) and a 1M-vector usearch scale run (~12 min).
 bench-matching: setup
 	$(BIN)/python benchmarks/matching.py
+
+# Do the gates tell a right pair from a wrong one? The whole graph on the sample per profile (demo, smoke), every
+# judged pair with control twins; kept shares and each signal's AUC, with and without the relevance gate (~10 min).
+bench-quality: sample smoke-models
+	$(BIN)/python benchmarks/quality.py
 
 # The packaged SmolLM2-135M-Instruct through the three LLM stages, one decoding/prompt variant per row (~3 min).
 bench-packaged-model: sample

@@ -5,7 +5,11 @@ signal (judge score, grounding, relevance) separates them (AUC of real over cont
 pair higher, 0.5 is chance). The same judged rows are then gated again without the relevance gate, so its effect
 is a measured difference, and swept over thresholds (relevance, match score) to set the profile's values.
 
-    .venv/bin/python benchmarks/quality.py [--profiles demo,smoke] [--keep-root DIR]   (~10 min on 2 cores)
+    .venv/bin/python benchmarks/quality.py [--profiles demo,smoke] [--docs-per-shard 16] [--keep-root DIR]
+
+The sample is the demo's (Python FAQ questions, tutorial/howto/faq documents from python3-doc), cut to
+--docs-per-shard documents per shard and --queries queries so that a run with a control twin for every pair fits
+in about 20 minutes on 2 cores without AVX512 (SmolLM2-135M's prefill is most of it).
 
 Writes benchmarks/results/quality.json.
 """
@@ -23,7 +27,6 @@ import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
-SAMPLE = ROOT / "data" / "inputs"
 RELEVANCE_SWEEP = (-1.0, 0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 
 
@@ -98,7 +101,7 @@ def without_llm_answers(store, real: pl.DataFrame, scorer, max_document_chars: i
                                        / max(len(rows), 1), 4)}
 
 
-def run_profile(profile: str, root: Path) -> dict[str, object]:
+def run_profile(profile: str, root: Path, sample: Path) -> dict[str, object]:
     from dagster import DagsterInstance
 
     from fineinstructions_dagster.config import profile_config
@@ -108,7 +111,7 @@ def run_profile(profile: str, root: Path) -> dict[str, object]:
     from fineinstructions_dagster.stages.pairs import Gates
 
     env = {"FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_PROFILE": profile,
-           "FINEINSTRUCTIONS_QUERIES": str(SAMPLE / "queries"), "FINEINSTRUCTIONS_CORPUS": str(SAMPLE / "corpus")}
+           "FINEINSTRUCTIONS_QUERIES": str(sample / "queries"), "FINEINSTRUCTIONS_CORPUS": str(sample / "corpus")}
     os.environ.update(env)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as home:
@@ -148,21 +151,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profiles", default="demo,smoke")
     ap.add_argument("--keep-root", default="", help="run into DIR/<profile> and keep it (re-runs use its cache)")
+    ap.add_argument("--docs-per-shard", type=int, default=16)
+    ap.add_argument("--queries", type=int, default=40)
     args = ap.parse_args()
+    from fineinstructions_dagster.sample import build_sample
+
+    sample = Path(args.keep_root or tempfile.mkdtemp(prefix="quality-sample-")) / "inputs"
+    counts = build_sample(sample, max_docs_per_shard=args.docs_per_shard, max_queries=args.queries)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("FINEINSTRUCTIONS_PACKAGED_MODEL", str(ROOT / "models" / "smollm2-135m-instruct"))
     os.environ.setdefault("FINEINSTRUCTIONS_SMOKE_MODEL", str(ROOT / "models" / "smoke"))
-    results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "sample": str(SAMPLE),
-                                  "control_share": 1.0, "profiles": {}}
+    results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "sample": counts, "control_share": 1.0,
+                                  "profiles": {}}
     for profile in args.profiles.split(","):
         if args.keep_root:
             root = Path(args.keep_root) / profile
             root.mkdir(parents=True, exist_ok=True)
-            results["profiles"][profile] = run_profile(profile, root)  # type: ignore[index]
+            results["profiles"][profile] = run_profile(profile, root, sample)  # type: ignore[index]
         else:
             with tempfile.TemporaryDirectory(prefix=f"quality-{profile}-") as tmp:
-                results["profiles"][profile] = run_profile(profile, Path(tmp))  # type: ignore[index]
+                results["profiles"][profile] = run_profile(profile, Path(tmp), sample)  # type: ignore[index]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     cols = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "judge_auc_swapped",

@@ -119,7 +119,8 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print("\n== FineInstructions summary ==")
     print(f"storage root: {store.uri}")
     for table in ("user_queries", "templates", "template_bank", "filtered_documents", "documents", "matches",
-                  "instantiations", "judgements", "fineinstructions", "export_chat", "export_packed"):
+                  "instantiations", "judgements", "fineinstructions", "export_chat", "export_packed",
+                  "control_judgements", "control_outcomes"):
         parts = store.partitions(table)
         rows = sum(store.read(table, p).height for p in parts)
         q = sum(store.read(table, p, quarantine=True).height for p in store.partitions(table, quarantine=True))
@@ -135,6 +136,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 "mean_grounding")
         print("dataset: " + json.dumps({k: report[k] for k in keys if k in report}))
         _print_quality(report.get("quality") or {}, args.samples)
+        _print_controls(report.get("controls") or {})
     cfg = profile_config(env_value("FINEINSTRUCTIONS_PROFILE"))
     if cfg.relaxed:
         print("\n!! " + cfg.describe_relaxations())
@@ -172,6 +174,24 @@ def _print_quality(q: dict[str, Any], samples: bool) -> None:
             print(f"samples: {stage}")
             for row in rows:
                 print("  - " + " | ".join(f"{k}: {v}" for k, v in row.items()))
+
+
+def _print_controls(c: dict[str, Any]) -> None:
+    """The control pairs' outcome: how many the gates kept (they should keep almost none) and each signal's AUC of
+    real pair over control, over all shards and per shard."""
+    if not c.get("all"):
+        return
+    print(f"control pairs (never exported; judged and gated like the pairs; the check fails a shard whose gates keep "
+          f"more than {_pct(c.get('max_control_kept_share'))} of them):")
+
+    def auc(kind: dict[str, Any]) -> str:
+        return " ".join(f"{s.split('_')[0]} {kind.get(f'{s}_auc')}" for s in ("judge_score", "relevance", "grounding"))
+
+    for name, f in [("all", c["all"]), *sorted((c.get("shards") or {}).items())]:
+        s, n = f["swapped"], f["near_miss"]
+        print(f"  {name:<14} real pairs kept {_pct(f['true_kept_share'])} of {f['true_pairs']} | swapped: "
+              f"{s['controls']}, kept {_pct(s['kept_share'])}, AUC {auc(s)} | near miss: {n['controls']}, kept "
+              f"{_pct(n['kept_share'])}, AUC {auc(n)}")
 
 
 def _show_first_lineage(args: argparse.Namespace) -> int:

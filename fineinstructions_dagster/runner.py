@@ -122,7 +122,7 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     (and, for a shard's chain, its dedup removal list). A step whose key a successful run already carries, and
     whose output is still there, is not run again (`force` runs everything): adding a shard runs that shard's
     filter, the dedup step and that shard's chain; the other shards' pairs and exports stay as they are.
-    `pipeline_overrides`: fields of the PipelineResource (thresholds, control_share, ...), as the launchpad sets them."""
+    `pipeline_overrides`: PipelineResource fields (thresholds, control_share, ...), as the launchpad sets them."""
     from fineinstructions_dagster.definitions import ASSETS
 
     assets = list(ASSETS)

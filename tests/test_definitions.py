@@ -10,7 +10,7 @@ from fineinstructions_dagster.defs.resources import InputsResource
 
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_signatures", "document_bands", "duplicate_edges", "document_clusters", "documents", "matches",
-          "instantiations", "judgements", "fineinstructions",
+          "instantiations", "judgements", "control_judgements", "fineinstructions", "control_outcomes",
           "export_chat", "export_packed", "dataset_report"} | {
     f"quality/{m}" for m in ("pairs", "templates", "documents", "matches", "queries", "instantiations", "judgements")}
 
@@ -22,10 +22,10 @@ def test_every_asset_is_defined_with_its_partitions_and_pool():
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     assert {k for k, s in specs.items() if s.partitions_def is not None} == {
         "user_queries", "templates", "filtered_documents", "document_signatures", "document_bands",
-        "duplicate_edges", "documents", "matches", "instantiations", "judgements",
-        "fineinstructions", "export_chat", "export_packed"}
+        "duplicate_edges", "documents", "matches", "instantiations", "judgements", "control_judgements",
+        "fineinstructions", "control_outcomes", "export_chat", "export_packed"}
     pooled = {k for k in ASSETS if "/" not in k and defs.resolve_assets_def(k).op.pool == "gpu"}
-    assert pooled == {"templates", "instantiations", "judgements"}
+    assert pooled == {"templates", "instantiations", "judgements", "control_judgements"}
     assert all(s.description for s in specs.values())
 
 
@@ -70,6 +70,21 @@ def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_
     assert both.metadata == {"partitions_in_run": 2}
     (check,) = both.check_results
     assert not check.passed and check.metadata["failed_partitions"].value == "b"
+
+    class MultiContext(Context):
+        def add_asset_metadata(self, metadata, partition_key=None, asset_key=None):
+            self.added[(asset_key, partition_key)] = metadata
+
+    def two(key: str) -> list[MaterializeResult]:  # a multi-asset: one result per table
+        return [MaterializeResult(asset_key="t1", metadata={"n": 1}, check_results=one(key).check_results),
+                MaterializeResult(asset_key="t2", metadata={"n": 2})]
+
+    multi = MultiContext(["a", "b"])
+    results = for_each_partition(multi, two)
+    assert [r.asset_key.to_user_string() for r in results] == ["t1", "t2"]
+    assert set(multi.added) == {(r.asset_key, p) for r in results for p in ("a", "b")}
+    assert [c.check_name for c in results[0].check_results] == ["ok"] and not results[1].check_results
+    assert results[0].check_results[0].metadata["failed_partitions"].value == "b"
 
 
 def test_shard_sensor_adds_one_partition_per_new_file(tmp_path):

@@ -202,3 +202,82 @@ def test_every_stage_check_ran_and_passed_on_the_demo_run(pipeline):
                                     and r.event.asset_check_evaluation else None) for k, r in
                ((k, records.get(k)) for k in keys)}
     assert all(v is True for v in outcome.values()), outcome
+
+
+def test_every_shard_reports_its_control_pairs_in_metadata_and_the_report(pipeline):
+    from dagster import AssetCheckKey
+
+    store, instance, run = pipeline
+    report = json.loads((store.root / "dataset_report" / "report.json").read_text())
+    for shard in run.shards:
+        records = instance.fetch_materializations(AssetKey("fineinstructions"), limit=50).records
+        md = next(r.asset_materialization.metadata for r in records if r.asset_materialization.partition == shard)
+        outcomes = store.read("control_outcomes", shard).filter(pl.col("judged"))
+        assert outcomes.height >= 1 and set(outcomes["control_kind"]) == {"swapped", "near_miss"}
+        assert md["controls"].value == outcomes.height
+        assert md["controls_kept"].value == int(outcomes["kept"].sum())
+        for key in ("controls_kept_share", "swapped_kept_share", "near_miss_kept_share", "swapped_judge_score_auc",
+                    "swapped_relevance_auc", "swapped_grounding_auc", "true_kept_share", "pairs_kept_share"):
+            assert key in md, key
+        figures = report["controls"]["shards"][shard]
+        assert figures["controls"] == outcomes.height and figures["swapped"]["controls"] >= 1
+        assert 0.0 <= figures["swapped"]["judge_score_auc"] <= 1.0
+    assert report["controls"]["all"]["controls"] == sum(
+        report["controls"]["shards"][s]["controls"] for s in run.shards)
+    record = instance.get_latest_asset_check_evaluation_record(
+        AssetCheckKey(AssetKey("fineinstructions"), "gates_reject_control_pairs"))
+    evaluation = record.event.asset_check_evaluation
+    # the smoke profile's gates are relaxed on purpose: every control gets through, and the check says so
+    assert evaluation.passed and "warning only" in (evaluation.description or "")
+
+
+def test_control_pairs_never_reach_the_pairs_the_exports_or_the_counts(pipeline):
+    store, _, run = pipeline
+    pairs = pl.read_parquet(store.glob("fineinstructions"))
+    controls = pl.read_parquet(store.glob("control_judgements"))
+    assert controls.height > 0
+    assert not set(controls["judgement_id"].drop_nulls()) & set(pairs["judgement_id"])
+    assert not set(controls["control_id"]) & set(pl.read_parquet(store.glob("judgements"))["instantiation_id"])
+    chat = pl.read_parquet(store.glob("export_chat"))
+    assert sorted(chat["pair_id"]) == sorted(pairs["pair_id"])
+    exported = {m[1]["content"] for m in chat["messages"].to_list()}
+    kept_controls = pl.read_parquet(store.glob("control_outcomes")).filter(pl.col("kept"))
+    assert kept_controls.height > 0  # the smoke gates keep them, and still none is exported
+    answers = set(controls.filter(pl.col("control_id").is_in(kept_controls["control_id"].implode()))["answer"])
+    own = set(pairs["answer"])
+    assert not (answers - own) & exported  # an answer only a control carries is never exported
+    report = json.loads((store.root / "dataset_report" / "report.json").read_text())
+    assert report["pairs"] == pairs.height
+
+
+def test_a_gate_that_accepts_everything_fails_the_control_check_and_blocks_the_export(pipeline):
+    from dagster import DagsterEventType
+
+    from fineinstructions_dagster.definitions import ASSETS
+    from fineinstructions_dagster.defs.resources import PipelineResource, build_resources
+
+    store, instance, _ = pipeline
+    assets = list(ASSETS)
+    # the thresholds set to accept everything, under a profile whose control check blocks
+    broken = {**build_resources(), "pipeline": PipelineResource(judge_threshold=1, min_grounding=0.0,
+                                                                min_relevance=-1.0, control_check_blocks=True)}
+    exported_before = store.read("export_chat", "faq")
+    result = materialize(assets, selection=["fineinstructions", "control_outcomes", "export_chat", "export_packed"],
+                         partition_key="faq", instance=instance, resources=broken, raise_on_error=False)
+    checks = {e.event_specific_data.check_name: e.event_specific_data for e in result.all_events
+              if e.event_type == DagsterEventType.ASSET_CHECK_EVALUATION}
+    check = checks["gates_reject_control_pairs"]
+    assert not check.passed and "shard faq" in check.description and "not filtering" in check.description
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "fineinstructions" in materialized and "export_chat" not in materialized  # blocked in the same run
+    # launched by itself (a backfill, by hand), the export refuses too, naming the shard's control check
+    alone = materialize(assets, selection=["export_chat", "export_packed"], partition_key="faq", instance=instance,
+                        resources=broken, raise_on_error=False)
+    assert not alone.success
+    failure = next(e for e in alone.all_events if e.is_step_failure)
+    assert "kept" in failure.step_failure_data.error.message and "control pairs" in \
+        failure.step_failure_data.error.message
+    assert store.read("export_chat", "faq").equals(exported_before)  # nothing was written
+    # back to the profile's gates (later tests read this shard)
+    assert materialize(assets, selection=["fineinstructions", "control_outcomes"], partition_key="faq",
+                       instance=instance, resources=build_resources()).success

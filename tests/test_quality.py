@@ -173,6 +173,8 @@ def test_dbt_vars_are_the_dataset_gates_and_each_pair_carries_its_own(pipeline):
     demo_cfg = profile_config("smoke")
     assert set(pairs["selected_judge_threshold"]) == {demo_cfg.judge_threshold}
     assert set(pairs["selected_min_grounding"]) == {demo_cfg.min_grounding}
+    assert set(pairs["selected_min_relevance"]) == {demo_cfg.min_relevance}
+    assert (pairs["relevance"] >= pairs["selected_min_relevance"]).all()
 
 
 def _dbt_by_hand(root: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -191,17 +193,24 @@ def test_dbt_build_by_hand_passes_on_the_demo_output_and_fails_on_a_duplicated_p
     assert ok.returncode == 0, ok.stdout[-3000:]
     copy = _copy_root(store, tmp_path / "root")
     faq = copy.read("fineinstructions", "faq")
-    # one pair twice, and one pair whose score is under the threshold it claims to have been selected with
+    # one pair twice, one pair whose score is under the threshold it claims to have been selected with, one whose
+    # relevance is under its min_relevance, and a control pair's judgement written in as a pair
+    control = copy.read("control_judgements", "faq").filter(pl.col("judgement_id").is_not_null())["judgement_id"][0]
     row = pl.int_range(pl.len())
     bad = pl.concat([faq, faq.head(1)]).with_columns(
         pl.when(row == 1).then(pl.lit(5, pl.Int64)).otherwise(pl.col("selected_judge_threshold"))
         .alias("selected_judge_threshold"),
         pl.when(row == 1).then(pl.lit(2).cast(faq["judge_score"].dtype)).otherwise(pl.col("judge_score"))
-        .alias("judge_score"))
+        .alias("judge_score"),
+        pl.when(row == 2).then(pl.col("selected_min_relevance") - 0.5).otherwise(pl.col("relevance"))
+        .alias("relevance"),
+        pl.when(row == 3).then(pl.lit(control)).otherwise(pl.col("judgement_id")).alias("judgement_id"))
     bad.write_parquet(copy.path("fineinstructions", "faq"))
     failed = _dbt_by_hand(copy.root, tmp_path / "bad")
     assert failed.returncode != 0
-    assert "pairs_pair_id_unique" in failed.stdout and "pairs_judge_score_meets_threshold" in failed.stdout
+    for name in ("pairs_pair_id_unique", "pairs_judge_score_meets_threshold", "pairs_relevance_meets_min_relevance",
+                 "pairs_are_not_control_pairs"):
+        assert name in failed.stdout, name
 
 
 def test_dbt_failures_are_summarized_by_test_name():

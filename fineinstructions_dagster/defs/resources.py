@@ -209,6 +209,7 @@ class PipelineResource(ConfigurableResource):
     min_match_score: float | None = None
     control_share: float | None = None
     max_control_kept_share: float | None = None
+    control_check_blocks: bool | None = None
     chunk_rows: int | None = None
 
     def config(self) -> PipelineConfig:
@@ -217,7 +218,7 @@ class PipelineResource(ConfigurableResource):
                               judge_threshold=self.judge_threshold, min_grounding=self.min_grounding,
                               min_relevance=self.min_relevance, min_match_score=self.min_match_score,
                               control_share=self.control_share, max_control_kept_share=self.max_control_kept_share,
-                              chunk_rows=self.chunk_rows)
+                              control_check_blocks=self.control_check_blocks, chunk_rows=self.chunk_rows)
 
 
 def build_resources() -> dict[str, ConfigurableResource]:

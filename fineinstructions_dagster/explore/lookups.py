@@ -10,9 +10,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import duckdb
+import polars as pl
 
 from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.stages.controls import control_figures
 from fineinstructions_dagster.stages.lineage import LineageError, trace_pair
+from fineinstructions_dagster.stages.pairs import sampled_true_pairs
 
 ID = re.compile(r"^[a-z][0-9a-f]{16}$")
 # The tables an id of each kind is the key of (first letter of lib.ids.content_id's kind).
@@ -198,10 +201,27 @@ class Explorer:
         n = sum(c for _, c in scores)
         sample = self.rows("fineinstructions", "true", [], "pair_id, instruction, judge_score, grounding",
                            shard=shard, limit=50, order="ORDER BY pair_id")
-        return {"shard": shard, "pairs": n, "sample": sample,
+        return {"shard": shard, "pairs": n, "sample": sample, "controls": self.controls(shard),
                 "histograms": {"judge score": [(str(k), c) for k, c in scores],
                                "grounding": [(f"{float(k):.1f}", c) for k, c in grounding],
                                "template usage (top 20)": [(str(k), c) for k, c in usage]}}
+
+
+    def controls(self, shard: str) -> dict[str, Any] | None:
+        """The shard's control pairs: what the gates kept of them, each signal's AUC of real pair over control, and
+        the controls that got through first (the ones that say what the gates miss)."""
+        if not self.store.exists("control_outcomes", shard):
+            return None
+        outcomes = pl.read_parquet(self.store.path("control_outcomes", shard)).filter(pl.col("judged"))
+        true = sampled_true_pairs(self.store.path("instantiations", shard), self.store.path("judgements", shard),
+                                  self.store.path("fineinstructions", shard), outcomes["instantiation_id"].unique())
+        judged = self.rows("control_judgements", "true", [], "control_id, instruction, answer", shard=shard,
+                           limit=100_000)
+        text = {r["control_id"]: r for r in judged}
+        shown = outcomes.sort(["kept", "control_id"], descending=[True, False]).head(20).to_dicts()
+        return {"figures": control_figures(true, outcomes),
+                "sample": [{**r, "instruction": text.get(r["control_id"], {}).get("instruction", ""),
+                            "answer": text.get(r["control_id"], {}).get("answer", "")} for r in shown]}
 
 
 _SLOT = re.compile(r"(<fi>.*?</fi>)", re.DOTALL)

