@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def without_llm_answers(store, real: pl.DataFrame, scorer, max_document_chars: i
                                        / max(len(rows), 1), 4)}
 
 
-def run_profile(profile: str, root: Path, sample: Path) -> dict[str, object]:
+def run_profile(profile: str, root: Path, sample: Path, **overrides: object) -> dict[str, object]:
     from dagster import DagsterInstance
 
     from fineinstructions_dagster.config import profile_config
@@ -117,9 +118,9 @@ def run_profile(profile: str, root: Path, sample: Path) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as home:
         os.environ["DAGSTER_HOME"] = home
         run = run_pipeline(DagsterInstance.ephemeral(), log=lambda line: print(f"  [{profile}] {line}"),
-                           pipeline_overrides={"control_share": 1.0})
+                           pipeline_overrides={"control_share": 1.0, **overrides})
     seconds = time.perf_counter() - started
-    cfg = profile_config(profile)
+    cfg = profile_config(profile, **overrides)
     store = TableStore(str(root))
     real, controls = judged_frames(store)
     gates = cfg.final_gates()
@@ -141,7 +142,7 @@ def run_profile(profile: str, root: Path, sample: Path) -> dict[str, object]:
                      "relevant_pairs_lost_share": round(float((passing["match_score"] < t).mean() or 0), 4)
                      if passing.height else None}
         for t in (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)}
-    if cfg.instantiator_format == "extract":
+    if cfg.instantiator_format == "extract" and cfg.extract_answer == "model":
         out["answers_by_ranking_alone"] = without_llm_answers(store, real, RelevanceResource().scorer(),
                                                               cfg.max_document_chars)
     return out
@@ -153,10 +154,12 @@ def main() -> None:
     ap.add_argument("--keep-root", default="", help="run into DIR/<profile> and keep it (re-runs use its cache)")
     ap.add_argument("--docs-per-shard", type=int, default=16)
     ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--no-variants", action="store_true", help="skip the demo with the model's own answer picks")
     args = ap.parse_args()
     from fineinstructions_dagster.sample import build_sample
 
-    sample = Path(args.keep_root or tempfile.mkdtemp(prefix="quality-sample-")) / "inputs"
+    work = Path(args.keep_root or tempfile.mkdtemp(prefix="quality-"))  # removed at the end unless --keep-root
+    sample = work / "inputs"
     counts = build_sample(sample, max_docs_per_shard=args.docs_per_shard, max_queries=args.queries)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -164,23 +167,27 @@ def main() -> None:
     os.environ.setdefault("FINEINSTRUCTIONS_SMOKE_MODEL", str(ROOT / "models" / "smoke"))
     results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "sample": counts, "control_share": 1.0,
                                   "profiles": {}}
-    for profile in args.profiles.split(","):
-        if args.keep_root:
-            root = Path(args.keep_root) / profile
-            root.mkdir(parents=True, exist_ok=True)
-            results["profiles"][profile] = run_profile(profile, root, sample)  # type: ignore[index]
-        else:
-            with tempfile.TemporaryDirectory(prefix=f"quality-{profile}-") as tmp:
-                results["profiles"][profile] = run_profile(profile, Path(tmp), sample)  # type: ignore[index]
+    # (name, profile, overrides): each profile as configured, then the demo with the model picking its answers
+    runs = [(p, p, {}) for p in args.profiles.split(",")]
+    if "demo" in args.profiles.split(",") and not args.no_variants:
+        runs.append(("demo, extract_answer=model", "demo", {"extract_answer": "model"}))
+    results["variants"] = {}
+    for name, profile, overrides in runs:
+        where = results["profiles"] if not overrides else results["variants"]
+        root = work / profile  # a variant re-uses its profile's root: its generations are cached there
+        root.mkdir(parents=True, exist_ok=True)
+        where[name] = run_profile(profile, root, sample, **overrides)  # type: ignore[index]
+    if not args.keep_root:
+        shutil.rmtree(work, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     cols = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "judge_auc_swapped",
             "relevance_auc_swapped", "grounding_auc_swapped", "relevance_auc_near_miss", "kept_relevance_auc_swapped",
             "kept_mean_relevance")
     print(f"\n{'profile':<8} {'gates':<22} " + " ".join(f"{c[:22]:>22}" for c in cols))
-    for profile, r in results["profiles"].items():  # type: ignore[union-attr]
+    for profile, r in [*results["profiles"].items(), *results["variants"].items()]:  # type: ignore[union-attr]
         for label, row in (("as configured", r), ("no relevance gate", r["without_relevance_gate"])):
-            print(f"{profile:<8} {label:<22} " + " ".join(f"{str(row.get(c)):>22}" for c in cols))
+            print(f"{profile[:8]:<8} {label:<22} " + " ".join(f"{str(row.get(c)):>22}" for c in cols))
     print(f"\nwritten to {RESULTS}")
 
 

@@ -140,6 +140,9 @@ class PipelineConfig:
     # Flow-Judge get their own, any other model ours ("instruct"/"json": our prompt under a JSON schema).
     genericizer_format: str = ""
     instantiator_format: str = ""
+    # `extract` format: the answer is the sentences the relevance model ranks best for the filled instruction
+    # (`ranked`), or the model's own pick among those offered (`model`); benchmarks/quality.py measures both.
+    extract_answer: str = "ranked"
     judge_format: str = ""
     genericizer_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=256))
     instantiator_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=1024))
@@ -159,6 +162,8 @@ class PipelineConfig:
             _check(value in ("", *formats), f"{role}_format must be one of {formats} (or empty: follow the "
                                             f"model), got {value!r}")
         _check(self.min_instruction_words >= 1 and self.min_answer_words >= 1, "min words must be >= 1")
+        _check(self.extract_answer in ("model", "ranked"), f"extract_answer must be model or ranked, got "
+                                                            f"{self.extract_answer!r}")
         _check(self.max_document_chars >= 200, "max_document_chars must be >= 200")
         _check(self.chunk_rows >= 16, f"chunk_rows must be >= 16, got {self.chunk_rows}")
 

@@ -210,6 +210,7 @@ class PipelineResource(ConfigurableResource):
     control_share: float | None = None
     max_control_kept_share: float | None = None
     control_check_blocks: bool | None = None
+    extract_answer: str | None = None
     chunk_rows: int | None = None
 
     def config(self) -> PipelineConfig:
@@ -218,7 +219,8 @@ class PipelineResource(ConfigurableResource):
                               judge_threshold=self.judge_threshold, min_grounding=self.min_grounding,
                               min_relevance=self.min_relevance, min_match_score=self.min_match_score,
                               control_share=self.control_share, max_control_kept_share=self.max_control_kept_share,
-                              control_check_blocks=self.control_check_blocks, chunk_rows=self.chunk_rows)
+                              control_check_blocks=self.control_check_blocks, extract_answer=self.extract_answer,
+                              chunk_rows=self.chunk_rows)
 
 
 def build_resources() -> dict[str, ConfigurableResource]:

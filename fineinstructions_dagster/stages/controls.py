@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from fineinstructions_dagster.lib.ids import content_id
+from fineinstructions_dagster.prompts.common import truncate
 from fineinstructions_dagster.prompts.instantiate import document_sentences
 from fineinstructions_dagster.stages.instantiation import gate_instantiation, grounding
 
@@ -80,6 +81,7 @@ def near_miss_passage(document: str, answer: str, key: str, min_words: int) -> s
 def build_controls(
     chunk: pl.DataFrame, n_controls: int, run_id: str, min_answer_words: int = 1, min_instruction_words: int = 1,
     relevance: Callable[[list[str], list[str]], np.ndarray] | None = None, relevance_model: str = "",
+    max_document_chars: int | None = None,
 ) -> pl.DataFrame:
     """Control twins for `n_controls` of the chunk's pairs (the lowest content hashes of their instantiation ids).
     `chunk`: instantiation_id, doc_id, shard, instruction, answer, text (the document), template (for the
@@ -97,7 +99,8 @@ def build_controls(
         if donor is not None:
             out.append({"control_kind": "swapped", "doc_id": donor["doc_id"], "answer": donor["answer"],
                         "text": donor["text"], "source": donor["instantiation_id"], **_twin(r)})
-        passage = near_miss_passage(r["text"], r["answer"], r["instantiation_id"], min_answer_words)
+        shown = truncate(r["text"], max_document_chars) if max_document_chars else r["text"]
+        passage = near_miss_passage(shown, r["answer"], r["instantiation_id"], min_answer_words)
         if passage is not None:
             out.append({"control_kind": "near_miss", "doc_id": r["doc_id"], "answer": passage, "text": r["text"],
                         "source": r["doc_id"], **_twin(r)})

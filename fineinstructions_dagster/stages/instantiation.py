@@ -155,6 +155,8 @@ FillRanker = Callable[[str, list[str]], list[str]]
 RelevanceScore = Callable[[list[str], list[str]], np.ndarray]
 # extract: the answer sentences offered, best first for the instruction (a 135M model picks among the first)
 ANSWER_CHOICES = 8
+EXTRACT_ANSWERS = ("model", "ranked")
+RANKED_ANSWER_SENTENCES = 2  # ranked answers: the two best sentences (one rarely answers anything; measured)
 
 
 def template_as_question(template: str) -> str:
@@ -205,6 +207,7 @@ def instantiate_matches(
     max_instruction_chars: int, max_answer_chars: int, run_id: str = "", prompt_format: str = "instruct",
     min_instruction_words: int = 1, min_answer_words: int = 1, rank_fills: FillRanker | None = None,
     rank_answers: FillRanker | None = None, relevance: RelevanceScore | None = None, relevance_model: str = "",
+    extract_answer: str = "model",
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: one row per match with columns match_id, doc_id, template_id, shard, text, template.
     Returns (instantiations, quarantined rows with reason and raw output, stats). `prompt_format`: `instruct`
@@ -213,14 +216,22 @@ def instantiate_matches(
     JSON input; its `null`, for a template that does not fit the document, is counted as `incompatible_template`).
     `rank_fills` (extract): offer each slot only the document phrases it ranks best for the slot's description;
     `rank_answers` (extract): offer only the ANSWER_CHOICES sentences it ranks best as answers to the template (its
-    slots read as their descriptions), best first. `relevance`: scores each kept pair's answer against its
-    instruction (column `relevance`, named by `relevance_model`)."""
+    slots read as their descriptions), best first. `extract_answer` (extract): `model` (the model picks the answer
+    among those) or `ranked` (the model only fills the slots; the answer is the RANKED_ANSWER_SENTENCES sentences
+    `rank_answers` puts first for the filled instruction, in document order). `relevance`: scores each kept pair's
+    answer against its instruction (column `relevance`, named by `relevance_model`)."""
     if prompt_format not in instantiate.FORMATS:
         raise ValueError(f"instantiator prompt_format must be one of {instantiate.FORMATS}, got {prompt_format!r}")
     released, extract = prompt_format == "template_instantiator", prompt_format == "extract"
+    if extract_answer not in EXTRACT_ANSWERS:
+        raise ValueError(f"extract_answer must be one of {EXTRACT_ANSWERS}, got {extract_answer!r}")
+    ranked = extract and extract_answer == "ranked"
+    if ranked and rank_answers is None:
+        raise ValueError("extract_answer 'ranked' needs rank_answers (the relevance model's ranking)")
     stats = StageStats(total=pending.height)
     version = {"template_instantiator": instantiate.RELEASED_PROMPT_VERSION,
-               "extract": instantiate.EXTRACT_PROMPT_VERSION}.get(prompt_format, instantiate.PROMPT_VERSION)
+               "extract": instantiate.EXTRACT_FILLS_PROMPT_VERSION if ranked else instantiate.EXTRACT_PROMPT_VERSION
+               }.get(prompt_format, instantiate.PROMPT_VERSION)
     # Sorted by document so that a document's k prompts sit together and share their prefix.
     rows = pending.sort("doc_id", "match_id").to_dicts()
 
@@ -230,14 +241,15 @@ def instantiate_matches(
             return GenerationRequest(instantiate.released_messages(document, r["template"]), sampling, seed)
         if extract:
             sentences, fills = document_choices(r["doc_id"], document)
-            if rank_answers is not None:
+            if rank_answers is not None and not ranked:
                 sentences = rank_answers(template_as_question(r["template"]), sentences)[:ANSWER_CHOICES]
             if rank_fills is not None:  # the phrases nearest each slot's description, slots in order
                 fills = list(dict.fromkeys(p for slot in _SLOT.findall(r["template"])
                                            for p in rank_fills(slot, fills)[:FILL_CHOICES_PER_SLOT])) or fills
-            return GenerationRequest(instantiate.extract_messages(document, r["template"]), sampling, seed,
-                                     instantiate.extract_schema(len(_SLOT.findall(r["template"])), sentences,
-                                                                fills))
+            return GenerationRequest(instantiate.extract_messages(document, r["template"], fills_only=ranked),
+                                     sampling, seed,
+                                     instantiate.extract_schema(len(_SLOT.findall(r["template"])),
+                                                                None if ranked else sentences, fills))
         return GenerationRequest(instantiate.messages(document, r["template"]), sampling, seed,
                                  instantiate.schema(max_instruction_chars, max_answer_chars))
 
@@ -251,7 +263,8 @@ def instantiate_matches(
         return choices[doc_id]
 
     requests = [request(r) for r in rows]
-    required = () if released else ("fills", "answer") if extract else ("instruction", "answer")
+    required = () if released else ("fills",) if ranked else ("fills", "answer") if extract else ("instruction",
+                                                                                                   "answer")
 
     def identify(r: dict[str, Any], prov: dict[str, str]) -> dict[str, Any]:
         return {"instantiation_id": content_id("instantiation", r["match_id"], prov), "match_id": r["match_id"],
@@ -264,13 +277,17 @@ def instantiate_matches(
         if obj is None:
             return {}, reason
         if extract:
-            fills, picked = obj["fills"], obj["answer"]
+            fills, picked = obj["fills"], [] if ranked else obj["answer"]
             if not (isinstance(fills, list) and isinstance(picked, list)) or \
                     len(fills) != len(_SLOT.findall(r["template"])):
                 return {}, "missing_field"
             instruction, reason = fill_template(r["template"], [str(f) for f in fills])
             if reason:
                 return {}, reason
+            if ranked:  # the sentences that answer the filled instruction best, as the document orders them
+                sentences = choices[r["doc_id"]][0]
+                best = set(rank_answers(instruction, sentences)[:RANKED_ANSWER_SENTENCES])  # type: ignore[misc]
+                picked = [s for s in sentences if s in best]
             obj = {"instruction": instruction, "answer": " ".join(dict.fromkeys(str(p) for p in picked))}
         if released:  # key names other releases use for the same two fields
             obj = {"instruction": _first_key(obj, RELEASED_INSTRUCTION_KEYS),

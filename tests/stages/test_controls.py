@@ -157,3 +157,19 @@ def test_controls_are_judged_in_the_same_engine_calls_as_the_pairs(fake_engine):
                   and swapped["instruction"] in r.chat()[-1]["content"])
     own_text = DOC_B if swapped["doc_id"] == "dB" else DOC_A
     assert own_text[:40] in prompt.chat()[-1]["content"]
+
+
+def test_the_control_check_fails_a_shard_whose_gates_keep_its_controls():
+    from dagster import AssetCheckSeverity
+
+    from fineinstructions_dagster.defs.pairs.assets import control_check
+
+    ok = control_check(40, 2, 0.1, True, "s1")
+    assert ok.passed and "kept 2 of 40" in ok.description
+    bad = control_check(40, 30, 0.1, True, "s1")
+    assert not bad.passed and bad.severity == AssetCheckSeverity.ERROR
+    assert "shard s1" in bad.description and "not filtering" in bad.description
+    relaxed = control_check(40, 30, 0.1, False, "s1")  # the smoke profile: said, not blocking
+    assert relaxed.passed and relaxed.severity == AssetCheckSeverity.WARN and "warning only" in relaxed.description
+    assert control_check(0, 0, 0.1, True, "s1").passed  # nothing to measure is said, not failed
+    assert "not measured" in control_check(0, 0, 0.1, True, "s1").description

@@ -53,3 +53,30 @@ def test_extract_offers_the_best_ranked_sentences_first(fake_engine):
     offered = seen[0].json_schema["properties"]["answer"]["items"]["enum"]
     assert len(offered) == ANSWER_CHOICES and offered[0].startswith("Sentence number 19 ")
     assert asked == ["What does a topic mean?"] == [template_as_question("What does <fi>a topic</fi> mean?")]
+
+
+def test_ranked_extract_answers_are_the_best_sentences_for_the_filled_instruction(fake_engine):
+    from fineinstructions_dagster.prompts import instantiate
+
+    doc = ("Lists are mutable sequences of values in Python. The sort method sorts a list in place and returns "
+           "None. Tuples cannot be changed once they are created at all. The sorted function returns a new list "
+           "from any iterable input.")
+    seen = []
+    engine = fake_engine(lambda r: seen.append(r) or json.dumps({"fills": ["a list"]}))
+    asked = []
+
+    def rank(query: str, sentences: list[str]) -> list[str]:
+        asked.append(query)
+        return sorted(sentences, key=lambda s: -("sort" in s))  # the two about sorting first
+
+    pending = pl.DataFrame({"match_id": ["m1"], "doc_id": "d1", "template_id": "t1", "shard": "s", "text": doc,
+                            "template": "How do I sort <fi>a container</fi> in Python?"})
+    kept, quarantined, _ = instantiate_matches(
+        pending, LLMCall(engine, None, GenerationStats()), SamplingConfig(), 4000, 400, 800, prompt_format="extract",
+        min_instruction_words=4, min_answer_words=8, rank_answers=rank, extract_answer="ranked",
+        relevance=lambda q, a: [0.5] * len(q), relevance_model="m")
+    assert set(seen[0].json_schema["properties"]) == {"fills"}  # the model fills the slots only
+    assert asked == ["How do I sort a list in Python?"]  # ranked for the filled instruction
+    assert kept["answer"].to_list() == ["The sort method sorts a list in place and returns None. The sorted "
+                                        "function returns a new list from any iterable input."]  # document order
+    assert kept["prompt_version"][0] == instantiate.EXTRACT_FILLS_PROMPT_VERSION and kept["relevance"][0] == 0.5

@@ -65,7 +65,8 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
     definition = definition_hash("instantiations", engine.info.backend, engine.info.model, engine.info.revision,
                                  instantiate.PROMPT_VERSION, instantiate.RELEASED_PROMPT_VERSION,
-                                 instantiate.EXTRACT_PROMPT_VERSION, cfg.instantiator_sampling, prompt_format,
+                                 instantiate.EXTRACT_PROMPT_VERSION, instantiate.EXTRACT_FILLS_PROMPT_VERSION,
+                                 cfg.extract_answer if ranker else "", cfg.instantiator_sampling, prompt_format,
                                  ranker.name if ranker else "", scorer.name, scorer.revision,
                                  ANSWER_CHOICES if ranker else 0, cfg.max_document_chars, cfg.max_instruction_chars,
                                  cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words)
@@ -84,7 +85,8 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
                 pending, llm, cfg.instantiator_sampling, cfg.max_document_chars, cfg.max_instruction_chars,
                 cfg.max_answer_chars, context.run_id, prompt_format, cfg.min_instruction_words,
                 cfg.min_answer_words, ranker.rank_by_similarity if ranker else None,
-                rank_answers=scorer.rank if ranker else None, relevance=scorer.score, relevance_model=scorer.name)
+                rank_answers=scorer.rank if ranker else None, relevance=scorer.score, relevance_model=scorer.name,
+                extract_answer=cfg.extract_answer)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:

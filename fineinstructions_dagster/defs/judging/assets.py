@@ -82,7 +82,8 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
                 f"instantiations[{shard}] -> documents")
             controls = build_controls(
                 pending, controls_in_chunk(chunk.height, shard_rows, cfg.control_share, cfg.min_controls_per_shard),
-                context.run_id, cfg.min_answer_words, cfg.min_instruction_words, scorer.score, scorer.name)
+                context.run_id, cfg.min_answer_words, cfg.min_instruction_words, scorer.score, scorer.name,
+                cfg.max_document_chars)
             llm = LLMCall(engine, cache, GenerationStats())  # per chunk: a part's counts are its own
             kept, quarantined, judged_controls, stats = judge_with_controls(
                 pending, controls, pending.select("doc_id", "text"), llm, cfg.judge_sampling, cfg.max_document_chars,
