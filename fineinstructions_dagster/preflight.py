@@ -126,9 +126,8 @@ def problems() -> list[str]:
                     largest = (need, model)
         if largest is not None and (problem := memory_problem(*largest)):
             out.append(problem)
-    embedder = env_value("FINEINSTRUCTIONS_EMBEDDER_MODEL")
-    if embedder:
-        why = _model_resolves(embedder, offline)
-        if why:
-            out.append(f"embedder model {embedder!r} (set by FINEINSTRUCTIONS_EMBEDDER_MODEL): {why}")
+    for role in ("EMBEDDER", "RELEVANCE"):
+        model = env_value(f"FINEINSTRUCTIONS_{role}_MODEL")
+        if model and (why := _model_resolves(model, offline)):
+            out.append(f"{role.lower()} model {model!r} (set by FINEINSTRUCTIONS_{role}_MODEL): {why}")
     return out

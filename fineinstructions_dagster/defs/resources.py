@@ -183,9 +183,9 @@ class EmbedderResource(ConfigurableResource):
 
 class RelevanceResource(ConfigurableResource):
     """The model that scores how well an answer answers its instruction (the `relevance` gate and the control
-    pairs' relevance): FINEINSTRUCTIONS_RELEVANCE_MODEL, else the embedder's model (the packaged all-MiniLM-L6-v2,
-    a bi-encoder: cosine); a CrossEncoder reranker for production (`kind` cross-encoder, or auto from its config).
-    Its threshold is PipelineConfig.min_relevance, measured for the default model."""
+    pairs' relevance): FINEINSTRUCTIONS_RELEVANCE_MODEL, else the packaged all-MiniLM-L6-v2 (a bi-encoder: cosine),
+    whatever embedder matching uses; a CrossEncoder reranker for production (`kind` cross-encoder, or auto from its
+    config). Its threshold is PipelineConfig.min_relevance, measured for the default model: set both together."""
 
     model: str = ""
     kind: str = ""
@@ -193,7 +193,8 @@ class RelevanceResource(ConfigurableResource):
     device: str = "cpu"
 
     def scorer(self) -> RelevanceScorer:
-        model = setting("FINEINSTRUCTIONS_RELEVANCE_MODEL", self.model) or setting("FINEINSTRUCTIONS_EMBEDDER_MODEL")
+        # Not the matching embedder's model by default: min_relevance is measured for the packaged MiniLM.
+        model = setting("FINEINSTRUCTIONS_RELEVANCE_MODEL", self.model)
         return get_relevance_scorer(model, setting("FINEINSTRUCTIONS_RELEVANCE_KIND", self.kind), self.batch_size,
                                     self.device)
 
