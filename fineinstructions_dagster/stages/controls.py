@@ -126,6 +126,17 @@ def _twin(r: dict[str, Any]) -> dict[str, Any]:
             "instruction": r["instruction"], "template": r.get("template") or ""}
 
 
+def wilson_lower_bound(kept: int, n: int, z: float = 1.96) -> float:
+    """The lower end of the Wilson score interval (95% by default) of a kept share: a shard whose bound is above
+    the allowed share keeps too many controls beyond chance; a handful of controls proves little either way."""
+    if n == 0:
+        return 0.0
+    p = kept / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))
+
+
 def auc(positive: pl.Series, negative: pl.Series) -> float | None:
     """The probability that a random positive scores above a random negative (ties count half): the Mann-Whitney
     statistic from average ranks, vectorised; None when either side is empty."""

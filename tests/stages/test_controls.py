@@ -93,6 +93,14 @@ def test_relevance_is_scored_for_each_control():
     assert set(controls["relevance_model"]) == {"m:bi-encoder"}
 
 
+def test_wilson_lower_bound():
+    from fineinstructions_dagster.stages.controls import wilson_lower_bound
+
+    assert wilson_lower_bound(0, 0) == 0.0 and wilson_lower_bound(0, 50) == 0.0
+    assert 0.69 < wilson_lower_bound(10, 10) < 0.73
+    assert 0.10 < wilson_lower_bound(60, 400) < 0.13 < 0.15
+
+
 def test_auc():
     assert auc(pl.Series([3, 4, 5]), pl.Series([1, 2])) == 1.0
     assert auc(pl.Series([1, 2]), pl.Series([3, 4, 5])) == 0.0
@@ -166,6 +174,9 @@ def test_the_control_check_fails_a_shard_whose_gates_keep_its_controls():
 
     ok = control_check(40, 2, 0.1, True, "s1")
     assert ok.passed and "kept 2 of 40" in ok.description
+    assert control_check(10, 2, 0.1, True, "s1").passed  # 20% of 10: not shown to be above 10%
+    assert not control_check(10, 10, 0.1, True, "s1").passed  # all of 10: shown
+    assert not control_check(400, 60, 0.1, True, "s1").passed  # 15% of 400: shown
     bad = control_check(40, 30, 0.1, True, "s1")
     assert not bad.passed and bad.severity == AssetCheckSeverity.ERROR
     assert "shard s1" in bad.description and "not filtering" in bad.description

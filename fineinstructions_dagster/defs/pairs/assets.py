@@ -36,7 +36,7 @@ from fineinstructions_dagster.lib.chunks import (
     run_chunked,
 )
 from fineinstructions_dagster.lib.storage import TableStore
-from fineinstructions_dagster.stages.controls import control_figures
+from fineinstructions_dagster.stages.controls import control_figures, wilson_lower_bound
 from fineinstructions_dagster.stages.pairs import (
     QUARANTINED_TABLES,
     gate_controls,
@@ -159,25 +159,27 @@ def judged_controls_kept(store: TableStore, shard: str) -> tuple[int, int]:
 
 
 def control_check(n: int, kept: int, max_share: float, blocks: bool, shard: str) -> AssetCheckResult:
-    """Whether the shard's gates filter: at most `max_share` of its judged control pairs kept. Under a profile whose
-    gates are relaxed on purpose (`blocks` False) an excess is a warning on a passing check, so automation still
-    exports its (test) data."""
+    """Whether the shard's gates filter: it fails when the gates keep more than `max_share` of its judged control
+    pairs beyond chance (the 95% Wilson lower bound of the kept share is above it: 10 of 10 kept fails, 2 of 10
+    does not prove anything). Under a profile whose gates are relaxed on purpose (`blocks` False) an excess is a
+    warning on a passing check, so automation still exports its (test) data."""
     share = kept / n if n else 0.0
-    over = share > max_share
+    lower = wilson_lower_bound(kept, n)
+    over = lower > max_share
     passed = not over or not blocks
+    said = f"the gates kept {kept} of {n} control pairs ({share:.1%}; 95% lower bound {lower:.1%})"
     if n == 0:
         description = f"shard {shard}: no control pairs could be made (too few documents or passages): not measured"
     elif not over:
-        description = f"shard {shard}: the gates kept {kept} of {n} control pairs ({share:.1%} <= {max_share:.0%})"
+        description = f"shard {shard}: {said}, not above {max_share:.0%}"
+    elif blocks:
+        description = f"shard {shard}: {said} > {max_share:.0%}: they are not filtering; its export is blocked"
     else:
-        description = (f"shard {shard}: the gates kept {kept} of {n} control pairs ({share:.1%} > {max_share:.0%}): "
-                       "they are not filtering; its export is blocked" if blocks else
-                       f"shard {shard}: the gates kept {kept} of {n} control pairs ({share:.1%}): relaxed on purpose "
-                       "under this profile (warning only)")
+        description = f"shard {shard}: {said} > {max_share:.0%}: relaxed on purpose under this profile (warning only)"
     return AssetCheckResult(check_name=CONTROLS_REJECTED, passed=passed, description=description,
                             severity=AssetCheckSeverity.WARN if over and not blocks else AssetCheckSeverity.ERROR,
                             metadata={"controls": n, "controls_kept": kept, "controls_kept_share": round(share, 4),
-                                      "max_control_kept_share": max_share})
+                                      "kept_share_lower_bound": round(lower, 4), "max_control_kept_share": max_share})
 
 
 @asset(automation_condition=over_every_partition(),
