@@ -102,7 +102,7 @@ def without_llm_answers(store, real: pl.DataFrame, scorer, max_document_chars: i
                                        / max(len(rows), 1), 4)}
 
 
-def run_profile(profile: str, root: Path, sample: Path, **overrides: object) -> dict[str, object]:
+def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **overrides: object) -> dict[str, object]:
     from dagster import DagsterInstance
 
     from fineinstructions_dagster.config import profile_config
@@ -115,16 +115,22 @@ def run_profile(profile: str, root: Path, sample: Path, **overrides: object) -> 
            "FINEINSTRUCTIONS_QUERIES": str(sample / "queries"), "FINEINSTRUCTIONS_CORPUS": str(sample / "corpus")}
     os.environ.update(env)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as home:
-        os.environ["DAGSTER_HOME"] = home
-        run = run_pipeline(DagsterInstance.ephemeral(), log=lambda line: print(f"  [{profile}] {line}"),
-                           pipeline_overrides={"control_share": 1.0, **overrides})
+    failures: list[str] = []
+    if run:
+        with tempfile.TemporaryDirectory() as home:
+            os.environ["DAGSTER_HOME"] = home
+            result = run_pipeline(DagsterInstance.ephemeral(), log=lambda line: print(f"  [{profile}] {line}"),
+                                  pipeline_overrides={"control_share": 1.0, **overrides})
+        failures = [f.describe() for f in result.failures]
     seconds = time.perf_counter() - started
     cfg = profile_config(profile, **overrides)
     store = TableStore(str(root))
     real, controls = judged_frames(store)
+    if cfg.min_match_score > 0:  # a match under it is never instantiated: neither its pair nor its twins exist
+        real = real.filter(pl.col("match_score") >= cfg.min_match_score)
+        controls = controls.filter(pl.col("instantiation_id").is_in(real["instantiation_id"].implode()))
     gates = cfg.final_gates()
-    out: dict[str, object] = {"seconds": round(seconds, 1), "failed_steps": [f.describe() for f in run.failures],
+    out: dict[str, object] = {"seconds": round(seconds, 1) if run else None, "failed_steps": failures,
                               "gates": cfg.gates(), "min_relevance": cfg.min_relevance,
                               "min_match_score": cfg.min_match_score}
     out.update(summary(*gated(real, controls, gates)))
@@ -155,12 +161,15 @@ def main() -> None:
     ap.add_argument("--docs-per-shard", type=int, default=16)
     ap.add_argument("--queries", type=int, default=40)
     ap.add_argument("--no-variants", action="store_true", help="skip the demo with the model's own answer picks")
+    ap.add_argument("--no-run", action="store_true", help="only measure what --keep-root DIR/<profile> holds (e.g. "
+                    "after changing a threshold: the gates are applied again to the judged rows)")
     args = ap.parse_args()
     from fineinstructions_dagster.sample import build_sample
 
     work = Path(args.keep_root or tempfile.mkdtemp(prefix="quality-"))  # removed at the end unless --keep-root
     sample = work / "inputs"
-    counts = build_sample(sample, max_docs_per_shard=args.docs_per_shard, max_queries=args.queries)
+    counts = {} if args.no_run else build_sample(sample, max_docs_per_shard=args.docs_per_shard,
+                                                 max_queries=args.queries)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("FINEINSTRUCTIONS_PACKAGED_MODEL", str(ROOT / "models" / "smollm2-135m-instruct"))
@@ -176,10 +185,18 @@ def main() -> None:
         where = results["profiles"] if not overrides else results["variants"]
         root = work / profile  # a variant re-uses its profile's root: its generations are cached there
         root.mkdir(parents=True, exist_ok=True)
-        where[name] = run_profile(profile, root, sample, **overrides)  # type: ignore[index]
+        where[name] = run_profile(profile, root, sample, not args.no_run, **overrides)  # type: ignore[index]
     if not args.keep_root:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    before = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.no_run:  # keep what the run measured (its time, its sample)
+        for section in ("profiles", "variants"):
+            for name, row in results[section].items():  # type: ignore[union-attr]
+                row["seconds"] = before.get(section, {}).get(name, {}).get("seconds")
+        results["sample"] = before.get("sample", {})
+    for section in ("profiles", "variants"):  # the profiles not run now keep their last figures
+        results[section] = {**before.get(section, {}), **results[section]}  # type: ignore[dict-item]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     cols = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "judge_auc_swapped",
             "relevance_auc_swapped", "grounding_auc_swapped", "relevance_auc_near_miss", "kept_relevance_auc_swapped",
