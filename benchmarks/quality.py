@@ -102,6 +102,16 @@ def without_llm_answers(store, real: pl.DataFrame, scorer, max_document_chars: i
                                        / max(len(rows), 1), 4)}
 
 
+def match_score_sweep(real: pl.DataFrame, min_relevance: float) -> dict[str, dict[str, float | None]]:
+    """A match too weak to yield a relevant answer is not worth an LLM call: per min_match_score, the share of
+    instantiations it would have saved and the share of the pairs passing the relevance gate it would have lost."""
+    passing = real.filter(pl.col("relevance") >= min_relevance)
+    return {f"{t:.2f}": {"llm_calls_saved_share": round(float((real["match_score"] < t).mean() or 0), 4),
+                         "relevant_pairs_lost_share": round(float((passing["match_score"] < t).mean() or 0), 4)
+                         if passing.height else None}
+            for t in (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)}
+
+
 def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **overrides: object) -> dict[str, object]:
     from dagster import DagsterInstance
 
@@ -126,6 +136,7 @@ def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **over
     cfg = profile_config(profile, **overrides)
     store = TableStore(str(root))
     real, controls = judged_frames(store)
+    match_sweep = match_score_sweep(real, cfg.min_relevance)  # over every match the run instantiated
     if cfg.min_match_score > 0:  # a match under it is never instantiated: neither its pair nor its twins exist
         real = real.filter(pl.col("match_score") >= cfg.min_match_score)
         controls = controls.filter(pl.col("instantiation_id").is_in(real["instantiation_id"].implode()))
@@ -140,14 +151,7 @@ def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **over
     out["relevance_sweep"] = {
         str(t): {k: v for k, v in summary(*gated(real, controls, Gates(gates.judge_threshold, gates.min_grounding, t)))
                  .items() if k.endswith("kept_share")} for t in RELEVANCE_SWEEP}
-    # A match too weak to yield a relevant answer is not worth an LLM call: of the pairs the relevance gate keeps,
-    # how many a min_match_score would have cost, against the instantiations it would have saved.
-    passing = real.filter(pl.col("relevance") >= gates.min_relevance)
-    out["match_score_sweep"] = {
-        f"{t:.2f}": {"llm_calls_saved_share": round(float((real["match_score"] < t).mean() or 0), 4),
-                     "relevant_pairs_lost_share": round(float((passing["match_score"] < t).mean() or 0), 4)
-                     if passing.height else None}
-        for t in (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)}
+    out["match_score_sweep"] = match_sweep
     if cfg.instantiator_format == "extract" and cfg.extract_answer == "model":
         out["answers_by_ranking_alone"] = without_llm_answers(store, real, RelevanceResource().scorer(),
                                                               cfg.max_document_chars)

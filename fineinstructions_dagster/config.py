@@ -202,10 +202,11 @@ class PipelineConfig:
                     f"{paper.gates()}.")
         return ("DEMO PROFILE: every LLM role ran the packaged SmolLM2-135M-Instruct (135M parameters): real text, "
                 f"weak answers, not training data. Gates: {self.gates()}, k={self.templates_per_document} (the "
-                "paper's thresholds plus minimum lengths). Its answers are extractive (sentences the model picked "
-                "from the document), so grounding is 1.0 by construction, and this judge barely tells a true pair "
-                "from one with another document's answer (benchmarks/packaged_model.py): the gates keep readable "
-                "quotes, not correct answers.")
+                "paper's thresholds plus minimum lengths, relevance and match score). The model fills each "
+                "template's slots; the answer is the two document sentences the relevance model ranks best for the "
+                "filled instruction (grounding is 1.0 by construction). This judge is at chance on control pairs; "
+                "the relevance gate does the filtering, and each shard's control pairs say how well "
+                "(benchmarks/quality.py).")
 
 
 # Prompt conventions per role: the first is ours (any instruct model, under a JSON schema), the second the
