@@ -17,8 +17,8 @@ from dagster import (
 
 from fineinstructions_dagster.definitions import defs
 from fineinstructions_dagster.defs.pairs.assets import CONTROLS_REJECTED
-from fineinstructions_dagster.defs.steps import SHARD_STEP
 from fineinstructions_dagster.defs.quality.assets import QUALITY_CHECK_KEYS, dbt_quality
+from fineinstructions_dagster.defs.steps import SHARD_STEP
 from fineinstructions_dagster.stages.dedup import bucket_range_keys
 
 CHAIN = SHARD_STEP  # documents .. fineinstructions, with the control-pair tables written beside them
