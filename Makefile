@@ -52,7 +52,7 @@ bench-matching: setup
 	$(BIN)/python benchmarks/matching.py
 
 # Do the gates tell a right pair from a wrong one? The whole graph on the sample per profile (demo, smoke), every
-# judged pair with control twins; kept shares and each signal's AUC, with and without the relevance gate (~10 min).
+# judged pair with control twins; kept shares and each signal's AUC, with and without the relevance gate (~50 min).
 bench-quality: sample smoke-models
 	$(BIN)/python benchmarks/quality.py
 
