@@ -10,12 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import duckdb
-import polars as pl
 
 from fineinstructions_dagster.lib.storage import TableStore
 from fineinstructions_dagster.stages.controls import control_figures
 from fineinstructions_dagster.stages.lineage import LineageError, trace_pair
-from fineinstructions_dagster.stages.pairs import sampled_true_pairs
+from fineinstructions_dagster.stages.pairs import shard_controls
 
 ID = re.compile(r"^[a-z][0-9a-f]{16}$")
 # The tables an id of each kind is the key of (first letter of lib.ids.content_id's kind).
@@ -212,13 +211,12 @@ class Explorer:
         the controls that got through first (the ones that say what the gates miss)."""
         if not self.store.exists("control_outcomes", shard):
             return None
-        outcomes = pl.read_parquet(self.store.path("control_outcomes", shard)).filter(pl.col("judged"))
-        true = sampled_true_pairs(self.store.path("instantiations", shard), self.store.path("judgements", shard),
-                                  self.store.path("fineinstructions", shard), outcomes["instantiation_id"].unique())
-        judged = self.rows("control_judgements", "true", [], "control_id, instruction, answer", shard=shard,
-                           limit=100_000)
-        text = {r["control_id"]: r for r in judged}
+        true, outcomes = shard_controls(self.store, shard)
         shown = outcomes.sort(["kept", "control_id"], descending=[True, False]).head(20).to_dicts()
+        ids = [r["control_id"] for r in shown]
+        judged = self.rows("control_judgements", "list_contains(?, control_id)", [ids],
+                           "control_id, instruction, answer", shard=shard) if ids else []
+        text = {r["control_id"]: r for r in judged}
         return {"figures": control_figures(true, outcomes),
                 "sample": [{**r, "instruction": text.get(r["control_id"], {}).get("instruction", ""),
                             "answer": text.get(r["control_id"], {}).get("answer", "")} for r in shown]}

@@ -134,6 +134,16 @@ def sampled_true_pairs(instantiations: Path, judgements: Path, pairs: Path, ids:
             .with_columns(pl.col("kept").fill_null(False)).collect())
 
 
+def shard_controls(store: TableStore, shard: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(real, controls) for stages/controls.control_figures: the shard's judged controls, and as the real side the
+    pairs they are twins of (a content-hash sample of the judged pairs, so memory follows the controls, not the
+    shard) with whether each became a pair."""
+    outcomes = pl.read_parquet(store.path("control_outcomes", shard)).filter(pl.col("judged"))
+    true = sampled_true_pairs(store.path("instantiations", shard), store.path("judgements", shard),
+                              store.path("fineinstructions", shard), outcomes["instantiation_id"].unique())
+    return true, outcomes
+
+
 def dataset_report(pairs: pl.DataFrame) -> dict[str, object]:
     """Counts, template diversity and score histograms over all final pairs."""
     if pairs.height == 0:

@@ -41,8 +41,8 @@ from fineinstructions_dagster.stages.pairs import (
     QUARANTINED_TABLES,
     gate_controls,
     rejection_counts,
-    sampled_true_pairs,
     select_pairs,
+    shard_controls,
 )
 from fineinstructions_dagster.stages.pairs import dataset_report as build_report
 from fineinstructions_dagster.stages.report import stage_quality
@@ -135,16 +135,6 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
         ]
 
     yield from for_each_partition(context, one)
-
-
-def shard_controls(store: TableStore, shard: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(real, controls) for stages/controls.control_figures: the shard's judged controls, and as the real side the
-    pairs they are twins of (a content-hash sample of the judged pairs, so memory follows the controls, not the
-    shard) with whether each became a pair."""
-    outcomes = pl.read_parquet(store.path(CONTROL_OUTCOMES, shard)).filter(pl.col("judged"))
-    true = sampled_true_pairs(store.path("instantiations", shard), store.path("judgements", shard),
-                              store.path("fineinstructions", shard), outcomes["instantiation_id"].unique())
-    return true, outcomes
 
 
 def shard_control_figures(store: TableStore, shard: str) -> dict[str, object]:
