@@ -89,10 +89,15 @@ def fake_vllm(monkeypatch):
     return platform
 
 
-def test_engine_passes_and_records_the_kv_size(tmp_path, fake_vllm):
+@pytest.mark.parametrize("bf16", [True, False])
+def test_engine_passes_and_records_the_kv_size(tmp_path, fake_vllm, monkeypatch, bf16):
     config_file(tmp_path, SMOKE)
+    monkeypatch.setattr(engines, "cpu_has_bf16", lambda: bf16)
     engine = engines.VLLMEngine(str(tmp_path), "r1", max_model_len=2048, max_num_seqs=128)
-    assert _FakeLLM.last["kv_cache_memory_bytes"] == 512 << 20 == engine.info.options["cpu_kv_cache_bytes"]
+    # A CPU without bf16 runs float32, whose KV cache is twice the size.
+    assert _FakeLLM.last["dtype"] == ("auto" if bf16 else "float32")
+    want = (512 << 20) * (1 if bf16 else 2)
+    assert _FakeLLM.last["kv_cache_memory_bytes"] == want == engine.info.options["cpu_kv_cache_bytes"]
     assert _FakeLLM.last["max_num_seqs"] == 128
     # An explicit size wins over the need.
     engine = engines.VLLMEngine(str(tmp_path), "r1", max_model_len=2048, cpu_kv_cache_gb=1.5)
@@ -164,7 +169,8 @@ def test_two_vllm_processes_share_one_machine(smoke_model):
         assert p.returncode == 0, err[-3000:]
         reports.append(json.loads(out.strip().splitlines()[-1]))
     print("two vLLM processes side by side:", reports)
-    expected = cpu_kv_cache_bytes(json.loads((smoke_model / "config.json").read_text()), 2048)
+    expected = cpu_kv_cache_bytes(json.loads((smoke_model / "config.json").read_text()), 2048,
+                                  dtype=engines.engine_dtype("auto", on_cpu=True))
     for r in reports:
         assert r["kv_bytes"] == expected
         assert all(1 <= s <= 5 for s in r["scores"])
