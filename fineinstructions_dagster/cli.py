@@ -179,13 +179,15 @@ def _print_quality(q: dict[str, Any], samples: bool) -> None:
 def _print_controls(c: dict[str, Any]) -> None:
     """The control pairs' outcome: how many the gates kept (they should keep almost none) and each signal's AUC of
     real pair over control, over all shards and per shard."""
+    from fineinstructions_dagster.stages.controls import SIGNALS
+
     if not c.get("all"):
         return
     print(f"control pairs (never exported; judged and gated like the pairs; the check fails a shard whose gates keep "
           f"more than {_pct(c.get('max_control_kept_share'))} of them):")
 
     def auc(kind: dict[str, Any]) -> str:
-        return " ".join(f"{s.split('_')[0]} {kind.get(f'{s}_auc')}" for s in ("judge_score", "relevance", "grounding"))
+        return " ".join(f"{s} {kind.get(f'{s}_auc')}" for s in SIGNALS)
 
     for name, f in [("all", c["all"]), *sorted((c.get("shards") or {}).items())]:
         s, n = f["swapped"], f["near_miss"]

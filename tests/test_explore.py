@@ -69,6 +69,9 @@ def test_template_query_and_shard_pages(pipeline, client):
     assert f'href="/template/{pair["template_id"]}"' in query
     shard = client.get(f"/shard/{pair['shard']}").text
     assert len(re.findall(r"<svg ", shard)) == 3 and "judge score" in shard and "grounding" in shard
+    # the control pairs' figures, once, in the page (not in its <title>)
+    assert shard.count('<section id="controls">') == 1 and "fills in answer AUC" in shard
+    assert re.search(r"<title>shard [^<]*</title>", shard)
 
 
 def test_shard_materializations_link_to_the_explorer(pipeline):

@@ -41,7 +41,8 @@ EXAMPLES = (
 EXAMPLE_TEXTS = frozenset(t.lower() for _, out in EXAMPLES
                           for t in (out["kind"], out["compatible_document_description"]))
 
-_STOP = frozenset(
+# Function words: never a slot's specifics (they also bound slot candidates and fill checks).
+FUNCTION_WORDS = frozenset(
     "a an the of to in on for and or is are be been was were am i you we my your our it its do does did how "
     "why what when where which who can could should would will must may might there here some all any with use "
     "using used by at as from into instead than more most so this that these those not no if then get getting "
@@ -62,7 +63,7 @@ def slot_candidates(query: str, max_words: int = 4, limit: int = MAX_CANDIDATES)
     for n in range(1, max_words + 1):
         for i in range(len(words) - n + 1):
             run = words[i:i + n]
-            if not run[0] or not run[-1] or run[0].lower() in _STOP or run[-1].lower() in _STOP:
+            if not run[0] or not run[-1] or run[0].lower() in FUNCTION_WORDS or run[-1].lower() in FUNCTION_WORDS:
                 continue
             phrase = " ".join(run)
             if phrase in query and len(phrase) > 2 and phrase.lower() not in seen:

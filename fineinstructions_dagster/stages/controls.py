@@ -23,10 +23,10 @@ import polars as pl
 from fineinstructions_dagster.lib.ids import content_id
 from fineinstructions_dagster.prompts.common import truncate
 from fineinstructions_dagster.prompts.instantiate import document_sentences
-from fineinstructions_dagster.stages.instantiation import gate_instantiation, grounding
+from fineinstructions_dagster.stages.instantiation import fill_signals, gate_instantiation, grounding
 
 KINDS = ("swapped", "near_miss")
-SIGNALS = ("judge_score", "grounding", "relevance")
+SIGNALS = ("judge_score", "grounding", "relevance", "fill_in_document", "fill_in_answer")
 # A document sentence the answer shares at least this share of words with (in runs of >= 3) counts as used.
 USED_SENTENCE_OVERLAP = 0.25
 MAX_NEAR_MISS_SENTENCES = 3
@@ -35,7 +35,7 @@ CONTROL_SCHEMA: dict[str, pl.DataType] = {
     "control_id": pl.String(), "instantiation_id": pl.String(), "control_kind": pl.String(), "shard": pl.String(),
     "instruction_doc_id": pl.String(), "doc_id": pl.String(),  # doc_id: the answer's document (judged against it)
     "instruction": pl.String(), "answer": pl.String(), "grounding": pl.Float64(), "relevance": pl.Float64(),
-    "relevance_model": pl.String(),
+    "relevance_model": pl.String(), "fill_in_document": pl.Float64(), "fill_in_answer": pl.Float64(),
     "gate_reason": pl.String(),  # an instantiation gate the control failed (then it is not judged), else null
     "judgement_id": pl.String(), "score": pl.Int8(), "feedback": pl.String(),
     "judge_reason": pl.String(),  # why its judgement was quarantined (unparsed output, ...), else null
@@ -85,9 +85,10 @@ def build_controls(
 ) -> pl.DataFrame:
     """Control twins for `n_controls` of the chunk's pairs (the lowest content hashes of their instantiation ids).
     `chunk`: instantiation_id, doc_id, shard, instruction, answer, text (the document), template (for the
-    instantiation gates). Rows as CONTROL_SCHEMA before judging (no judgement yet), with grounding against the
-    answer's own document, relevance of the answer to the instruction, and `gate_reason` where a control fails an
-    instantiation gate (it is then not judged, as a real instantiation failing it never is)."""
+    instantiation gates and the fill signals). Rows as CONTROL_SCHEMA before judging (no judgement yet), with
+    grounding and fill signals against the answer's own document, relevance of the answer to the instruction, and
+    `gate_reason` where a control fails an instantiation gate (it is then not judged, as a real instantiation
+    failing it never is)."""
     if chunk.height == 0 or n_controls <= 0:
         return pl.DataFrame(schema=CONTROL_SCHEMA)
     rows = sorted(chunk.to_dicts(), key=lambda r: _rank(r["instantiation_id"]))
@@ -109,6 +110,7 @@ def build_controls(
     for c in out:
         c["control_id"] = content_id("control", c["instantiation_id"], c["control_kind"], c["source"], c["answer"])
         c["grounding"] = grounding(c["answer"], c["text"])
+        c |= fill_signals(c["instruction"], c["template"], c["text"], c["answer"])  # against the answer's document
         c["gate_reason"] = gate_instantiation(c["instruction"], c["answer"], c.pop("template"), min_instruction_words,
                                               min_answer_words)
         c["run_id"] = run_id
@@ -123,7 +125,7 @@ def build_controls(
 
 def _twin(r: dict[str, Any]) -> dict[str, Any]:
     return {"instantiation_id": r["instantiation_id"], "shard": r["shard"], "instruction_doc_id": r["doc_id"],
-            "instruction": r["instruction"], "template": r.get("template") or ""}
+            "instruction": r["instruction"], "template": r["template"]}
 
 
 def wilson_lower_bound(kept: int, n: int, z: float = 1.96) -> float:
@@ -149,8 +151,8 @@ def auc(positive: pl.Series, negative: pl.Series) -> float | None:
 
 
 def control_figures(true: pl.DataFrame, controls: pl.DataFrame) -> dict[str, Any]:
-    """`true`: every judged real pair (judge_score, grounding, relevance, kept); `controls`: every judged control
-    (control_kind, judge_score, grounding, relevance, kept). Per kind: how many, how many the gates kept, each
+    """`true`: every judged real pair (SIGNALS, kept); `controls`: every judged control (control_kind, SIGNALS,
+    kept). Per kind: how many, how many the gates kept, each
     signal's AUC of real over control; the real pairs' kept share; the kept real pairs' relevance AUC over the
     swapped controls and their mean relevance."""
     out: dict[str, Any] = {"true_pairs": true.height, "true_kept": int(true["kept"].sum()) if true.height else 0}
@@ -163,7 +165,9 @@ def control_figures(true: pl.DataFrame, controls: pl.DataFrame) -> dict[str, Any
         c = controls.filter(pl.col("control_kind") == kind) if controls.height else controls
         n, kept = c.height, int(c["kept"].sum()) if c.height else 0
         out[kind] = {"controls": n, "kept": kept, "kept_share": round(kept / n, 4) if n else None,
-                     **{f"{s}_auc": auc(true[s], c[s]) if true.height and n else None for s in SIGNALS}}
+                     # a signal a table does not hold (written before it was measured) has no AUC
+                     **{f"{s}_auc": auc(true[s], c[s]) if true.height and n and s in true.columns and s in c.columns
+                        else None for s in SIGNALS}}
     swapped = controls.filter(pl.col("control_kind") == "swapped") if controls.height else controls
     out["kept_relevance_auc_swapped"] = (auc(kept_true["relevance"], swapped["relevance"])
                                          if kept_true.height and swapped.height else None)

@@ -16,7 +16,7 @@ from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, SamplingConfig
 from fineinstructions_dagster.prompts import instantiate
 from fineinstructions_dagster.prompts.common import truncate
-from fineinstructions_dagster.prompts.genericize import slot_candidates
+from fineinstructions_dagster.prompts.genericize import FUNCTION_WORDS, slot_candidates
 from fineinstructions_dagster.stages.llm_calls import (
     GENERATION_SCHEMA,
     QUARANTINE_EXTRA,
@@ -33,7 +33,8 @@ BASE_SCHEMA: dict[str, pl.DataType] = {
 } | GENERATION_SCHEMA
 INSTANTIATION_SCHEMA = BASE_SCHEMA | {"instruction": pl.String(), "answer": pl.String(),
                                       "grounding": pl.Float64(), "relevance": pl.Float64(),
-                                      "relevance_model": pl.String()}
+                                      "relevance_model": pl.String(),
+                                      "fill_in_document": pl.Float64(), "fill_in_answer": pl.Float64()}
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -51,6 +52,27 @@ def grounding(answer: str, document: str, span: int = 3) -> float:
         if tuple(a[i:i + span]) in grams:
             covered[i:i + span] = [True] * span
     return sum(covered) / len(a)
+
+
+def fill_coverage(instruction: str, template: str, text: str) -> float:
+    """Share of the words the instruction put into the template's slots (its words that are neither in the
+    template's fixed text nor function words) that `text` contains, a plural's singular counting; 1.0 when the
+    fills add no such word. Against the document: an instruction about something the document does not mention
+    cannot be answered from it; against the answer: an answer that names none of what the instruction asks about
+    rarely answers it."""
+    fixed = {w.lower() for w in _WORD.findall(_SLOT.sub(" ", template))}
+    fills = [w for w in (w.lower() for w in _WORD.findall(instruction)) if w not in fixed and w not in FUNCTION_WORDS]
+    if not fills:
+        return 1.0
+    words = {w.lower() for w in _WORD.findall(text)}
+    stems = {w.removesuffix("s") for w in words}
+    return sum(w in words or w.removesuffix("s") in stems for w in fills) / len(fills)
+
+
+def fill_signals(instruction: str, template: str, document: str, answer: str) -> dict[str, float]:
+    """The two fill columns of an instantiation (or control pair: `document` is its answer's)."""
+    return {"fill_in_document": fill_coverage(instruction, template, document),
+            "fill_in_answer": fill_coverage(instruction, template, answer)}
 
 
 RELEASED_INSTRUCTION_KEYS = ("instruction", "query", "question", "prompt")
@@ -300,7 +322,8 @@ def instantiate_matches(
             return {}, reason
         reason = gate_instantiation(instruction, answer, r["template"], min_instruction_words,
                                     min_answer_words) or ""
-        return {"instruction": instruction, "answer": answer, "grounding": grounding(answer, r["text"])}, reason
+        return {"instruction": instruction, "answer": answer, "grounding": grounding(answer, r["text"]),
+                **fill_signals(instruction, r["template"], r["text"], answer)}, reason
 
     kept, quarantined = run_generation_stage(rows, requests, llm, version, sampling, identify, interpret, stats)
     schema = {k: v for k, v in INSTANTIATION_SCHEMA.items() if k not in ("relevance", "relevance_model")}

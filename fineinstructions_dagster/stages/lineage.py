@@ -96,7 +96,8 @@ def format_lineage(chain: dict[str, Any]) -> str:
     g = t["genericization"]
     lines = [
         f"PAIR {p['pair_id']}  (shard {p['shard']}, judge score {p['judge_score']}, "
-        f"grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))} by {p.get('relevance_model') or '-'})",
+        f"grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))} by {p.get('relevance_model') or '-'}, "
+        f"fills in document {_score(p.get('fill_in_document'))} / in answer {_score(p.get('fill_in_answer'))})",
         f"  instruction: {_short(p['instruction'])}",
         f"  answer:      {_short(p['answer'])}",
         f"JUDGEMENT {j['judgement_id']}  score={j['score']}  model={j['model']}@{j['model_revision']} "

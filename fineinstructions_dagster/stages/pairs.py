@@ -15,8 +15,10 @@ from fineinstructions_dagster.lib.storage import TableStore
 
 PAIR_COLUMNS = [
     "pair_id", "instruction", "answer", "judge_score", "grounding", "relevance", "relevance_model",
+    "fill_in_document", "fill_in_answer",
     # the gates this pair was selected under (the profile's), so a check by hand needs no settings
     "selected_judge_threshold", "selected_min_grounding", "selected_min_relevance",
+    "selected_min_fill_in_document", "selected_min_fill_in_answer",
     "judgement_id", "instantiation_id", "match_id", "template_id", "query_id", "query_ids", "doc_id",
     "shard", "url", "match_score", "match_rank",
     "instantiator_model", "judge_model",
@@ -32,14 +34,22 @@ class Gates:
     judge_threshold: int
     min_grounding: float
     min_relevance: float
+    min_fill_in_document: float = 0.0
+    min_fill_in_answer: float = 0.0
 
     def reason(self) -> pl.Expr:
-        """Why a judged pair (columns judge_score, grounding, relevance, instruction, answer) fails a gate, or
-        null. A pair without a relevance score fails the relevance gate: nothing passes unmeasured."""
+        """Why a judged pair (columns judge_score, grounding, relevance, fill_in_document, fill_in_answer,
+        instruction, answer) fails a gate, or null. A pair without a relevance or fill score fails that gate:
+        nothing passes unmeasured."""
+        unmeasured = float("-inf")
         return (
             pl.when(pl.col("judge_score") < self.judge_threshold).then(pl.lit("below_judge_threshold"))
             .when(pl.col("grounding") < self.min_grounding).then(pl.lit("below_grounding_threshold"))
-            .when(pl.col("relevance").fill_null(float("-inf")) < self.min_relevance)
+            .when(pl.col("fill_in_document").fill_null(unmeasured) < self.min_fill_in_document)
+            .then(pl.lit("fill_not_in_document"))
+            .when(pl.col("fill_in_answer").fill_null(unmeasured) < self.min_fill_in_answer)
+            .then(pl.lit("fill_not_in_answer"))
+            .when(pl.col("relevance").fill_null(unmeasured) < self.min_relevance)
             .then(pl.lit("below_relevance_threshold"))
             .when(pl.col("instruction").str.contains("</?fi>")).then(pl.lit("unfilled_slot"))
             .when(pl.col("answer").str.strip_chars() == "").then(pl.lit("empty_answer"))
@@ -50,7 +60,9 @@ class Gates:
         """The thresholds as columns, on every pair and control outcome (a check by hand needs no settings)."""
         return [pl.lit(self.judge_threshold, pl.Int64).alias("selected_judge_threshold"),
                 pl.lit(self.min_grounding, pl.Float64).alias("selected_min_grounding"),
-                pl.lit(self.min_relevance, pl.Float64).alias("selected_min_relevance")]
+                pl.lit(self.min_relevance, pl.Float64).alias("selected_min_relevance"),
+                pl.lit(self.min_fill_in_document, pl.Float64).alias("selected_min_fill_in_document"),
+                pl.lit(self.min_fill_in_answer, pl.Float64).alias("selected_min_fill_in_answer")]
 
 
 def select_pairs(
@@ -65,7 +77,7 @@ def select_pairs(
     j = judgements.select("judgement_id", "instantiation_id", pl.col("score").alias("judge_score"),
                           pl.col("model").alias("judge_model"), pl.col("run_id").alias("judgements_run_id"))
     i = instantiations.select("instantiation_id", "match_id", "instruction", "answer", "grounding", "relevance",
-                              "relevance_model",
+                              "relevance_model", "fill_in_document", "fill_in_answer",
                               pl.col("model").alias("instantiator_model"),
                               pl.col("run_id").alias("instantiations_run_id"))
     m = matches.select("match_id", "doc_id", "template_id", pl.col("score").alias("match_score"),
@@ -99,8 +111,9 @@ def select_pairs(
 
 CONTROL_OUTCOME_COLUMNS = [
     "control_id", "instantiation_id", "control_kind", "shard", "instruction_doc_id", "doc_id", "judgement_id",
-    "judge_score", "grounding", "relevance", "judged", "kept", "reason", "selected_judge_threshold",
-    "selected_min_grounding", "selected_min_relevance", "run_id",
+    "judge_score", "grounding", "relevance", "fill_in_document", "fill_in_answer", "judged", "kept", "reason",
+    "selected_judge_threshold", "selected_min_grounding", "selected_min_relevance", "selected_min_fill_in_document",
+    "selected_min_fill_in_answer", "run_id",
 ]
 
 
@@ -122,9 +135,10 @@ def gate_controls(controls: pl.DataFrame, gates: Gates, run_id: str = "") -> tup
 
 def sampled_true_pairs(instantiations: Path, judgements: Path, pairs: Path, ids: pl.Series) -> pl.DataFrame:
     """The real pairs whose instantiation_id is one of `ids` (the controls' originals): judge_score (null where
-    the judgement was quarantined), grounding, relevance, and whether it became a pair (`kept`)."""
+    the judgement was quarantined), grounding, relevance, the fill signals, and whether it became a pair (`kept`)."""
     wanted = ids.drop_nulls().unique().implode()
-    inst = (pl.scan_parquet(instantiations).select("instantiation_id", "grounding", "relevance")
+    inst = (pl.scan_parquet(instantiations).select("instantiation_id", "grounding", "relevance", "fill_in_document",
+                                                   "fill_in_answer")
             .filter(pl.col("instantiation_id").is_in(wanted)))
     judged = (pl.scan_parquet(judgements).select("instantiation_id", pl.col("score").alias("judge_score"))
               .filter(pl.col("instantiation_id").is_in(wanted)))

@@ -34,7 +34,8 @@ def _chunk(n_per_doc: int = 3) -> pl.DataFrame:
                               ("dB", DOC_B, "Generators keep their local state between calls to next.")):
         for i in range(n_per_doc):
             rows.append({"instantiation_id": f"i{doc}{i}", "doc_id": doc, "shard": "s", "text": text,
-                         "instruction": f"Question {i} about {doc} and its contents?", "answer": answer})
+                         "instruction": f"Question {i} about {doc} and its contents?", "answer": answer,
+                         "template": "Question <fi>n</fi> about <fi>a document</fi> and its contents?"})
     return pl.DataFrame(rows)
 
 
@@ -68,6 +69,21 @@ def test_swapped_and_near_miss_twins():
         assert r["doc_id"] == r["instruction_doc_id"] and r["answer"] in text and r["answer"] != answers[r["doc_id"]]
         assert "sort method" not in r["answer"] and "local state" not in r["answer"]  # not the passage it used
     assert controls["gate_reason"].is_null().all() and controls["score"].is_null().all()
+
+
+def test_a_swapped_twin_s_fills_are_read_against_the_answer_s_document():
+    # Instructions filled from their own documents ("sort", "list" are in DOC_A only): against DOC_B the swapped
+    # twin's fills are not found, the near miss's (same document) are.
+    chunk = _chunk(2).with_columns(
+        pl.when(pl.col("doc_id") == "dA").then(pl.lit("How do I sort a list in place?"))
+        .otherwise(pl.lit("How do generators keep their local state?")).alias("instruction"),
+        pl.lit("How do I <fi>do something</fi> with <fi>a thing</fi>?").alias("template"))
+    controls = build_controls(chunk, 4, "r", min_answer_words=4)
+    fills = dict(zip(controls["control_kind"] + "/" + controls["instruction_doc_id"], controls["fill_in_document"],
+                     strict=True))
+    assert fills["swapped/dA"] == 0.0 and fills["swapped/dB"] < 0.5
+    assert fills["near_miss/dA"] == fills["near_miss/dB"] == 1.0
+    assert controls["fill_in_answer"].is_not_null().all()
 
 
 def test_controls_are_chosen_by_content_hash_whatever_the_row_order():
@@ -127,21 +143,26 @@ def test_control_figures():
 
 
 def test_controls_go_through_the_same_gates():
-    gates = Gates(judge_threshold=4, min_grounding=0.6, min_relevance=0.3)
+    gates = Gates(judge_threshold=4, min_grounding=0.6, min_relevance=0.3, min_fill_in_document=0.5,
+                  min_fill_in_answer=0.25)
     base = {c: None for c in CONTROL_SCHEMA} | {"instruction": "How do I sort a list in place?", "answer": "x y z",
-                                               "grounding": 1.0, "control_kind": "swapped"}
+                                               "grounding": 1.0, "control_kind": "swapped",
+                                               "fill_in_document": 1.0, "fill_in_answer": 1.0}
     rows = [base | {"control_id": "c1", "score": 5, "relevance": 0.9},  # passes: the gates are not filtering
             base | {"control_id": "c2", "score": 5, "relevance": 0.1},
             base | {"control_id": "c3", "score": 2, "relevance": 0.9},
             base | {"control_id": "c4", "score": None, "relevance": 0.9, "judge_reason": "unparseable_json"},
             base | {"control_id": "c5", "score": None, "relevance": None, "gate_reason": "answer_too_short"},
-            base | {"control_id": "c6", "score": 5, "relevance": None}]
+            base | {"control_id": "c6", "score": 5, "relevance": None},
+            base | {"control_id": "c7", "score": 5, "relevance": 0.9, "fill_in_document": 0.0},
+            base | {"control_id": "c8", "score": 5, "relevance": 0.9, "fill_in_answer": 0.0}]
     outcomes, stats = gate_controls(pl.DataFrame(rows, schema=CONTROL_SCHEMA), gates)
     reasons = dict(zip(outcomes["control_id"], outcomes["reason"], strict=True))
     assert reasons == {"c1": None, "c2": "below_relevance_threshold", "c3": "below_judge_threshold",
-                       "c4": "unparseable_json", "c5": "answer_too_short", "c6": "below_relevance_threshold"}
+                       "c4": "unparseable_json", "c5": "answer_too_short", "c6": "below_relevance_threshold",
+                       "c7": "fill_not_in_document", "c8": "fill_not_in_answer"}
     assert outcomes.filter(pl.col("control_id") == "c5")["judged"].to_list() == [False]
-    assert stats.kept == 1 and stats.total == 6
+    assert stats.kept == 1 and stats.total == 8
     assert set(outcomes["selected_min_relevance"]) == {0.3}
 
 

@@ -7,6 +7,7 @@ from fineinstructions_dagster.llm.cache import GenerationStats
 from fineinstructions_dagster.llm.engines import SamplingConfig
 from fineinstructions_dagster.stages.instantiation import (
     expand_excerpts,
+    fill_coverage,
     gate_instantiation,
     grounding,
     instantiate_matches,
@@ -34,6 +35,16 @@ def test_grounding_counts_copied_spans():
 ])
 def test_each_gate(instruction, answer, reason):
     assert gate_instantiation(instruction, answer, "How do I sort a container ?") == reason
+
+
+def test_fill_coverage_reads_only_what_the_slots_added():
+    template = "How do I sort <fi>a container</fi> in <fi>a language</fi>?"
+    # the fills' words ("lists" counting as "list"), not the template's fixed words or function words
+    assert fill_coverage("How do I sort lists in place?", template, DOC) == 1.0
+    assert fill_coverage("How do I sort the list in Rust?", template, DOC) == 0.5
+    assert fill_coverage("How do I sort dictionaries in Rust?", template, DOC) == 0.0
+    assert fill_coverage("How do I sort it in a way?", template, DOC) == 1.0  # nothing specific to check
+    assert fill_coverage("How do I sort Lists in place?", template, "lists sort in place") == 1.0  # any case
 
 
 def test_instantiation_keeps_good_rows_and_quarantines_the_rest(fake_engine):

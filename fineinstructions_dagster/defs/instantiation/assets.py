@@ -69,7 +69,8 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
                                  cfg.extract_answer if ranker else "", cfg.instantiator_sampling, prompt_format,
                                  ranker.name if ranker else "", scorer.name, scorer.revision,
                                  ANSWER_CHOICES if ranker else 0, cfg.max_document_chars, cfg.max_instruction_chars,
-                                 cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words)
+                                 cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words,
+                                 list(INSTANTIATION_SCHEMA))  # a part holds these columns
 
     def one(shard: str) -> MaterializeResult:
         source, docs = store.file("matches", shard), store.file("documents", shard)

@@ -40,7 +40,8 @@ from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 
 SCORES_ON_SCALE = "judge_scores_on_likert_scale"
 CONTROLS = "control_judgements"
-_COMMON = {"deps": [instantiations, "documents"], "group_name": "judging", "automation_condition": shard_step()}
+_COMMON = {"deps": [instantiations, "documents", "template_bank"], "group_name": "judging",
+           "automation_condition": shard_step()}
 
 
 @multi_asset(
@@ -64,22 +65,24 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     engine = judge_llm.engine()
     scorer = relevance.scorer()
     judge_format = cfg.format_for("judge", engine.info.model)
+    bank = store.read("template_bank").select("template_id", "template")
     definition = definition_hash("judgements", engine.info.backend, engine.info.model, engine.info.revision,
                                  judge.PROMPT_VERSION, judge.FLOW_PROMPT_VERSION, cfg.judge_sampling,
                                  judge_format, cfg.max_document_chars, cfg.max_feedback_chars,
                                  # what chooses and scores the controls (they are written with each part)
                                  cfg.control_share, cfg.min_controls_per_shard, cfg.min_answer_words,
-                                 cfg.min_instruction_words, scorer.name, scorer.revision)
+                                 cfg.min_instruction_words, scorer.name, scorer.revision, list(CONTROL_SCHEMA))
 
     def one(shard: str) -> list[MaterializeResult]:
         source, docs = store.file("instantiations", shard), store.file("documents", shard)
         shard_rows = count_rows(source)
 
         def process(chunk: pl.DataFrame) -> ChunkOutput:
+            # the template: the controls' instantiation gates and fill signals read it, as the real pairs' did
             pending = require_all_joined(
                 chunk, chunk.join(rows_for(docs, "doc_id", chunk["doc_id"], ["doc_id", "text"]), on="doc_id",
-                                  how="inner"),
-                f"instantiations[{shard}] -> documents")
+                                  how="inner").join(bank, on="template_id", how="inner"),
+                f"instantiations[{shard}] -> documents/template_bank")
             controls = build_controls(
                 pending, controls_in_chunk(chunk.height, shard_rows, cfg.control_share, cfg.min_controls_per_shard),
                 context.run_id, cfg.min_answer_words, cfg.min_instruction_words, scorer.score, scorer.name,
@@ -94,7 +97,7 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
             run = run_chunked(
                 store, "judgements", shard,
                 chunks_of(source, cfg.chunk_rows, "doc_id",
-                          ["instantiation_id", "doc_id", "shard", "instruction", "answer"]),
+                          ["instantiation_id", "doc_id", "template_id", "shard", "instruction", "answer"]),
                 "instantiation_id", definition, process, pl.DataFrame(schema=JUDGEMENT_SCHEMA),
                 pl.DataFrame(schema=BASE_SCHEMA | QUARANTINE_EXTRA), shard_rows, progress_reporter(context),
                 side_tables={CONTROLS: pl.DataFrame(schema=CONTROL_SCHEMA)})
