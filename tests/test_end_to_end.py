@@ -281,3 +281,32 @@ def test_a_gate_that_accepts_everything_fails_the_control_check_and_blocks_the_e
     # back to the profile's gates (later tests read this shard)
     assert materialize(assets, selection=["fineinstructions", "control_outcomes"], partition_key="faq",
                        instance=instance, resources=build_resources()).success
+
+
+def test_a_changed_stage_code_makes_exactly_that_asset_and_what_follows_stale(pipeline):
+    """Dagster's own staleness (what the UI shows): after a run nothing is stale by its code; with the code version of
+    `instantiations` changed, it and everything downstream of it are, and nothing upstream."""
+    from dagster import AssetsDefinition, AssetSelection, Definitions
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleCauseCategory
+
+    from fineinstructions_dagster.definitions import ASSETS, defs
+
+    _, instance, run = pipeline
+    shard, changed = run.shards[0], AssetKey("instantiations")
+
+    def code_stale(assets: list[AssetsDefinition]) -> set[str]:
+        graph = Definitions(assets=assets, resources=defs.resources).resolve_asset_graph()
+        resolver = CachingStaleStatusResolver(instance, graph)
+        return {n.key.to_user_string() for n in graph.asset_nodes if n.is_materializable and any(
+            c.category == StaleCauseCategory.CODE
+            for c in resolver.get_stale_root_causes(n.key, shard if n.partitions_def == graph.get(changed)
+                                                    .partitions_def else None))}
+
+    assert code_stale(ASSETS) == set()
+    bumped = [a.map_asset_specs(lambda s: s.replace_attributes(code_version="changed") if s.key == changed else s)
+              if changed in a.keys else a for a in ASSETS]
+    graph = defs.resolve_asset_graph()
+    downstream = {k.to_user_string() for k in AssetSelection.assets(changed).downstream().resolve(graph)}
+    assert code_stale(bumped) == downstream
+    assert {"instantiations", "judgements", "fineinstructions", "export_chat"} <= downstream
+    assert "matches" not in downstream

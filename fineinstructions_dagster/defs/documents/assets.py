@@ -24,6 +24,9 @@ from fineinstructions_dagster.defs.metadata import explore_links, for_each_parti
 from fineinstructions_dagster.defs.partitions import batched_backfill, bucket_range_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.lib.versions import code_version
+from fineinstructions_dagster.stages import dedup as dedup_stage
+from fineinstructions_dagster.stages import documents as documents_stage
 from fineinstructions_dagster.stages.dedup import (
     BAND_SCHEMA,
     DECISION_SCHEMA,
@@ -34,6 +37,9 @@ from fineinstructions_dagster.stages.dedup import (
     sort_band_rows,
 )
 from fineinstructions_dagster.stages.documents import apply_duplicate_decisions, empty_documents, prepare_shard
+
+FILTER_CODE = code_version(documents_stage, dedup_stage)  # filters and MinHash signatures, one pass
+DEDUP_CODE = code_version(dedup_stage)
 
 DOC_ID_UNIQUE = "doc_id_unique"
 FILTERED_IDS_UNIQUE = "filtered_doc_ids_unique_with_text"
@@ -63,10 +69,11 @@ def current_signature_versions(context: AssetExecutionContext, store: TableStore
 
 @multi_asset(
     specs=[AssetSpec("filtered_documents", group_name="documents", kinds={"polars", "parquet"},
+                     code_version=FILTER_CODE,
                      description="A corpus shard after the quality filters; dropped documents in quarantine."),
-           AssetSpec(SIGNATURES, group_name="documents", kinds={"numpy", "parquet"},
+           AssetSpec(SIGNATURES, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
                      description="MinHash signature of every filtered document (doc_key, 120 x uint32)."),
-           AssetSpec(BANDS, group_name="documents", kinds={"numpy", "parquet"},
+           AssetSpec(BANDS, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
                      description="LSH band rows (bucket, band, key, doc_key) of the shard, sorted by bucket.")],
     partitions_def=corpus_shard_partitions, name="filtered_documents",
     check_specs=[AssetCheckSpec(FILTERED_IDS_UNIQUE, asset="filtered_documents",
@@ -114,6 +121,7 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
 
 
 @asset(partitions_def=bucket_range_partitions, group_name="documents", kinds={"numpy", "parquet"},
+       code_version=DEDUP_CODE,
        automation_condition=over_every_partition(),
        deps=[AssetDep(BANDS, partition_mapping=AllPartitionMapping()),
              AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],
@@ -147,7 +155,7 @@ def duplicate_edges(context: AssetExecutionContext, storage: StorageResource,
 @asset(automation_condition=over_every_partition(),
        deps=[AssetDep(EDGES, partition_mapping=AllPartitionMapping()),
              AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],  # which shards, which versions
-       group_name="documents",
+       group_name="documents", code_version=DEDUP_CODE,
        kinds={"numpy", "scipy"})
 def document_clusters(context: AssetExecutionContext, storage: StorageResource,
                       pipeline: PipelineResource) -> MaterializeResult:
@@ -208,7 +216,7 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
        automation_condition=after_dedup_of_own_shard(),
        deps=["filtered_documents", SIGNATURES, document_clusters],
-       group_name="documents", kinds={"polars", "parquet"},
+       group_name="documents", kinds={"polars", "parquet"}, code_version=FILTER_CODE,
        check_specs=[AssetCheckSpec(DOC_ID_UNIQUE, asset="documents")])
 def documents(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
     """The shard's filtered documents minus exact and near duplicates found across all shards; removed

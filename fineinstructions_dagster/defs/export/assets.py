@@ -23,6 +23,8 @@ from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, dbt_
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
 from fineinstructions_dagster.lib.stats import StageStats
+from fineinstructions_dagster.lib.versions import code_version
+from fineinstructions_dagster.stages import export as export_stage
 from fineinstructions_dagster.stages.export import (
     PACKED_SCHEMA,
     PackingConfig,
@@ -32,6 +34,8 @@ from fineinstructions_dagster.stages.export import (
     tokenize_pairs,
 )
 
+CODE_VERSION = code_version(export_stage)
+
 CHAT_TABLE = "export_chat"
 PACKED_TABLE = "export_packed"
 EXPORTED_ONCE = "every_pair_exported_once"
@@ -40,7 +44,7 @@ EXPORTED_ONCE = "every_pair_exported_once"
 # Reads the shard's pairs; the dbt models are a gate (their blocking tests), not read.
 _GATE = sorted(dbt_quality.keys)
 _COMMON = {"deps": [*fineinstructions.keys, *_GATE], "group_name": "export",
-           "automation_condition": after_blocking_checks(QUALITY_PAIRS_KEY)}
+           "automation_condition": after_blocking_checks(QUALITY_PAIRS_KEY), "code_version": CODE_VERSION}
 
 
 @multi_asset(
@@ -86,11 +90,12 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
         return ChunkOutput(seqs, no_rows, stats)
 
     run_chunked(store, CHAT_TABLE, shard, chunks_of(source, cfg.chunk_rows, None), "pair_id",
-                definition_hash(CHAT_TABLE), chat, chat(pl.read_parquet(source, n_rows=0)).kept, no_rows, total, report)
+                definition_hash(CHAT_TABLE, CODE_VERSION), chat, chat(pl.read_parquet(source, n_rows=0)).kept, no_rows,
+                total, report)
     jsonl = store.write_jsonl_from(CHAT_TABLE, shard)
     run = run_chunked(store, PACKED_TABLE, shard, chunks_of(source, cfg.chunk_rows, None), "pair_id",
-                      definition_hash(PACKED_TABLE, packing), packed, pl.DataFrame(schema=PACKED_SCHEMA), no_rows,
-                      total, report)
+                      definition_hash(PACKED_TABLE, CODE_VERSION, packing), packed, pl.DataFrame(schema=PACKED_SCHEMA),
+                      no_rows, total, report)
     stats = run.stats
     sequences = pl.scan_parquet(store.path(PACKED_TABLE, shard))
     summary = sequences.select(pl.len().alias("n"), (pl.col("attention_mask").list.sum() / packing.seq_len).mean()

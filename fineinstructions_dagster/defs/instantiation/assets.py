@@ -28,8 +28,11 @@ from fineinstructions_dagster.lib.chunks import (
     rows_for,
     run_chunked,
 )
+from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
 from fineinstructions_dagster.prompts import instantiate
+from fineinstructions_dagster.stages import instantiation as instantiation_stage
+from fineinstructions_dagster.stages import relevance as relevance_stage
 from fineinstructions_dagster.stages.instantiation import (
     ANSWER_CHOICES,
     BASE_SCHEMA,
@@ -38,12 +41,14 @@ from fineinstructions_dagster.stages.instantiation import (
 )
 from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 
+CODE_VERSION = code_version(instantiation_stage, relevance_stage, instantiate)
+
 GROUNDING_IN_RANGE = "grounding_in_unit_interval"
 
 
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, automation_condition=shard_step(),
        deps=[matches, "documents", "template_bank"],
-       group_name="instantiation",
+       group_name="instantiation", code_version=CODE_VERSION,
        kinds={"vllm", "parquet"}, pool="gpu",
        check_specs=[AssetCheckSpec(GROUNDING_IN_RANGE, asset="instantiations")])
 def instantiations(context: AssetExecutionContext, storage: StorageResource, instantiator_llm: LLMResource,
@@ -63,14 +68,13 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     ranker = embedder.embedder() if prompt_format == "extract" else None
     scorer = relevance.scorer()
     bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
-    definition = definition_hash("instantiations", engine.info.backend, engine.info.model, engine.info.revision,
-                                 instantiate.PROMPT_VERSION, instantiate.RELEASED_PROMPT_VERSION,
-                                 instantiate.EXTRACT_PROMPT_VERSION, instantiate.EXTRACT_FILLS_PROMPT_VERSION,
-                                 cfg.extract_answer if ranker else "", cfg.instantiator_sampling, prompt_format,
+    # the code (prompts, schema and logic: CODE_VERSION), then the settings in force
+    definition = definition_hash("instantiations", CODE_VERSION, engine.info.backend, engine.info.model,
+                                 engine.info.revision, cfg.extract_answer if ranker else "", cfg.instantiator_sampling,
+                                 prompt_format,
                                  ranker.name if ranker else "", scorer.name, scorer.revision,
                                  ANSWER_CHOICES if ranker else 0, cfg.max_document_chars, cfg.max_instruction_chars,
-                                 cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words,
-                                 list(INSTANTIATION_SCHEMA))  # a part holds these columns
+                                 cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words)
 
     def one(shard: str) -> MaterializeResult:
         source, docs = store.file("matches", shard), store.file("documents", shard)

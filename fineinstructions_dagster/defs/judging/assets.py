@@ -32,16 +32,22 @@ from fineinstructions_dagster.lib.chunks import (
     rows_for,
     run_chunked,
 )
+from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
 from fineinstructions_dagster.prompts import judge
+from fineinstructions_dagster.stages import controls as controls_stage
+from fineinstructions_dagster.stages import judging as judging_stage
+from fineinstructions_dagster.stages import relevance as relevance_stage
 from fineinstructions_dagster.stages.controls import CONTROL_SCHEMA, build_controls, controls_in_chunk
 from fineinstructions_dagster.stages.judging import BASE_SCHEMA, JUDGEMENT_SCHEMA, judge_with_controls
 from fineinstructions_dagster.stages.llm_calls import QUARANTINE_EXTRA, LLMCall
 
+CODE_VERSION = code_version(judging_stage, controls_stage, relevance_stage, judge)
+
 SCORES_ON_SCALE = "judge_scores_on_likert_scale"
 CONTROLS = "control_judgements"
 _COMMON = {"deps": [instantiations, "documents", "template_bank"], "group_name": "judging",
-           "automation_condition": shard_step()}
+           "automation_condition": shard_step(), "code_version": CODE_VERSION}
 
 
 @multi_asset(
@@ -66,12 +72,13 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     scorer = relevance.scorer()
     judge_format = cfg.format_for("judge", engine.info.model)
     bank = store.read("template_bank").select("template_id", "template")
-    definition = definition_hash("judgements", engine.info.backend, engine.info.model, engine.info.revision,
-                                 judge.PROMPT_VERSION, judge.FLOW_PROMPT_VERSION, cfg.judge_sampling,
+    # the code (prompts, schemas, control choice: CODE_VERSION), then the settings in force
+    definition = definition_hash("judgements", CODE_VERSION, engine.info.backend, engine.info.model,
+                                 engine.info.revision, cfg.judge_sampling,
                                  judge_format, cfg.max_document_chars, cfg.max_feedback_chars,
                                  # what chooses and scores the controls (they are written with each part)
                                  cfg.control_share, cfg.min_controls_per_shard, cfg.min_answer_words,
-                                 cfg.min_instruction_words, scorer.name, scorer.revision, list(CONTROL_SCHEMA))
+                                 cfg.min_instruction_words, scorer.name, scorer.revision)
 
     def one(shard: str) -> list[MaterializeResult]:
         source, docs = store.file("instantiations", shard), store.file("documents", shard)

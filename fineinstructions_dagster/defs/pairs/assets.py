@@ -36,6 +36,10 @@ from fineinstructions_dagster.lib.chunks import (
     run_chunked,
 )
 from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.lib.versions import code_version
+from fineinstructions_dagster.stages import controls as controls_stage
+from fineinstructions_dagster.stages import pairs as pairs_stage
+from fineinstructions_dagster.stages import report as report_stage
 from fineinstructions_dagster.stages.controls import control_figures, wilson_lower_bound
 from fineinstructions_dagster.stages.pairs import (
     QUARANTINED_TABLES,
@@ -47,6 +51,8 @@ from fineinstructions_dagster.stages.pairs import (
 from fineinstructions_dagster.stages.pairs import dataset_report as build_report
 from fineinstructions_dagster.stages.report import stage_quality
 
+CODE_VERSION = code_version(pairs_stage, controls_stage)
+
 LINEAGE_COMPLETE = "every_pair_has_full_lineage"
 CONTROLS_REJECTED = "gates_reject_control_pairs"
 CONTROL_OUTCOMES = "control_outcomes"
@@ -54,7 +60,7 @@ LINEAGE_ID_COLUMNS = ["pair_id", "judgement_id", "instantiation_id", "match_id",
                       "doc_id"]
 _COMMON = {"deps": [AssetKey("judgements"), AssetKey("control_judgements"), "instantiations", "matches", "documents",
                     "template_bank"],
-           "group_name": "pairs", "automation_condition": shard_step()}
+           "group_name": "pairs", "automation_condition": shard_step(), "code_version": CODE_VERSION}
 
 
 @multi_asset(
@@ -80,7 +86,7 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     store = storage.store()
     bank = store.read("template_bank").select("template_id", "template", "query_ids", "run_id")
     # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part.
-    definition = definition_hash("fineinstructions", gates,
+    definition = definition_hash("fineinstructions", CODE_VERSION, gates,
                                  bank.select("template_id", "run_id").sort("template_id").rows())
 
     def one(shard: str) -> list[MaterializeResult]:
@@ -176,7 +182,7 @@ def control_check(n: int, kept: int, max_share: float, blocks: bool, shard: str)
        # the pairs, and every stage's quarantine (the report's drop reasons)
        deps=[AssetKey("fineinstructions"), AssetKey(CONTROL_OUTCOMES),
              *(t for t in QUARANTINED_TABLES if t != "fineinstructions")], group_name="pairs",
-       kinds={"polars"})
+       kinds={"polars"}, code_version=code_version(pairs_stage, controls_stage, report_stage))
 def dataset_report(context: AssetExecutionContext, storage: StorageResource,
                    pipeline: PipelineResource) -> MaterializeResult:
     """Counts, drop reasons per stage, template diversity and score histograms over every shard."""

@@ -12,7 +12,11 @@ from fineinstructions_dagster.defs.inputs import (
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
+from fineinstructions_dagster.lib.versions import code_version
+from fineinstructions_dagster.stages import queries as queries_stage
 from fineinstructions_dagster.stages.queries import clean_queries
+
+CODE_VERSION = code_version(queries_stage)
 
 QUERY_ID_UNIQUE = "query_id_unique"
 
@@ -21,6 +25,7 @@ QUERY_ID_UNIQUE = "query_id_unique"
     partitions_def=query_source_partitions,
     backfill_policy=batched_backfill,
     group_name="queries",
+    code_version=CODE_VERSION,
     kinds={"polars", "parquet"},
     check_specs=[AssetCheckSpec(QUERY_ID_UNIQUE, asset="user_queries")],
 )

@@ -14,9 +14,14 @@ from fineinstructions_dagster.defs.metadata import for_each_partition, stage_met
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.queries.assets import user_queries
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.prompts import genericize
+from fineinstructions_dagster.stages import templates as templates_stage
 from fineinstructions_dagster.stages.llm_calls import LLMCall
 from fineinstructions_dagster.stages.templates import build_template_bank, genericize_queries
+
+CODE_VERSION = code_version(templates_stage, genericize)
 
 TEMPLATES_HAVE_SLOTS = "every_template_has_a_slot"
 BANK_IDS_RESOLVE = "template_ids_unique_with_source_queries"
@@ -26,7 +31,7 @@ BANK_IDS_RESOLVE = "template_ids_unique_with_source_queries"
     partitions_def=query_source_partitions,
     backfill_policy=batched_backfill,
     deps=[user_queries],
-    group_name="templates",
+    group_name="templates", code_version=CODE_VERSION,
     kinds={"vllm", "parquet"},
     pool="gpu",
     check_specs=[AssetCheckSpec(TEMPLATES_HAVE_SLOTS, asset="templates")],
@@ -60,7 +65,7 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
 
 
 @asset(automation_condition=over_every_partition(),
-       deps=[templates], group_name="templates", kinds={"polars", "parquet"},
+       deps=[templates], group_name="templates", kinds={"polars", "parquet"}, code_version=CODE_VERSION,
        check_specs=[AssetCheckSpec(BANK_IDS_RESOLVE, asset="template_bank",
                                    description="template_id unique; every template keeps at least one query_id")])
 def template_bank(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
