@@ -289,7 +289,7 @@ def test_a_changed_stage_code_makes_that_asset_stale_in_dagster(pipeline):
     with a new data version (Dagster propagates staleness through data versions, not projections)."""
     from dagster import AssetsDefinition
     from dagster._core.definitions.assets.graph.asset_graph import AssetGraph
-    from dagster._core.definitions.data_version import StaleCauseCategory, StaleStatus
+    from dagster._core.definitions.data_version import StaleCauseCategory
     from dagster._utils.test.data_versions import get_stale_status_resolver  # what the webserver's resolver reads
 
     from fineinstructions_dagster.definitions import ASSETS
@@ -300,13 +300,14 @@ def test_a_changed_stage_code_makes_that_asset_stale_in_dagster(pipeline):
     def partition(graph: AssetGraph, key: AssetKey) -> str | None:
         return shard if graph.get(key).partitions_def == graph.get(changed).partitions_def else None
 
-    def stale(assets: list[AssetsDefinition]) -> set[str]:
+    def stale_by_code(assets: list[AssetsDefinition]) -> set[str]:  # other causes (earlier tests' runs) aside
         graph, resolver = AssetGraph.from_assets(assets), get_stale_status_resolver(instance, assets)
-        return {n.key.to_user_string() for n in graph.asset_nodes if n.is_materializable
-                and resolver.get_status(n.key, partition(graph, n.key)) == StaleStatus.STALE}
+        return {n.key.to_user_string() for n in graph.asset_nodes if n.is_materializable and any(
+            c.category == StaleCauseCategory.CODE for c in resolver.get_stale_causes(n.key, partition(graph, n.key)))}
 
     bumped = [a.map_asset_specs(lambda s: s.replace_attributes(code_version="changed") if s.key == changed else s)
               if changed in a.keys else a for a in ASSETS]
-    assert stale(bumped) - stale(ASSETS) == {"instantiations"}  # what was not stale before and is now
+    assert stale_by_code(ASSETS) == set()
+    assert stale_by_code(bumped) == {"instantiations"}
     causes = get_stale_status_resolver(instance, bumped).get_stale_root_causes(changed, shard)
-    assert [c.category for c in causes] == [StaleCauseCategory.CODE]
+    assert StaleCauseCategory.CODE in {c.category for c in causes}
