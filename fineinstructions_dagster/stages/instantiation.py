@@ -64,9 +64,8 @@ def fill_coverage(instruction: str, template: str, text: str) -> float:
     fills = [w for w in (w.lower() for w in _WORD.findall(instruction)) if w not in fixed and w not in FUNCTION_WORDS]
     if not fills:
         return 1.0
-    words = {w.lower() for w in _WORD.findall(text)}
-    stems = {w.removesuffix("s") for w in words}
-    return sum(w in words or w.removesuffix("s") in stems for w in fills) / len(fills)
+    stems = {w.lower().removesuffix("s") for w in _WORD.findall(text)}
+    return sum(w.removesuffix("s") in stems for w in fills) / len(fills)
 
 
 def fill_signals(instruction: str, template: str, document: str, answer: str) -> dict[str, float]:
