@@ -10,6 +10,7 @@ from dagster import (
     AssetCheckKey,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetSelection,
     DagsterInstance,
     evaluate_automation_conditions,
@@ -30,6 +31,14 @@ ASSET_KEYS = set(defs.resolve_asset_graph().get_all_asset_keys())
 
 def _mat(instance: DagsterInstance, asset: str, partition: str | None = None) -> None:
     instance.report_runless_asset_event(AssetMaterialization(AssetKey(asset.split("/")), partition=partition))
+
+
+def _dedup(instance: DagsterInstance, shards: list[str]) -> None:
+    """A document_clusters run, as it records it: the asset, and the removal lists it changed (observed)."""
+    _mat(instance, "document_clusters")
+    for shard in shards:
+        instance.report_runless_asset_event(AssetObservation(
+            AssetKey("removal_lists"), partition=shard, tags={"dagster/data_version": f"{shard}-list"}))
 
 
 def _dbt_build(instance: DagsterInstance, passed: bool = True) -> None:
@@ -75,7 +84,7 @@ def built():
             _shard(instance, shard, FILTER)
         for r in bucket_range_keys():
             _mat(instance, "duplicate_edges", r)
-        _mat(instance, "document_clusters")
+        _dedup(instance, ["faq", "tutorial"])
         for shard in ("faq", "tutorial"):
             _shard(instance, shard, CHAIN)
         _dbt_build(instance)
@@ -106,7 +115,7 @@ def test_a_new_shard_runs_dedup_its_own_chain_quality_and_its_export_each_once(b
     tick({"duplicate_edges": set(bucket_range_keys()), "document_clusters": {"-"}})
     for r in bucket_range_keys():
         _mat(instance, "duplicate_edges", r)
-    _mat(instance, "document_clusters")
+    _dedup(instance, ["howto"])
     # the new shard's chain, as one run; not faq's or tutorial's: their removal lists stay as they were
     tick({asset: {"howto"} for asset in CHAIN})
     _shard(instance, "howto", CHAIN)
@@ -185,3 +194,25 @@ def test_nothing_runs_by_itself_before_the_sensors_first_steps():
         instance.add_dynamic_partitions("corpus_shard", ["faq"])  # the sensor's partition, its run not yet done
         instance.add_dynamic_partitions("query_source", ["python_faq"])
         assert requested(evaluate_automation_conditions(defs, instance, cursor=first.cursor)) == {}
+
+
+def test_a_replaced_input_file_reruns_its_own_first_steps_only(built):
+    instance, cursor = built
+
+    def observe(asset: str, partition: str, version: str) -> None:
+        instance.report_runless_asset_event(AssetObservation(
+            AssetKey(asset), partition=partition, tags={"dagster/data_version": version}))
+
+    observe("corpus_files", "faq", "v2")  # what corpus_shard_sensor records when faq's file was replaced in place
+    result = evaluate_automation_conditions(defs, instance, cursor=cursor)
+    assert requested(result) == {asset: {"faq"} for asset in FILTER}
+    again = evaluate_automation_conditions(defs, instance, cursor=result.cursor)
+    assert requested(again) == {}
+    observe("query_files", "python_faq", "v2")
+    result = evaluate_automation_conditions(defs, instance, cursor=again.cursor)
+    assert requested(result) == {"user_queries": {"python_faq"}, "templates": {"python_faq"}}  # one run
+    _mat(instance, "user_queries", "python_faq")
+    _mat(instance, "templates", "python_faq")
+    result = evaluate_automation_conditions(defs, instance, cursor=result.cursor,
+                                            asset_selection=AssetSelection.assets("user_queries", "templates"))
+    assert requested(result) == {}

@@ -5,6 +5,7 @@ from dagster import AssetCheckResult, DagsterInstance, MaterializeResult, build_
 from fineinstructions_dagster.definitions import defs
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.metadata import for_each_partition
+from fineinstructions_dagster.defs.observations import CORPUS_FILES, observed_versions
 from fineinstructions_dagster.defs.partitions import PARTITIONS_PER_RUN
 from fineinstructions_dagster.defs.resources import InputsResource
 
@@ -13,17 +14,20 @@ ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filte
           "instantiations", "judgements", "control_judgements", "fineinstructions", "control_outcomes",
           "export_chat", "export_packed", "dataset_report"} | {
     f"quality/{m}" for m in ("pairs", "templates", "documents", "matches", "queries", "instantiations", "judgements")}
+# observed, never materialized: the input files and each shard's dedup removal list
+SOURCES = {"query_files", "corpus_files", "removal_lists"}
 
 
 def test_every_asset_is_defined_with_its_partitions_and_pool():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == ASSETS
+    assert keys == ASSETS | SOURCES
+    assert {k.to_user_string() for k in graph.materializable_asset_keys} == ASSETS
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     assert {k for k, s in specs.items() if s.partitions_def is not None} == {
         "user_queries", "templates", "filtered_documents", "document_signatures", "document_bands",
         "duplicate_edges", "documents", "matches", "instantiations", "judgements", "control_judgements",
-        "fineinstructions", "control_outcomes", "export_chat", "export_packed"}
+        "fineinstructions", "control_outcomes", "export_chat", "export_packed"} | SOURCES
     pooled = {k for k in ASSETS if "/" not in k and defs.resolve_assets_def(k).op.pool == "gpu"}
     assert pooled == {"templates", "instantiations", "judgements", "control_judgements"}
     assert all(s.description for s in specs.values())
@@ -45,9 +49,8 @@ def test_llm_assets_batch_partitions_per_backfill_run_and_summaries_automate():
         assert policy is not None and policy.max_partitions_per_run == PARTITIONS_PER_RUN > 1, key
     graph = defs.resolve_asset_graph()
     automated = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition}
-    # everything after a sensor's first step (user_queries + templates, the filter's three tables)
-    assert automated == ASSETS - {"user_queries", "templates", "filtered_documents", "document_signatures",
-                                  "document_bands"}
+    # everything (a sensor's first steps again when their input files were replaced)
+    assert automated == ASSETS
 
 
 def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_failed_checks():
@@ -87,19 +90,30 @@ def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_
     assert results[0].check_results[0].metadata["failed_partitions"].value == "b"
 
 
-def test_shard_sensor_adds_one_partition_per_new_file(tmp_path):
+def test_shard_sensor_adds_one_partition_per_new_file_and_observes_a_replaced_one(tmp_path):
     (tmp_path / "shard-a.parquet").write_bytes(b"")
     (tmp_path / "shard-b.jsonl").write_text("")
     with DagsterInstance.ephemeral() as instance:
-        ctx = build_sensor_context(instance=instance, resources={"inputs": InputsResource(
-            queries_dir=str(tmp_path), corpus_dir=str(tmp_path))})
-        result = corpus_shard_sensor(ctx)
+        def tick():  # noqa: ANN202 - a SensorResult or SkipReason; the daemon records its observations
+            result = corpus_shard_sensor(build_sensor_context(instance=instance, resources={"inputs": InputsResource(
+                queries_dir=str(tmp_path), corpus_dir=str(tmp_path))}))
+            for event in getattr(result, "asset_events", None) or []:
+                instance.report_runless_asset_event(event)
+            return result
+
+        result = tick()
         assert [r.partition_key for r in result.run_requests] == ["shard-a", "shard-b"]
         assert list(result.dynamic_partitions_requests[0].partition_keys) == ["shard-a", "shard-b"]
+        assert [e.partition for e in result.asset_events] == ["shard-a", "shard-b"]
         instance.add_dynamic_partitions("corpus_shard", ["shard-a", "shard-b"])
-        again = corpus_shard_sensor(build_sensor_context(instance=instance, resources={"inputs": InputsResource(
-            queries_dir=str(tmp_path), corpus_dir=str(tmp_path))}))
-        assert "no new corpus_shard" in again.skip_message
+        assert "no new or changed corpus_shard" in tick().skip_message
+        first = observed_versions(instance, CORPUS_FILES)
+        (tmp_path / "shard-b.jsonl").write_text('{"text": "a re-downloaded dump"}\n')  # same name, new content
+        replaced = tick()
+        assert not replaced.run_requests  # a re-run is the automation's or the scheduled backfill's to make
+        assert [e.partition for e in replaced.asset_events] == ["shard-b"]
+        assert observed_versions(instance, CORPUS_FILES)["shard-b"] != first["shard-b"]
+        assert "no new or changed" in tick().skip_message
 
 
 def test_dagster_validates_the_location_as_the_project_declares_it(tmp_path):

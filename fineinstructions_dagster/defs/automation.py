@@ -22,6 +22,16 @@ def shard_step() -> AutomationCondition:
     return AutomationCondition.eager()
 
 
+def input_files_replaced() -> AutomationCondition:
+    """The steps a sensor runs first for a new input partition (`user_queries` and `templates`, the filter
+    step): again once its files were replaced in place (their observation has a new data version), or its
+    input was re-made for that reason. Not while missing: a new partition's first run is its sensor's."""
+    return (AutomationCondition.any_deps_updated().since_last_handled()
+            & ~AutomationCondition.missing()
+            & ~AutomationCondition.any_deps_in_progress()
+            & ~AutomationCondition.in_progress()).with_label("its input files replaced")
+
+
 def _own_input_then_gate(own: tuple[str, ...], gate: AssetKey | str) -> AutomationCondition:
     """True once an `own` input (the same shard's) was updated since this partition was last requested and the
     `gate` input (unpartitioned, so rebuilt in a run of its own) was rebuilt after that: a step that must see

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ import polars as pl
 from fineinstructions_dagster.lib.formats import (
     SkippedInput,
     discover_sources,
+    input_version,
     malformed_frame,
     read_texts,
     scan_inputs,
@@ -36,6 +39,13 @@ def query_sources(queries_dir: str) -> dict[str, list[str]]:
 def corpus_shards(corpus_dir: str) -> dict[str, list[str]]:
     """Every readable file under the corpus folder (subfolders included), one shard each."""
     return discover_sources(corpus_dir, subfolders_are_sources=False)
+
+
+def input_data_versions(found: dict[str, list[str]]) -> dict[str, str]:
+    """partition -> its data version: a hash of each file's path, size and mtime (locally) or ETag (S3), so a
+    file replaced in place (a re-downloaded dump under the same name) gives its partition a new version."""
+    return {key: hashlib.sha256(json.dumps([(f, *input_version(f)) for f in sorted(files)]).encode()).hexdigest()[:16]
+            for key, files in found.items()}
 
 
 def skipped_inputs(folder: str) -> list[SkippedInput]:

@@ -2,6 +2,7 @@
 
 from dagster import (
     AssetKey,
+    AssetObservation,
     BackfillPolicy,
     DynamicPartitionsDefinition,
     RunRequest,
@@ -28,15 +29,18 @@ batched_backfill = BackfillPolicy.multi_run(max_partitions_per_run=PARTITIONS_PE
 
 
 def add_new_partitions(context: SensorEvaluationContext, found: dict[str, list[str]],
-                       partitions: DynamicPartitionsDefinition,
-                       assets: list[str]) -> SensorResult | SkipReason:
-    """Add a partition for every input not yet known and request one run for each new key."""
+                       partitions: DynamicPartitionsDefinition, assets: list[str],
+                       observations: list[AssetObservation]) -> SensorResult | SkipReason:
+    """Add a partition for every input not yet known and request one run for each new key; record the
+    `observations` (the inputs whose files changed: a replaced file makes its partition stale, and what re-runs
+    it is the automation or the scheduled backfill, not this sensor)."""
     assert partitions.name is not None
     known = set(context.instance.get_dynamic_partitions(partitions.name))
     new = sorted(k for k in found if k not in known)
-    if not new:
-        return SkipReason(f"no new {partitions.name} ({len(found)} known)")
+    if not new and not observations:
+        return SkipReason(f"no new or changed {partitions.name} ({len(found)} known)")
     return SensorResult(
+        asset_events=observations,
         run_requests=[
             RunRequest(run_key=f"{partitions.name}:{k}", partition_key=k,
                        asset_selection=[AssetKey(a) for a in assets])

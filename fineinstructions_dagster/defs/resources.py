@@ -43,6 +43,9 @@ ENV_DEFAULTS = {
     # where the explorer and the Dagster UI are, for the links each shows to the other
     "FINEINSTRUCTIONS_EXPLORE_URL": "http://127.0.0.1:8080",
     "FINEINSTRUCTIONS_DAGSTER_URL": "http://127.0.0.1:3000",  # vLLM on GPU: the share of GPU memory it reserves
+    # the scheduled backfill (stopped by default): when it backfills what is new or stale
+    "FINEINSTRUCTIONS_BACKFILL_CRON": "0 2 * * *",
+    "FINEINSTRUCTIONS_BACKFILL_TIMEZONE": "UTC",
     "AWS_ENDPOINT_URL": "",  # an S3-compatible store (MinIO, moto); empty: AWS
     "AWS_REGION": "",
 }

@@ -2,6 +2,7 @@
 it), `duplicate_edges` (per bucket range: confirmed duplicate edges across every shard), `document_clusters`
 (components over the edges -> per-shard removal lists) and `documents` (per shard, deduplicated)."""
 
+import hashlib
 from collections.abc import Iterator
 
 import polars as pl
@@ -11,16 +12,24 @@ from dagster import (
     AssetCheckSpec,
     AssetDep,
     AssetExecutionContext,
+    AssetObservation,
     AssetSpec,
     BackfillPolicy,
+    DataVersion,
     MaterializeResult,
     asset,
     multi_asset,
+    multi_observable_source_asset,
 )
 
-from fineinstructions_dagster.defs.automation import after_dedup_of_own_shard, over_every_partition
+from fineinstructions_dagster.defs.automation import (
+    after_dedup_of_own_shard,
+    input_files_replaced,
+    over_every_partition,
+)
 from fineinstructions_dagster.defs.inputs import corpus_shards, log_skipped_inputs, skipped_metadata
 from fineinstructions_dagster.defs.metadata import explore_links, for_each_partition, stage_metadata
+from fineinstructions_dagster.defs.observations import CORPUS_FILES, DATA_VERSION_TAG, observed_versions
 from fineinstructions_dagster.defs.partitions import batched_backfill, bucket_range_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.storage import TableStore
@@ -47,6 +56,7 @@ SIGNATURES = "document_signatures"
 BANDS = "document_bands"
 EDGES = "duplicate_edges"
 CLUSTERS = "document_clusters"
+REMOVAL_LISTS = "removal_lists"
 CLUSTERS_STATE = f"{CLUSTERS}/_state.json"  # which version of which shard the removal lists were decided on
 # Selecting one of the three tables of the filter step selects all three (one pass over the shard writes them).
 FILTER_ASSETS = ["filtered_documents", SIGNATURES, BANDS]
@@ -69,11 +79,13 @@ def current_signature_versions(context: AssetExecutionContext, store: TableStore
 
 @multi_asset(
     specs=[AssetSpec("filtered_documents", group_name="documents", kinds={"polars", "parquet"},
-                     code_version=FILTER_CODE,
+                     code_version=FILTER_CODE, deps=[CORPUS_FILES], automation_condition=input_files_replaced(),
                      description="A corpus shard after the quality filters; dropped documents in quarantine."),
            AssetSpec(SIGNATURES, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
+                     deps=[CORPUS_FILES], automation_condition=input_files_replaced(),
                      description="MinHash signature of every filtered document (doc_key, 120 x uint32)."),
            AssetSpec(BANDS, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
+                     deps=[CORPUS_FILES], automation_condition=input_files_replaced(),
                      description="LSH band rows (bucket, band, key, doc_key) of the shard, sorted by bucket.")],
     partitions_def=corpus_shard_partitions, name="filtered_documents",
     check_specs=[AssetCheckSpec(FILTERED_IDS_UNIQUE, asset="filtered_documents",
@@ -196,14 +208,20 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
     removed = decide_duplicates(edges(), cfg.minhash, pl.concat(prior) if prior else None, decided,
                                 shards=sorted(versions), removed_only=True)
     changed = []
+    observed = observed_versions(context.instance, REMOVAL_LISTS)
     for shard in sorted(versions):
         mine = removed.filter(pl.col("shard") == shard).sort("doc_id")
         if shard not in before or not before[shard].sort("doc_id").equals(mine):
             store.write(CLUSTERS, mine, shard)
             changed.append(shard)
+        if shard in changed or shard not in observed:
+            # the shard's removal list has a new data version: its `documents` (and only its) becomes stale
+            context.log_event(removal_list_observation(shard, mine))
     store.write_json(CLUSTERS_STATE, {"shards": versions, "minhash": cfg.minhash.version, "keep": cfg.minhash.keep})
     by_reason = removed.group_by("shard", "reason").len().sort("shard", "reason")
-    return MaterializeResult(metadata={
+    # A fixed data version: what a shard's `documents` reads is versioned by its removal list (above), so a
+    # decision run that left a shard's list as it was does not make that shard's chain stale.
+    return MaterializeResult(data_version=DataVersion(f"by shard: {REMOVAL_LISTS}"), metadata={
         "dagster/row_count": removed.height, "shards": len(versions),
         "changed_shards": ", ".join(changed), "duplicate_clusters": removed["cluster"].n_unique(),
         "exact_duplicates": int((removed["reason"] == "exact_duplicate").sum()),
@@ -213,9 +231,34 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
     })
 
 
+def removal_list_version(removed: pl.DataFrame) -> str:
+    """The data version of one shard's removal list: a hash of its rows, sorted by doc_id."""
+    return hashlib.sha256(removed.sort("doc_id").write_csv().encode()).hexdigest()[:16]
+
+
+def removal_list_observation(shard: str, removed: pl.DataFrame) -> AssetObservation:
+    return AssetObservation(asset_key=REMOVAL_LISTS, partition=shard, metadata={"dagster/row_count": removed.height},
+                            tags={DATA_VERSION_TAG: removal_list_version(removed)})
+
+
+# Each shard's removal list, as its own versioned input of that shard's `documents`: observed by the
+# document_clusters run that changed it (or, from the UI, read again from storage); never materialized by itself.
+@multi_observable_source_asset(
+    specs=[AssetSpec(REMOVAL_LISTS, partitions_def=corpus_shard_partitions, group_name="documents",
+                     deps=[CLUSTERS], kinds={"parquet"}, skippable=True,
+                     description="One shard's dedup removal list (written by document_clusters); data version: a "
+                                 "hash of its rows, recorded when a decision run changes it.")],
+    can_subset=True)
+def removal_lists(context: AssetExecutionContext, storage: StorageResource) -> None:
+    store = storage.store()
+    known = set(context.instance.get_dynamic_partitions(corpus_shard_partitions.name))
+    for shard in sorted(s for s in store.partitions(CLUSTERS) if s in known):
+        context.log_event(removal_list_observation(shard, store.read(CLUSTERS, shard)))
+
+
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill,
        automation_condition=after_dedup_of_own_shard(),
-       deps=["filtered_documents", SIGNATURES, document_clusters],
+       deps=["filtered_documents", SIGNATURES, document_clusters, REMOVAL_LISTS],
        group_name="documents", kinds={"polars", "parquet"}, code_version=FILTER_CODE,
        check_specs=[AssetCheckSpec(DOC_ID_UNIQUE, asset="documents")])
 def documents(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:

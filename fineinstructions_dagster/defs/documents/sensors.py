@@ -12,6 +12,7 @@ from dagster import (
 
 from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
 from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists
+from fineinstructions_dagster.defs.observations import CORPUS_FILES, changed_observations
 from fineinstructions_dagster.defs.partitions import add_new_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
@@ -24,4 +25,6 @@ def corpus_shard_sensor(context: SensorEvaluationContext, inputs: InputsResource
     """One partition per shard file (Parquet or JSON Lines) in the corpus folder."""
     if not folder_exists(inputs.corpus()):  # local or s3://
         return SkipReason(f"corpus folder {inputs.corpus()} does not exist")
-    return add_new_partitions(context, corpus_shards(inputs.corpus()), corpus_shard_partitions, ASSETS)
+    found = corpus_shards(inputs.corpus())
+    return add_new_partitions(context, found, corpus_shard_partitions, ASSETS,
+                              changed_observations(context.instance, CORPUS_FILES, found))

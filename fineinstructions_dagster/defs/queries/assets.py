@@ -3,6 +3,7 @@
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
+from fineinstructions_dagster.defs.automation import input_files_replaced
 from fineinstructions_dagster.defs.inputs import (
     log_skipped_inputs,
     query_sources,
@@ -10,6 +11,7 @@ from fineinstructions_dagster.defs.inputs import (
     skipped_metadata,
 )
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
+from fineinstructions_dagster.defs.observations import QUERY_FILES
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.versions import code_version
@@ -26,6 +28,8 @@ QUERY_ID_UNIQUE = "query_id_unique"
     backfill_policy=batched_backfill,
     group_name="queries",
     code_version=CODE_VERSION,
+    deps=[QUERY_FILES],
+    automation_condition=input_files_replaced(),
     kinds={"polars", "parquet"},
     check_specs=[AssetCheckSpec(QUERY_ID_UNIQUE, asset="user_queries")],
 )

@@ -3,6 +3,7 @@
 from dagster import AssetSelection, DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
 from fineinstructions_dagster.defs.inputs import folder_exists, query_sources
+from fineinstructions_dagster.defs.observations import QUERY_FILES, changed_observations
 from fineinstructions_dagster.defs.partitions import add_new_partitions, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource
 
@@ -15,4 +16,6 @@ def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource
     """One partition per query file, or per subfolder of query files, in the queries folder."""
     if not folder_exists(inputs.queries()):  # local or s3://
         return SkipReason(f"queries folder {inputs.queries()} does not exist")
-    return add_new_partitions(context, query_sources(inputs.queries()), query_source_partitions, ASSETS)
+    found = query_sources(inputs.queries())
+    return add_new_partitions(context, found, query_source_partitions, ASSETS,
+                              changed_observations(context.instance, QUERY_FILES, found))

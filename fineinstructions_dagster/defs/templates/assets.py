@@ -9,7 +9,7 @@ from dagster import (
     asset,
 )
 
-from fineinstructions_dagster.defs.automation import over_every_partition
+from fineinstructions_dagster.defs.automation import input_files_replaced, over_every_partition
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.queries.assets import user_queries
@@ -31,6 +31,7 @@ BANK_IDS_RESOLVE = "template_ids_unique_with_source_queries"
     partitions_def=query_source_partitions,
     backfill_policy=batched_backfill,
     deps=[user_queries],
+    automation_condition=input_files_replaced(),  # its query source's files replaced, user_queries re-made
     group_name="templates", code_version=CODE_VERSION,
     kinds={"vllm", "parquet"},
     pool="gpu",
