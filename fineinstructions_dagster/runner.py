@@ -25,6 +25,7 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.inputs import corpus_shards, query_sources
+from fineinstructions_dagster.defs.observations import observe_inputs
 from fineinstructions_dagster.defs.partitions import (
     EVERY_BUCKET_RANGE,
     corpus_shard_partitions,
@@ -145,6 +146,8 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     # What the sensors do on a tick: one dynamic partition per input.
     instance.add_dynamic_partitions(query_source_partitions.name, sources)  # type: ignore[arg-type]
     instance.add_dynamic_partitions(corpus_shard_partitions.name, shards)  # type: ignore[arg-type]
+    # The inputs' data versions, as the sensors record them: what the UI's staleness reads.
+    observe_inputs(instance, resources["inputs"].process_config_and_initialize())
 
     quiet = console_level.upper() in ("WARNING", "ERROR", "CRITICAL")
     tags = runner_tags()

@@ -1,6 +1,6 @@
 """The code location loads, with every asset of the design, its jobs, sensors and pools."""
 
-from dagster import AssetCheckResult, DagsterInstance, MaterializeResult, build_sensor_context
+from dagster import AssetCheckResult, DagsterInstance, DefaultSensorStatus, MaterializeResult, build_sensor_context
 
 from fineinstructions_dagster.definitions import defs
 from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
@@ -37,8 +37,12 @@ def test_jobs_schedules_and_sensors_load():
     for job in ("queries_job", "template_index_job", "filter_job", "dedup_job", "shard_job", "report_job",
                 "lineage_job"):
         assert defs.resolve_job_def(job)
-    assert {s.name for s in defs.sensors} == {"corpus_shard_sensor", "query_source_sensor", "automation_sensor"}
-    # every job a sensor targets resolves, as the code server loads them; no schedule: automation decides
+    sensors = {s.name: s for s in defs.sensors}
+    assert set(sensors) == {"corpus_shard_sensor", "query_source_sensor", "automation_sensor", "scheduled_backfill"}
+    # nothing runs by itself on a laptop until asked: the eager automation and the nightly backfill are stopped
+    assert {n for n, s in sensors.items() if s.default_status == DefaultSensorStatus.STOPPED} == {
+        "automation_sensor", "scheduled_backfill"}
+    # every job a sensor targets resolves, as the code server loads them; the cron is the backfill sensor's
     defs.get_repository_def().load_all_definitions()
     assert not list(defs.schedules or [])
 

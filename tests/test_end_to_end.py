@@ -311,3 +311,48 @@ def test_a_changed_stage_code_makes_that_asset_stale_in_dagster(pipeline):
     assert stale_by_code(bumped) == {"instantiations"}
     causes = get_stale_status_resolver(instance, bumped).get_stale_root_causes(changed, shard)
     assert StaleCauseCategory.CODE in {c.category for c in causes}
+
+
+def test_a_replaced_input_file_makes_its_own_shard_due_and_a_dedup_run_leaves_the_others_fresh(pipeline):
+    """What the scheduled backfill asks Dagster's staleness (the UI's), on the real runs' data versions: a shard
+    file replaced in place (its observation has a new version) makes that shard's filter, the dedup step, its own
+    chain and export, the dbt models and the report due, and not one partition of another shard. Then a dedup
+    run that leaves every removal list as it was makes no shard's `documents` stale."""
+    from dagster import AssetObservation
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    from fineinstructions_dagster.definitions import ASSETS, defs
+    from fineinstructions_dagster.defs.observations import CORPUS_FILES, observe_inputs, observed_versions
+    from fineinstructions_dagster.defs.partitions import EVERY_BUCKET_RANGE
+    from fineinstructions_dagster.defs.resources import InputsResource, build_resources
+    from fineinstructions_dagster.defs.scheduled_backfill import due_asset_partitions
+    from fineinstructions_dagster.runner import DEDUP_STEP
+
+    _, instance, run = pipeline
+    graph = defs.resolve_asset_graph()
+    shard, others = run.shards[0], set(run.shards[1:])
+    assert others and set(observed_versions(instance, CORPUS_FILES)) == set(run.shards)  # the runner observed them
+    before = due_asset_partitions(instance, graph)  # (earlier tests in this module may have left some)
+    instance.report_runless_asset_event(AssetObservation(
+        AssetKey(CORPUS_FILES), partition=shard, tags={"dagster/data_version": "replaced in place"}))
+    new = {(ap.asset_key.to_user_string(), ap.partition_key) for ap in due_asset_partitions(instance, graph) - before}
+    per_shard = ["filtered_documents", "document_signatures", "document_bands", *SHARD_STEP, "export_chat",
+                 "export_packed"]
+    assert {(a, shard) for a in per_shard} <= new
+    assert ("document_clusters", None) in new and ("dataset_report", None) in new
+    assert not {(a, p) for a, p in new if p in others}, "another shard's partition became due"
+    # the file back as it is: the runner's observation finds it changed again, and nothing is due for it
+    assert observe_inputs(instance, InputsResource())[CORPUS_FILES] == [shard]
+    assert due_asset_partitions(instance, graph) == before
+
+    assert materialize(ASSETS, selection=DEDUP_STEP, instance=instance, resources=build_resources(),
+                       tags=EVERY_BUCKET_RANGE).success  # the same shards again: no removal list changes
+    now = get_current_datetime()
+    resolver = CachingStaleStatusResolver(instance, graph, AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=now, last_event_id=None), instance=instance, asset_graph=graph))
+    for s in run.shards:
+        causes = [c.dependency.asset_key.to_user_string() for c in resolver.get_stale_causes(AssetKey("documents"), s)
+                  if c.dependency is not None]
+        assert not {"document_clusters", "removal_lists"} & set(causes), (s, causes)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from dagster import (
     AssetKey,
     AssetObservation,
+    AssetsDefinition,
+    AssetSpec,
     DagsterEventType,
     DagsterInstance,
-    DataVersionsByPartition,
     DynamicPartitionsDefinition,
-    ObserveResult,
-    observable_source_asset,
+    multi_observable_source_asset,
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag Dagster reads a data version from
 
@@ -27,6 +27,9 @@ from fineinstructions_dagster.defs.resources import InputsResource
 
 QUERY_FILES = "query_files"
 CORPUS_FILES = "corpus_files"
+# On an asset whose materializations all carry one data version (document_clusters: what a shard reads of it is
+# versioned per shard, by removal_lists; the dbt models: views): a new materialization makes nothing downstream due.
+FIXED_DATA_VERSION_TAG = "fineinstructions/fixed_data_version"
 
 
 @dataclass(frozen=True)
@@ -80,21 +83,24 @@ def observe_inputs(instance: DagsterInstance, inputs: InputsResource) -> dict[st
     return out
 
 
-def _observe(context, inputs: InputsResource, source: InputSource) -> DataVersionsByPartition:  # noqa: ANN001
-    known = set(context.instance.get_dynamic_partitions(source.partitions.name))
-    versions = input_data_versions({k: v for k, v in source.found(inputs).items() if k in known})
-    return DataVersionsByPartition(versions)
+def _observable(source: InputSource, group: str, description: str) -> AssetsDefinition:
+    """The UI's "Observe sources" on one input: every known partition's version, from its files now."""
+
+    @multi_observable_source_asset(
+        name=source.asset, can_subset=True,
+        specs=[AssetSpec(source.asset, partitions_def=source.partitions, group_name=group, skippable=True,
+                         description=description)])
+    def observe(context, inputs: InputsResource) -> None:  # noqa: ANN001 - Dagster reads the annotation
+        known = set(context.instance.get_dynamic_partitions(source.partitions.name))  # type: ignore[arg-type]
+        found = {k: v for k, v in source.found(inputs).items() if k in known}
+        for key, version in sorted(input_data_versions(found).items()):
+            context.log_event(AssetObservation(asset_key=source.asset, partition=key,
+                                               tags={DATA_VERSION_TAG: version}, metadata={"files": len(found[key])}))
+
+    return observe
 
 
-@observable_source_asset(partitions_def=query_source_partitions, group_name="queries",
-                         description="The query files of each source (a file or a subfolder); data version: a hash "
-                                     "of their paths, sizes and mtimes (ETags on S3).")
-def query_files(context, inputs: InputsResource) -> DataVersionsByPartition | ObserveResult:  # noqa: ANN001
-    return _observe(context, inputs, INPUT_SOURCES[0])
-
-
-@observable_source_asset(partitions_def=corpus_shard_partitions, group_name="documents",
-                         description="The corpus file of each shard; data version: a hash of its path, size and "
-                                     "mtime (ETag on S3).")
-def corpus_files(context, inputs: InputsResource) -> DataVersionsByPartition | ObserveResult:  # noqa: ANN001
-    return _observe(context, inputs, INPUT_SOURCES[1])
+query_files = _observable(INPUT_SOURCES[0], "queries", "The query files of each source (a file or a subfolder); "
+                          "data version: a hash of their paths, sizes and mtimes (ETags on S3).")
+corpus_files = _observable(INPUT_SOURCES[1], "documents", "The corpus file of each shard; data version: a hash of "
+                           "its path, size and mtime (ETag on S3).")

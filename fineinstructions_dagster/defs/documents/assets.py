@@ -29,7 +29,12 @@ from fineinstructions_dagster.defs.automation import (
 )
 from fineinstructions_dagster.defs.inputs import corpus_shards, log_skipped_inputs, skipped_metadata
 from fineinstructions_dagster.defs.metadata import explore_links, for_each_partition, stage_metadata
-from fineinstructions_dagster.defs.observations import CORPUS_FILES, DATA_VERSION_TAG, observed_versions
+from fineinstructions_dagster.defs.observations import (
+    CORPUS_FILES,
+    DATA_VERSION_TAG,
+    FIXED_DATA_VERSION_TAG,
+    observed_versions,
+)
 from fineinstructions_dagster.defs.partitions import batched_backfill, bucket_range_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.lib.storage import TableStore
@@ -167,7 +172,7 @@ def duplicate_edges(context: AssetExecutionContext, storage: StorageResource,
 @asset(automation_condition=over_every_partition(),
        deps=[AssetDep(EDGES, partition_mapping=AllPartitionMapping()),
              AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],  # which shards, which versions
-       group_name="documents", code_version=DEDUP_CODE,
+       group_name="documents", code_version=DEDUP_CODE, tags={FIXED_DATA_VERSION_TAG: "true"},
        kinds={"numpy", "scipy"})
 def document_clusters(context: AssetExecutionContext, storage: StorageResource,
                       pipeline: PipelineResource) -> MaterializeResult:
@@ -221,7 +226,7 @@ def document_clusters(context: AssetExecutionContext, storage: StorageResource,
     by_reason = removed.group_by("shard", "reason").len().sort("shard", "reason")
     # A fixed data version: what a shard's `documents` reads is versioned by its removal list (above), so a
     # decision run that left a shard's list as it was does not make that shard's chain stale.
-    return MaterializeResult(data_version=DataVersion(f"by shard: {REMOVAL_LISTS}"), metadata={
+    return MaterializeResult(data_version=DataVersion(f"by shard, in {REMOVAL_LISTS}"), metadata={
         "dagster/row_count": removed.height, "shards": len(versions),
         "changed_shards": ", ".join(changed), "duplicate_clusters": removed["cluster"].n_unique(),
         "exact_duplicates": int((removed["reason"] == "exact_duplicate").sum()),

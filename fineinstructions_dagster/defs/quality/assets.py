@@ -21,8 +21,10 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSelection,
+    DataVersion,
     Failure,
     MetadataValue,
+    Output,
 )
 from dagster_dbt import (
     DagsterDbtTranslator,
@@ -34,6 +36,7 @@ from dagster_dbt import (
 )
 
 from fineinstructions_dagster.defs.automation import over_every_partition, with_its_asset
+from fineinstructions_dagster.defs.observations import FIXED_DATA_VERSION_TAG
 from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
 from fineinstructions_dagster.lib.storage import file_lock
 from fineinstructions_dagster.stages.quality import (
@@ -48,6 +51,7 @@ QUALITY_GROUP = "quality"
 QUALITY_PREFIX = "quality"  # model keys: quality/pairs, quality/templates, ... (never clash with the pipeline's)
 QUALITY_PAIRS_KEY = AssetKey([QUALITY_PREFIX, "pairs"])
 QUALITY_SELECTION = AssetSelection.groups(QUALITY_GROUP)
+VIEW_VERSION = DataVersion("a view over its tables")
 _VENV_DBT = Path(sys.executable).with_name("dbt")  # the venv's dbt, also when the venv is not on PATH
 DBT_EXECUTABLE = str(_VENV_DBT) if _VENV_DBT.exists() else "dbt"
 _PROJECT_FILES = ("dbt_project.yml", "profiles.yml", "models", "tests", "macros")
@@ -104,6 +108,10 @@ class QualityTranslator(DagsterDbtTranslator):
     def get_automation_condition(self, dbt_resource_props: Mapping[str, Any]):  # type: ignore[no-untyped-def]
         return over_every_partition()
 
+    def get_tags(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, str]:
+        # a model is a view: what reads it (a shard's export) reads its own shard's rows, through their checks
+        return {**super().get_tags(dbt_resource_props), FIXED_DATA_VERSION_TAG: "true"}
+
     def get_asset_check_spec(self, asset_spec, manifest, unique_id, project):  # type: ignore[no-untyped-def]
         spec = super().get_asset_check_spec(asset_spec, manifest, unique_id, project)
         if spec is None:
@@ -155,7 +163,10 @@ def dbt_quality(context: AssetExecutionContext, storage: StorageResource, pipeli
     with file_lock(db.with_name(".lock")):  # one dbt process per root: DuckDB lets one process write a file
         with _environ({"FINEINSTRUCTIONS_ROOT": str(store.root), "FINEINSTRUCTIONS_QUALITY_DB": str(db)}):
             invocation = dbt.cli(["build", "--vars", json.dumps(variables)], context=context, raise_on_error=False)
-        yield from invocation.stream()  # every check's evaluation is recorded, failed or not
+        for event in invocation.stream():  # every check's evaluation is recorded, failed or not
+            # A fixed data version (the models are views): a build does not make every shard's export stale.
+            yield (Output(event.value, event.output_name, metadata=event.metadata, data_version=VIEW_VERSION)
+                   if isinstance(event, Output) else event)
     if not invocation.is_successful():
         try:
             problems = summarize_dbt_failures(invocation.get_artifact("run_results.json")["results"])

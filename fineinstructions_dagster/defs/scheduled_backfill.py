@@ -1,0 +1,101 @@
+"""`scheduled_backfill`: at each tick of a cron (FINEINSTRUCTIONS_BACKFILL_CRON, nightly by default, in
+FINEINSTRUCTIONS_BACKFILL_TIMEZONE), one Dagster backfill of whatever is new or stale, as Dagster's own staleness
+says: the inputs are observed first (new partitions added, replaced files given new data versions), then every
+missing or stale asset partition and what follows from it is backfilled, the backfill policies batching the
+shards. Stopped by default, like the automation sensor: start it in the UI (Automation) or with
+`dagster sensor start scheduled_backfill`.
+
+Why a sensor on a cron and not a `ScheduleDefinition`: Dagster 1.13's scheduler launches runs only, while a
+sensor's request of an asset-graph subset is submitted as a backfill (what the automation sensor emits too)."""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetKey,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    partition_loading_context,
+    sensor,
+)
+from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.definitions.events import AssetKeyPartitionKey
+from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+from dagster._core.instance import DagsterInstance
+from dagster._time import get_current_datetime
+from dagster._utils.schedules import reverse_cron_string_iterator
+
+from fineinstructions_dagster.defs.observations import FIXED_DATA_VERSION_TAG, observe_inputs
+from fineinstructions_dagster.defs.resources import InputsResource, env_value
+
+SCHEDULED_TAG = "fineinstructions/scheduled_backfill"
+
+
+def due_asset_partitions(instance: DagsterInstance, graph: BaseAssetGraph) -> set[AssetKeyPartitionKey]:
+    """Every asset partition Dagster calls missing or stale, and every partition downstream of one (Dagster
+    marks a child stale only once its parent has a new data version, so what follows a stale step is due with
+    it), except across a fixed data version. Read after the inputs were observed."""
+    now = get_current_datetime()
+    with partition_loading_context(now, instance):
+        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=now, last_event_id=None),
+                              instance=instance, asset_graph=graph)
+        resolver = CachingStaleStatusResolver(instance, graph, view)
+        due: set[AssetKeyPartitionKey] = set()
+        for key in sorted(graph.materializable_asset_keys):
+            node = graph.get(key)
+            for partition in node.partitions_def.get_partition_keys() if node.partitions_def else [None]:
+                if resolver.get_status(key, partition) in (StaleStatus.MISSING, StaleStatus.STALE):
+                    due.add(AssetKeyPartitionKey(key, partition))
+        queue = list(due)
+        while queue:
+            parent = queue.pop()
+            if FIXED_DATA_VERSION_TAG in graph.get(parent.asset_key).tags:
+                continue
+            for child in graph.get_children_partitions(parent.asset_key, parent.partition_key):
+                if child not in due:
+                    due.add(child)
+                    queue.append(child)
+    return {ap for ap in due if graph.get(ap.asset_key).is_materializable}
+
+
+def describe(due: set[AssetKeyPartitionKey]) -> str:
+    """'asset (n partitions), ...' for the tick's log."""
+    counts: dict[AssetKey, int] = {}
+    for ap in due:
+        counts[ap.asset_key] = counts.get(ap.asset_key, 0) + 1
+    return ", ".join(f"{k.to_user_string()} ({n})" for k, n in sorted(counts.items()))
+
+
+@sensor(minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED,
+        description="At each tick of FINEINSTRUCTIONS_BACKFILL_CRON (nightly by default): observe the inputs, then "
+                    "one backfill of every new or stale asset partition and what follows from it.")
+def scheduled_backfill(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult:
+    cron, timezone = env_value("FINEINSTRUCTIONS_BACKFILL_CRON"), env_value("FINEINSTRUCTIONS_BACKFILL_TIMEZONE")
+    tick = next(reverse_cron_string_iterator(get_current_datetime().timestamp(), cron, timezone))
+    cursor = str(tick.timestamp())
+    if context.cursor is None:  # as a schedule does, a tick before the sensor was started is not caught up
+        return SensorResult(skip_reason=f"started: the first backfill at the tick after {tick} ({cron}, {timezone})",
+                            cursor=cursor)
+    if float(context.cursor) >= tick.timestamp():
+        return SensorResult(skip_reason=f"tick {tick} handled; next per {cron!r} ({timezone})", cursor=context.cursor)
+    running = context.instance.get_backfills(filters=BulkActionsFilter(
+        statuses=[BulkActionStatus.REQUESTED], tags={SCHEDULED_TAG: "true"}), limit=1)
+    if running:
+        return SensorResult(skip_reason=f"tick {tick}: backfill {running[0].backfill_id} is still running",
+                            cursor=cursor)
+    observed = observe_inputs(context.instance, inputs)
+    for asset, partitions in observed.items():
+        if partitions:
+            context.log.info(f"{asset}: new or changed {', '.join(partitions)}")
+    graph = context.repository_def.asset_graph
+    due = due_asset_partitions(context.instance, graph)
+    if not due:
+        return SensorResult(skip_reason=f"tick {tick}: nothing new or stale", cursor=cursor)
+    context.log.info(f"tick {tick}: backfilling {describe(due)}")
+    subset = AssetGraphSubset.from_asset_partition_set(due, graph)
+    return SensorResult(run_requests=[RunRequest.for_asset_graph_subset(
+        subset, tags={SCHEDULED_TAG: "true", "fineinstructions/cron_tick": tick.isoformat()})], cursor=cursor)
