@@ -33,12 +33,12 @@ def _mat(instance: DagsterInstance, asset: str, partition: str | None = None) ->
     instance.report_runless_asset_event(AssetMaterialization(AssetKey(asset.split("/")), partition=partition))
 
 
-def _dedup(instance: DagsterInstance, shards: list[str]) -> None:
-    """A document_clusters run, as it records it: the asset, and the removal lists it changed (observed)."""
-    _mat(instance, "document_clusters")
+def _dedup(instance: DagsterInstance, shards: list[str], version: str = "1") -> None:
+    """A document_clusters run, as it records it: the removal lists it changed (observed), then the asset."""
     for shard in shards:
         instance.report_runless_asset_event(AssetObservation(
-            AssetKey("removal_lists"), partition=shard, tags={"dagster/data_version": f"{shard}-list"}))
+            AssetKey("removal_lists"), partition=shard, tags={"dagster/data_version": f"{shard}-{version}"}))
+    _mat(instance, "document_clusters")
 
 
 def _dbt_build(instance: DagsterInstance, passed: bool = True) -> None:
@@ -143,6 +143,10 @@ def test_a_refiltered_shard_waits_for_dedup_then_reruns_its_chain(built):
     _mat(instance, "document_clusters")
     result = evaluate_automation_conditions(defs, instance, cursor=result.cursor)
     assert "documents" not in requested(result)
+    # One that changed tutorial's removal list (the `rebuild` rule can) runs tutorial's chain, not faq's.
+    _dedup(instance, ["tutorial"], version="2")
+    result = evaluate_automation_conditions(defs, instance, cursor=result.cursor)
+    assert requested(result).get("documents") == {"tutorial"}
 
 
 def test_a_new_template_index_reruns_matching_for_every_shard(built):

@@ -337,11 +337,13 @@ def test_a_replaced_input_file_makes_its_own_shard_due_and_a_dedup_run_leaves_th
     before = due_asset_partitions(instance, graph)  # (earlier tests in this module may have left some)
     instance.report_runless_asset_event(AssetObservation(
         AssetKey(CORPUS_FILES), partition=shard, tags={"dagster/data_version": "replaced in place"}))
-    new = {(ap.asset_key.to_user_string(), ap.partition_key) for ap in due_asset_partitions(instance, graph) - before}
+    after = due_asset_partitions(instance, graph)
+    due = {(ap.asset_key.to_user_string(), ap.partition_key) for ap in after}
+    new = {(ap.asset_key.to_user_string(), ap.partition_key) for ap in after - before}
     per_shard = ["filtered_documents", "document_signatures", "document_bands", *SHARD_STEP, "export_chat",
                  "export_packed"]
-    assert {(a, shard) for a in per_shard} <= new
-    assert ("document_clusters", None) in new and ("dataset_report", None) in new
+    assert {(a, shard) for a in per_shard} <= due
+    assert {("document_clusters", None), ("dataset_report", None), ("quality/pairs", None)} <= due
     assert not {(a, p) for a, p in new if p in others}, "another shard's partition became due"
     # the file back as it is: the runner's observation finds it changed again, and nothing is due for it
     assert observe_inputs(instance, InputsResource())[CORPUS_FILES] == [shard]

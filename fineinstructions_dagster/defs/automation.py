@@ -13,6 +13,7 @@ from dagster import (
 PAIRS = "fineinstructions"
 CLUSTERS = "document_clusters"
 FILTER_OUTPUTS = ("filtered_documents", "document_signatures")
+REMOVAL_LISTS = "removal_lists"  # each shard's dedup removal list, observed by the run that changed it
 
 
 def shard_step() -> AutomationCondition:
@@ -49,11 +50,12 @@ def _own_input_then_gate(own: tuple[str, ...], gate: AssetKey | str) -> Automati
 
 
 def after_dedup_of_own_shard() -> AutomationCondition:
-    """`documents` of a shard: once the dedup decisions were made after the shard's own filter output changed,
-    not on every decision run: under the default `stable` rule a new shard's decisions leave the other shards'
-    removal lists as they were, so their chains do not run again. (Under `rebuild` they can change: re-run
-    shard_job for the shards a document_clusters materialization lists as `changed_shards`.)"""
-    return _own_input_then_gate(FILTER_OUTPUTS, CLUSTERS).with_label("own shard filtered, then dedup decided")
+    """`documents` of a shard: once the dedup decisions were made after the shard's own filter output or its own
+    removal list changed, not on every decision run: under the default `stable` rule a new shard's decisions
+    leave the other shards' removal lists as they were, so their chains do not run again; under `rebuild` a
+    shard whose list the run changed (a new `removal_lists` observation) runs again."""
+    return _own_input_then_gate((*FILTER_OUTPUTS, REMOVAL_LISTS), CLUSTERS).with_label(
+        "own shard filtered or its removal list changed, then dedup decided")
 
 
 def over_every_partition() -> AutomationCondition:

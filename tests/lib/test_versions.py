@@ -25,5 +25,7 @@ def test_a_stage_version_is_its_modules_whatever_their_order():
 def test_every_asset_has_a_code_version():
     from fineinstructions_dagster.definitions import defs
 
-    missing = [n.key.to_user_string() for n in defs.resolve_asset_graph().asset_nodes if not n.code_version]
+    # (the observed inputs and removal lists are versioned by their data, not by code)
+    missing = [n.key.to_user_string() for n in defs.resolve_asset_graph().asset_nodes
+               if n.is_materializable and not n.code_version]
     assert missing == []

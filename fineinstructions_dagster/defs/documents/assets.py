@@ -23,6 +23,7 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.automation import (
+    REMOVAL_LISTS,
     after_dedup_of_own_shard,
     input_files_replaced,
     over_every_partition,
@@ -61,7 +62,6 @@ SIGNATURES = "document_signatures"
 BANDS = "document_bands"
 EDGES = "duplicate_edges"
 CLUSTERS = "document_clusters"
-REMOVAL_LISTS = "removal_lists"
 CLUSTERS_STATE = f"{CLUSTERS}/_state.json"  # which version of which shard the removal lists were decided on
 # Selecting one of the three tables of the filter step selects all three (one pass over the shard writes them).
 FILTER_ASSETS = ["filtered_documents", SIGNATURES, BANDS]
