@@ -25,11 +25,9 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.inputs import corpus_shards, query_sources
-from fineinstructions_dagster.defs.observations import observe_inputs
+from fineinstructions_dagster.defs.observations import CORPUS_FILES, QUERY_FILES, observe_inputs
 from fineinstructions_dagster.defs.partitions import (
     EVERY_BUCKET_RANGE,
-    corpus_shard_partitions,
-    query_source_partitions,
 )
 from fineinstructions_dagster.defs.resources import PipelineResource, build_resources, env_value
 from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
@@ -43,7 +41,7 @@ from fineinstructions_dagster.defs.steps import (
     REPORT_STEP,
     SHARD_STEP,
 )
-from fineinstructions_dagster.lib.formats import input_version
+from fineinstructions_dagster.lib.formats import input_versions
 from fineinstructions_dagster.lib.storage import UNPARTITIONED
 from fineinstructions_dagster.llm.engines import hold_engines
 
@@ -97,7 +95,8 @@ def _fingerprint(*parts: object) -> str:
 
 def _input_files(files: list[str]) -> list[tuple[str, int, str]]:
     """(path, size, version) of input files, local or s3://: what tells that a source or shard changed."""
-    return [(path, *input_version(path)) for path in sorted(files)]
+    versions = input_versions(files)
+    return [(path, *versions[path]) for path in sorted(files)]
 
 
 def _settings_fingerprint(resources: dict) -> str:
@@ -143,11 +142,9 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     out.released_runs = release_dead_runs(instance)
     for run_id in out.released_runs:
         log(f"released run {run_id[:8]}: its process is gone (marked failed, pool slots freed)")
-    # What the sensors do on a tick: one dynamic partition per input.
-    instance.add_dynamic_partitions(query_source_partitions.name, sources)  # type: ignore[arg-type]
-    instance.add_dynamic_partitions(corpus_shard_partitions.name, shards)  # type: ignore[arg-type]
-    # The inputs' data versions, as the sensors record them: what the UI's staleness reads.
-    observe_inputs(instance, resources["inputs"].process_config_and_initialize())
+    # What the sensors do on a tick: one dynamic partition per input, and the data versions of changed ones
+    # (what the UI's staleness reads), from the listing above.
+    observe_inputs(instance, {QUERY_FILES: found_sources, CORPUS_FILES: found_shards})
 
     quiet = console_level.upper() in ("WARNING", "ERROR", "CRITICAL")
     tags = runner_tags()

@@ -136,3 +136,28 @@ def test_dagster_validates_the_location_as_the_project_declares_it(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "Validation successful for code location fineinstructions_dagster." in out
     assert "WARNING" not in out, out[-3000:]
+
+
+def test_scheduled_backfill_waits_for_a_cron_tick_then_backfills_everything_new(tmp_path, monkeypatch):
+    """Through `evaluate_tick`, the daemon's own path (it checks what a direct call does not, e.g. that a sensor
+    emitting a backfill has an asset selection holding it): the first tick after start only sets the cursor; at the
+    next cron tick, inputs nobody has run are observed and the whole graph is one backfill."""
+    from fineinstructions_dagster.defs.scheduled_backfill import SCHEDULED_TAG, scheduled_backfill
+    from fineinstructions_dagster.sample import build_sample
+
+    build_sample(tmp_path, shards=("faq",), max_docs_per_shard=2, max_queries=4)
+    monkeypatch.setenv("FINEINSTRUCTIONS_BACKFILL_CRON", "* * * * *")
+    inputs = InputsResource(queries_dir=str(tmp_path / "queries"), corpus_dir=str(tmp_path / "corpus"))
+    with DagsterInstance.ephemeral() as instance:
+        def tick(cursor: str | None):  # noqa: ANN202 - SensorExecutionData
+            return scheduled_backfill.evaluate_tick(build_sensor_context(
+                instance=instance, cursor=cursor, definitions=defs, resources={"inputs": inputs}))
+
+        started = tick(None)
+        assert not started.run_requests and "started" in started.skip_message
+        due = tick(str(float(started.cursor) - 60))  # a minute later
+        assert observed_versions(instance, CORPUS_FILES).keys() == {"faq"}
+        [request] = due.run_requests
+        assert request.tags[SCHEDULED_TAG] == "true"
+        graph = defs.resolve_asset_graph()
+        assert request.asset_graph_subset.asset_keys == graph.materializable_asset_keys

@@ -324,7 +324,7 @@ def test_a_replaced_input_file_makes_its_own_shard_due_and_a_dedup_run_leaves_th
     from dagster._time import get_current_datetime
 
     from fineinstructions_dagster.definitions import ASSETS, defs
-    from fineinstructions_dagster.defs.observations import CORPUS_FILES, observe_inputs, observed_versions
+    from fineinstructions_dagster.defs.observations import CORPUS_FILES, find_inputs, observe_inputs, observed_versions
     from fineinstructions_dagster.defs.partitions import EVERY_BUCKET_RANGE
     from fineinstructions_dagster.defs.resources import InputsResource, build_resources
     from fineinstructions_dagster.defs.scheduled_backfill import due_asset_partitions
@@ -346,7 +346,7 @@ def test_a_replaced_input_file_makes_its_own_shard_due_and_a_dedup_run_leaves_th
     assert {("document_clusters", None), ("dataset_report", None), ("quality/pairs", None)} <= due
     assert not {(a, p) for a, p in new if p in others}, "another shard's partition became due"
     # the file back as it is: the runner's observation finds it changed again, and nothing is due for it
-    assert observe_inputs(instance, InputsResource())[CORPUS_FILES] == [shard]
+    assert observe_inputs(instance, find_inputs(InputsResource()))[CORPUS_FILES] == [shard]
     assert due_asset_partitions(instance, graph) == before
 
     assert materialize(ASSETS, selection=DEDUP_STEP, instance=instance, resources=build_resources(),

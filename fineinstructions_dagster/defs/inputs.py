@@ -12,7 +12,7 @@ import polars as pl
 from fineinstructions_dagster.lib.formats import (
     SkippedInput,
     discover_sources,
-    input_version,
+    input_versions,
     malformed_frame,
     read_texts,
     scan_inputs,
@@ -44,7 +44,8 @@ def corpus_shards(corpus_dir: str) -> dict[str, list[str]]:
 def input_data_versions(found: dict[str, list[str]]) -> dict[str, str]:
     """partition -> its data version: a hash of each file's path, size and mtime (locally) or ETag (S3), so a
     file replaced in place (a re-downloaded dump under the same name) gives its partition a new version."""
-    return {key: hashlib.sha256(json.dumps([(f, *input_version(f)) for f in sorted(files)]).encode()).hexdigest()[:16]
+    versions = input_versions([f for files in found.values() for f in files])
+    return {key: hashlib.sha256(json.dumps([(f, *versions[f]) for f in sorted(files)]).encode()).hexdigest()[:16]
             for key, files in found.items()}
 
 

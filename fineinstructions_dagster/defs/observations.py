@@ -60,23 +60,33 @@ def observed_versions(instance: DagsterInstance, asset: str) -> dict[str, str]:
     return {p: t[DATA_VERSION_TAG] for p, t in tags.items() if DATA_VERSION_TAG in t}
 
 
-def changed_observations(instance: DagsterInstance, asset: str, found: dict[str, list[str]]) -> list[AssetObservation]:
-    """An observation for each partition whose files' version differs from the one last observed (new ones too)."""
-    before = observed_versions(instance, asset)
+def _observations(asset: str, found: dict[str, list[str]], skip: dict[str, str]) -> list[AssetObservation]:
+    """One observation per partition of `found` whose version is not the one `skip` names for it."""
     return [AssetObservation(asset_key=asset, partition=key, tags={DATA_VERSION_TAG: version},
                              metadata={"files": len(found[key])})
-            for key, version in sorted(input_data_versions(found).items()) if before.get(key) != version]
+            for key, version in sorted(input_data_versions(found).items()) if skip.get(key) != version]
 
 
-def observe_inputs(instance: DagsterInstance, inputs: InputsResource) -> dict[str, list[str]]:
-    """Record, outside any run, the changed input partitions' versions (after adding new partitions): what
+def changed_observations(instance: DagsterInstance, asset: str, found: dict[str, list[str]]) -> list[AssetObservation]:
+    """An observation for each partition whose files' version differs from the one last observed (new ones too)."""
+    return _observations(asset, found, observed_versions(instance, asset))
+
+
+def find_inputs(inputs: InputsResource) -> dict[str, dict[str, list[str]]]:
+    """input asset -> partition -> its files, as the sensors find them."""
+    return {source.asset: source.found(inputs) for source in INPUT_SOURCES}
+
+
+def observe_inputs(instance: DagsterInstance, found: dict[str, dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Add a partition per input and record, outside any run, the versions of those whose files changed (`found`:
+    input asset -> partition -> files, from `find_inputs` or a listing the caller already made): what
     `fineinstructions run` and the scheduled backfill do before asking Dagster what is stale. Returns asset ->
     the partitions observed."""
     out = {}
     for source in INPUT_SOURCES:
-        found = source.found(inputs)
-        instance.add_dynamic_partitions(source.partitions.name, sorted(found))  # type: ignore[arg-type]
-        events = changed_observations(instance, source.asset, found)
+        partitions = found[source.asset]
+        instance.add_dynamic_partitions(source.partitions.name, sorted(partitions))  # type: ignore[arg-type]
+        events = changed_observations(instance, source.asset, partitions)
         for event in events:
             instance.report_runless_asset_event(event)
         out[source.asset] = [e.partition for e in events]
@@ -92,10 +102,8 @@ def _observable(source: InputSource, group: str, description: str) -> AssetsDefi
                          description=description)])
     def observe(context, inputs: InputsResource) -> None:  # noqa: ANN001 - Dagster reads the annotation
         known = set(context.instance.get_dynamic_partitions(source.partitions.name))  # type: ignore[arg-type]
-        found = {k: v for k, v in source.found(inputs).items() if k in known}
-        for key, version in sorted(input_data_versions(found).items()):
-            context.log_event(AssetObservation(asset_key=source.asset, partition=key,
-                                               tags={DATA_VERSION_TAG: version}, metadata={"files": len(found[key])}))
+        for event in _observations(source.asset, {k: v for k, v in source.found(inputs).items() if k in known}, {}):
+            context.log_event(event)
 
     return observe
 

@@ -10,8 +10,10 @@ sensor's request of an asset-graph subset is submitted as a backfill (what the a
 
 from __future__ import annotations
 
+from collections import Counter
+
 from dagster import (
-    AssetKey,
+    AssetSelection,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
@@ -29,7 +31,7 @@ from dagster._core.instance import DagsterInstance
 from dagster._time import get_current_datetime
 from dagster._utils.schedules import reverse_cron_string_iterator
 
-from fineinstructions_dagster.defs.observations import FIXED_DATA_VERSION_TAG, observe_inputs
+from fineinstructions_dagster.defs.observations import FIXED_DATA_VERSION_TAG, find_inputs, observe_inputs
 from fineinstructions_dagster.defs.resources import InputsResource, env_value
 
 SCHEDULED_TAG = "fineinstructions/scheduled_backfill"
@@ -64,13 +66,12 @@ def due_asset_partitions(instance: DagsterInstance, graph: BaseAssetGraph) -> se
 
 def describe(due: set[AssetKeyPartitionKey]) -> str:
     """'asset (n partitions), ...' for the tick's log."""
-    counts: dict[AssetKey, int] = {}
-    for ap in due:
-        counts[ap.asset_key] = counts.get(ap.asset_key, 0) + 1
-    return ", ".join(f"{k.to_user_string()} ({n})" for k, n in sorted(counts.items()))
+    counts = Counter(ap.asset_key.to_user_string() for ap in due)
+    return ", ".join(f"{k} ({n})" for k, n in sorted(counts.items()))
 
 
-@sensor(minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED,
+# Its selection is every materializable asset: the daemon refuses a sensor's backfill of assets outside it.
+@sensor(minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED, asset_selection=AssetSelection.all(),
         description="At each tick of FINEINSTRUCTIONS_BACKFILL_CRON (nightly by default): observe the inputs, then "
                     "one backfill of every new or stale asset partition and what follows from it.")
 def scheduled_backfill(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult:
@@ -87,7 +88,7 @@ def scheduled_backfill(context: SensorEvaluationContext, inputs: InputsResource)
     if running:
         return SensorResult(skip_reason=f"tick {tick}: backfill {running[0].backfill_id} is still running",
                             cursor=cursor)
-    observed = observe_inputs(context.instance, inputs)
+    observed = observe_inputs(context.instance, find_inputs(inputs))
     for asset, partitions in observed.items():
         if partitions:
             context.log.info(f"{asset}: new or changed {', '.join(partitions)}")

@@ -93,16 +93,33 @@ def local_input(path: str) -> str:
     return path
 
 
-def input_version(path: str) -> tuple[int, str]:
-    """(size, version) of an input file, what tells that it changed: its mtime locally, its ETag on S3."""
-    if path.startswith("s3://"):
-        from fineinstructions_dagster.lib.storage import default_s3_client, split_s3_uri
+def input_versions(paths: list[str]) -> dict[str, tuple[int, str]]:
+    """path -> (size, version) of input files, what tells that one changed: its mtime locally, its ETag on S3.
+    S3 objects are read from one listing per bucket (under the paths' common prefix), not one HEAD each: the
+    sensors ask every minute, over every shard."""
+    out: dict[str, tuple[int, str]] = {}
+    by_bucket: dict[str, list[str]] = {}
+    for path in paths:
+        if path.startswith("s3://"):
+            bucket, _, key = path[len("s3://"):].partition("/")
+            by_bucket.setdefault(bucket, []).append(key)
+        else:
+            stat = Path(path).stat()
+            out[path] = (stat.st_size, str(stat.st_mtime_ns))
+    if by_bucket:
+        from fineinstructions_dagster.lib.storage import default_s3_client
 
-        bucket, key = split_s3_uri(path)
-        head = default_s3_client().head_object(Bucket=bucket, Key=key)
-        return int(head["ContentLength"]), str(head["ETag"])
-    stat = Path(path).stat()
-    return stat.st_size, str(stat.st_mtime_ns)
+        client = default_s3_client()
+        for bucket, keys in by_bucket.items():
+            wanted, prefix = set(keys), posixpath.commonprefix(keys)
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    if obj["Key"] in wanted:
+                        out[f"s3://{bucket}/{obj['Key']}"] = (int(obj["Size"]), str(obj["ETag"]))
+        missing = [p for p in paths if p not in out]
+        if missing:
+            raise FileNotFoundError(f"input file {missing[0]} is gone (listed, then not found)")
+    return out
 
 
 def list_input_files(folder: str) -> list[tuple[PurePosixPath, str]]:
