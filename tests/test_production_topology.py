@@ -164,7 +164,8 @@ def topology(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[Topology]
                "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),
                "FINEINSTRUCTIONS_CORPUS": f"s3://{BUCKET}/{CORPUS_PREFIX}", "FINEINSTRUCTIONS_PROFILE": "smoke",
                "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1"}
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DAGSTER_DISABLE_TELEMETRY": "1",
+               "FINEINSTRUCTIONS_BACKFILL_CRON": "* * * * *"}  # the scheduled backfill's tick: every minute
         workspace = str(REPO / "deploy" / "workspace.yaml")
         procs.append(start([str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(grpc_port),
                             "-m", "fineinstructions_dagster.definitions"], env, logs / "grpc.log"))
@@ -268,3 +269,29 @@ def test_the_daemon_alone_takes_each_shard_in_the_bucket_to_its_export_once(topo
     assert chain["document"]["text"] and chain["query"]["text"]
     removed = store.read("document_clusters", "howto")
     assert removed.filter(pl.col("duplicate_of") == faq_doc["doc_id"]).height == 1
+
+    # 5. The scheduled backfill instead of eager automation: automation off, `scheduled_backfill` on (its cron
+    # every minute here); tutorial's file replaced in place (the same rows, written again: a new ETag).
+    for command in (["stop", "automation_sensor"], ["start", "scheduled_backfill"]):
+        subprocess.run([str(BIN / "dagster"), "sensor", *command, "-w", str(REPO / "deploy" / "workspace.yaml")],
+                       env=topo.env, check=True, capture_output=True, timeout=120)
+    local = tmp_path / "tutorial.parquet"
+    boto3.client("s3").download_file(BUCKET, f"{CORPUS_PREFIX}/tutorial.parquet", str(local))
+    pl.read_parquet(local).write_parquet(tmp_path / "again.parquet", compression="gzip")
+    boto3.client("s3").upload_file(str(tmp_path / "again.parquet"), BUCKET, f"{CORPUS_PREFIX}/tutorial.parquet")
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    from fineinstructions_dagster.defs.scheduled_backfill import SCHEDULED_TAG
+
+    with DagsterInstance.from_config(topo.env["DAGSTER_HOME"]) as instance:
+        def scheduled() -> list:  # noqa: ANN202 - PartitionBackfills
+            return instance.get_backfills(filters=BulkActionsFilter(tags={SCHEDULED_TAG: "true"}))
+
+        wait_until(topo, "the scheduled backfill", lambda: len(scheduled()) == 1
+                   and scheduled()[0].status != BulkActionStatus.REQUESTED, timeout=600)
+        assert scheduled()[0].status in (BulkActionStatus.COMPLETED, BulkActionStatus.COMPLETED_SUCCESS), scheduled()
+        time.sleep(75)  # at least one more tick: nothing is new or stale, so no second backfill
+        assert len(scheduled()) == 1, scheduled()
+        for asset in PER_SHARD:  # tutorial's chain and export again, nothing of faq's or howto's
+            records = instance.fetch_materializations(AssetKey(asset), limit=1000).records
+            assert sorted(r.partition_key for r in records) == sorted([*SHARDS, "howto", "tutorial"]), asset
