@@ -19,6 +19,7 @@ from dagster import (
 from fineinstructions_dagster.definitions import defs
 from fineinstructions_dagster.defs.pairs.assets import CONTROLS_REJECTED
 from fineinstructions_dagster.defs.quality.assets import QUALITY_CHECK_KEYS, dbt_quality
+from fineinstructions_dagster.defs.settings import EXPORT_SETTINGS, GATE_SETTINGS, STAGES
 from fineinstructions_dagster.defs.steps import SHARD_STEP
 from fineinstructions_dagster.stages.dedup import bucket_range_keys
 
@@ -39,6 +40,10 @@ def _dedup(instance: DagsterInstance, shards: list[str], version: str = "1") -> 
         instance.report_runless_asset_event(AssetObservation(
             AssetKey("removal_lists"), partition=shard, tags={"dagster/data_version": f"{shard}-{version}"}))
     _mat(instance, "document_clusters")
+
+
+def _settings(instance: DagsterInstance, key: str, version: str) -> None:
+    instance.report_runless_asset_event(AssetObservation(AssetKey(key), tags={"dagster/data_version": version}))
 
 
 def _dbt_build(instance: DagsterInstance, passed: bool = True) -> None:
@@ -76,6 +81,8 @@ def built():
     with DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("corpus_shard", ["faq", "tutorial"])
         instance.add_dynamic_partitions("query_source", ["python_faq"])
+        for stage in STAGES:  # the sensors' first tick observes every stage's settings
+            _settings(instance, stage.key, "1")
         for asset in ("user_queries", "templates"):
             _mat(instance, asset, "python_faq")
         _mat(instance, "template_bank")
@@ -158,6 +165,31 @@ def test_a_new_template_index_reruns_matching_for_every_shard(built):
     for asset in CHAIN[1:]:
         assert got[asset] == {"faq", "tutorial"}, asset
     assert "documents" not in got
+
+
+def test_a_changed_threshold_reruns_the_pairs_step_of_every_shard_then_the_dbt_build_then_the_exports(built):
+    instance, cursor = built
+
+    def tick() -> dict[str, set[str]]:
+        nonlocal cursor
+        result = evaluate_automation_conditions(defs, instance, cursor=cursor)
+        cursor = result.cursor
+        got = requested(result)
+        got.pop("dataset_report", None)
+        return got
+
+    _settings(instance, GATE_SETTINGS.key, "2")  # a sensor observed a new judge threshold
+    assert tick() == {a: {"faq", "tutorial"} for a in ("fineinstructions", "control_outcomes")}
+    for shard in ("faq", "tutorial"):
+        _shard(instance, shard, ["fineinstructions", "control_outcomes"])
+    assert tick() == {"quality/pairs": {"-"}}
+    _dbt_build(instance)
+    assert tick() == {a: {"faq", "tutorial"} for a in EXPORT}
+    for shard in ("faq", "tutorial"):
+        _shard(instance, shard, EXPORT)
+    assert tick() == {}
+    _settings(instance, EXPORT_SETTINGS.key, "2")  # another sequence length: the exports alone, as the pairs are
+    assert tick() == {a: {"faq", "tutorial"} for a in EXPORT}
 
 
 def test_the_export_waits_for_dbt_tests_that_pass(built):

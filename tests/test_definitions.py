@@ -7,21 +7,27 @@ from fineinstructions_dagster.defs.documents.sensors import corpus_shard_sensor
 from fineinstructions_dagster.defs.metadata import for_each_partition
 from fineinstructions_dagster.defs.observations import CORPUS_FILES, observed_versions
 from fineinstructions_dagster.defs.partitions import PARTITIONS_PER_RUN
-from fineinstructions_dagster.defs.resources import InputsResource
+from fineinstructions_dagster.defs.resources import InputsResource, build_resources
+from fineinstructions_dagster.defs.settings import STAGES
 
 ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_signatures", "document_bands", "duplicate_edges", "document_clusters", "documents", "matches",
           "instantiations", "judgements", "control_judgements", "fineinstructions", "control_outcomes",
           "export_chat", "export_packed", "dataset_report"} | {
     f"quality/{m}" for m in ("pairs", "templates", "documents", "matches", "queries", "instantiations", "judgements")}
-# observed, never materialized: the input files and each shard's dedup removal list
+# observed, never materialized: the input files and each shard's dedup removal list (partitioned), each stage's
+# settings (not)
 SOURCES = {"query_files", "corpus_files", "removal_lists"}
+SETTINGS = {"query_filter_settings", "genericizer_settings", "template_index_settings", "document_filter_settings",
+            "dedup_settings", "matching_settings", "instantiation_settings", "judging_settings", "gate_settings",
+            "export_settings"}
 
 
 def test_every_asset_is_defined_with_its_partitions_and_pool():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == ASSETS | SOURCES
+    assert keys == ASSETS | SOURCES | SETTINGS
+    assert {s.key for s in STAGES} == SETTINGS
     assert {k.to_user_string() for k in graph.materializable_asset_keys} == ASSETS
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
     assert {k for k, s in specs.items() if s.partitions_def is not None} == {
@@ -99,8 +105,9 @@ def test_shard_sensor_adds_one_partition_per_new_file_and_observes_a_replaced_on
     (tmp_path / "shard-b.jsonl").write_text("")
     with DagsterInstance.ephemeral() as instance:
         def tick():  # noqa: ANN202 - a SensorResult or SkipReason; the daemon records its observations
-            result = corpus_shard_sensor(build_sensor_context(instance=instance, resources={"inputs": InputsResource(
-                queries_dir=str(tmp_path), corpus_dir=str(tmp_path))}))
+            inputs = InputsResource(queries_dir=str(tmp_path), corpus_dir=str(tmp_path))
+            with build_sensor_context(instance=instance, resources={**build_resources(), "inputs": inputs}) as context:
+                result = corpus_shard_sensor(context)
             for event in getattr(result, "asset_events", None) or []:
                 instance.report_runless_asset_event(event)
             return result
@@ -108,7 +115,11 @@ def test_shard_sensor_adds_one_partition_per_new_file_and_observes_a_replaced_on
         result = tick()
         assert [r.partition_key for r in result.run_requests] == ["shard-a", "shard-b"]
         assert list(result.dynamic_partitions_requests[0].partition_keys) == ["shard-a", "shard-b"]
-        assert [e.partition for e in result.asset_events] == ["shard-a", "shard-b"]
+        files = [e.partition for e in result.asset_events if e.asset_key.to_user_string() == CORPUS_FILES]
+        assert files == ["shard-a", "shard-b"]
+        # the first tick also records each stage's settings, before the runs it requests
+        assert {e.asset_key.to_user_string() for e in result.asset_events if e.partition is None} == {
+            s.key for s in STAGES}
         instance.add_dynamic_partitions("corpus_shard", ["shard-a", "shard-b"])
         assert "no new or changed corpus_shard" in tick().skip_message
         first = observed_versions(instance, CORPUS_FILES)
@@ -150,8 +161,9 @@ def test_scheduled_backfill_waits_for_a_cron_tick_then_backfills_everything_new(
     inputs = InputsResource(queries_dir=str(tmp_path / "queries"), corpus_dir=str(tmp_path / "corpus"))
     with DagsterInstance.ephemeral() as instance:
         def tick(cursor: str | None):  # noqa: ANN202 - SensorExecutionData
-            return scheduled_backfill.evaluate_tick(build_sensor_context(
-                instance=instance, cursor=cursor, definitions=defs, resources={"inputs": inputs}))
+            with build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                      resources={**build_resources(), "inputs": inputs}) as context:
+                return scheduled_backfill.evaluate_tick(context)
 
         started = tick(None)
         assert not started.run_requests and "started" in started.skip_message

@@ -72,9 +72,9 @@ def s3(moto_s3, fineweb):
 
 
 def tick(sensor: SensorDefinition, instance: DagsterInstance, folder: str) -> SensorResult | SkipReason:
-    ctx = build_sensor_context(instance=instance, resources={"inputs": InputsResource(queries_dir=folder,
-                                                                                      corpus_dir=folder)})
-    result = sensor(ctx)
+    with build_sensor_context(instance=instance, resources={
+            **build_resources(), "inputs": InputsResource(queries_dir=folder, corpus_dir=folder)}) as ctx:
+        result = sensor(ctx)
     for event in getattr(result, "asset_events", None) or []:  # recorded, as the daemon records them
         instance.report_runless_asset_event(event)
     return result

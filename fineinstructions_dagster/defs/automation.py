@@ -10,6 +10,8 @@ from dagster import (
     DefaultSensorStatus,
 )
 
+from fineinstructions_dagster.defs.settings import EXPORT_SETTINGS
+
 PAIRS = "fineinstructions"
 CLUSTERS = "document_clusters"
 FILTER_OUTPUTS = ("filtered_documents", "document_signatures")
@@ -77,8 +79,12 @@ def after_blocking_checks(pairs_model: AssetKey) -> AutomationCondition:
     build and the export cannot share a run (partitioned and not), so they would start together."""
     checks_passed = AutomationCondition.all_deps_match(AutomationCondition.all_checks_match(
         AutomationCondition.check_passed(), blocking_only=True))
-    return (_own_input_then_gate((PAIRS,), pairs_model) & checks_passed).with_label(
-        "pairs updated, then the dbt tests passed on them")
+    # its own settings changed (tokenizer, sequence length): again, with the pairs as they are
+    resettled = (AutomationCondition.any_deps_match(AutomationCondition.newly_updated()).allow(
+        AssetSelection.assets(EXPORT_SETTINGS.key)).since_last_handled() & ~AutomationCondition.missing()
+        & ~AutomationCondition.in_progress())
+    return ((_own_input_then_gate((PAIRS,), pairs_model) | resettled) & checks_passed).with_label(
+        "pairs updated (or its settings changed), then the dbt tests passed on them")
 
 
 def with_its_asset(asset: AssetKey) -> AutomationCondition:

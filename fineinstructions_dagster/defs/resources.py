@@ -13,7 +13,7 @@ from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profil
 from fineinstructions_dagster.lib.process import die_with_parent
 from fineinstructions_dagster.lib.storage import TableStore, make_s3_client
 from fineinstructions_dagster.llm.cache import GenerationCache
-from fineinstructions_dagster.llm.engines import LLMEngine, get_engine, release_engines
+from fineinstructions_dagster.llm.engines import LLMEngine, get_engine, release_engines, resolve_revision
 from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
 from fineinstructions_dagster.stages.relevance import RelevanceScorer, get_relevance_scorer
 
@@ -149,6 +149,15 @@ class LLMResource(ConfigurableResource):
             return setting(own, self.model)
         return default_model(self.role, setting("FINEINSTRUCTIONS_PROFILE"))
 
+    def identity(self) -> dict[str, str]:
+        """What this role runs, without loading it: the backend as configured, the model and the revision its
+        engine records (a local folder's hash, a Hub snapshot, or the server's)."""
+        backend, model = setting("FINEINSTRUCTIONS_LLM_BACKEND", self.backend), self.model_name()
+        if backend == "openai":
+            return {"backend": backend, "model": model, "revision": self.revision or "server"}
+        revision = resolve_revision(model, self.revision or None)
+        return {"backend": backend, "model": model, "revision": revision}
+
     def engine(self) -> LLMEngine:
         backend = setting("FINEINSTRUCTIONS_LLM_BACKEND", self.backend)
         model, revision = self.model_name(), self.revision or None
@@ -183,6 +192,11 @@ class EmbedderResource(ConfigurableResource):
     def embedder(self) -> Embedder:
         return get_embedder(setting("FINEINSTRUCTIONS_EMBEDDER_MODEL", self.model), self.batch_size, self.device)
 
+    def identity(self) -> dict[str, str]:
+        """The model's name and revision (its weights are loaded on first use, not here)."""
+        emb = self.embedder()
+        return {"model": emb.name, "revision": emb.revision}
+
 
 class RelevanceResource(ConfigurableResource):
     """The model that scores how well an answer answers its instruction (the `relevance` gate and the control
@@ -200,6 +214,11 @@ class RelevanceResource(ConfigurableResource):
         model = setting("FINEINSTRUCTIONS_RELEVANCE_MODEL", self.model)
         return get_relevance_scorer(model, setting("FINEINSTRUCTIONS_RELEVANCE_KIND", self.kind), self.batch_size,
                                     self.device)
+
+    def identity(self) -> dict[str, str]:
+        """The scorer's name (model and kind) and revision (its weights are loaded on first use, not here)."""
+        scorer = self.scorer()
+        return {"model": scorer.name, "revision": scorer.revision}
 
 
 class PipelineResource(ConfigurableResource):

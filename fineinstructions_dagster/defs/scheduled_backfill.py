@@ -1,9 +1,9 @@
 """`scheduled_backfill`: at each tick of a cron (FINEINSTRUCTIONS_BACKFILL_CRON, nightly by default, in
 FINEINSTRUCTIONS_BACKFILL_TIMEZONE), one Dagster backfill of whatever is new or stale, as Dagster's own staleness
-says: the inputs are observed first (new partitions added, replaced files given new data versions), then every
-missing or stale asset partition and what follows from it is backfilled, the backfill policies batching the
-shards. Stopped by default, like the automation sensor: start it in the UI (Automation) or with
-`dagster sensor start scheduled_backfill`.
+says: the inputs and each stage's settings are observed first (new partitions added, replaced files and changed
+settings given new data versions), then every missing or stale asset partition and what follows from it is
+backfilled, the backfill policies batching the shards. Stopped by default, like the automation sensor: start it
+in the UI (Automation) or with `dagster sensor start scheduled_backfill`.
 
 Why a sensor on a cron and not a `ScheduleDefinition`: Dagster 1.13's scheduler launches runs only, while a
 sensor's request of an asset-graph subset is submitted as a backfill (what the automation sensor emits too)."""
@@ -18,50 +18,27 @@ from dagster import (
     RunRequest,
     SensorEvaluationContext,
     SensorResult,
-    partition_loading_context,
     sensor,
 )
-from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
-from dagster._core.definitions.assets.graph.base_asset_graph import BaseAssetGraph
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
-from dagster._core.instance import DagsterInstance
 from dagster._time import get_current_datetime
 from dagster._utils.schedules import reverse_cron_string_iterator
 
-from fineinstructions_dagster.defs.observations import FIXED_DATA_VERSION_TAG, find_inputs, observe_inputs
-from fineinstructions_dagster.defs.resources import InputsResource, env_value
+from fineinstructions_dagster.defs.observations import find_inputs, observe_inputs
+from fineinstructions_dagster.defs.resources import (
+    EmbedderResource,
+    InputsResource,
+    LLMResource,
+    PipelineResource,
+    RelevanceResource,
+    env_value,
+)
+from fineinstructions_dagster.defs.settings import observe_settings
+from fineinstructions_dagster.defs.staleness import due_asset_partitions
 
 SCHEDULED_TAG = "fineinstructions/scheduled_backfill"
-
-
-def due_asset_partitions(instance: DagsterInstance, graph: BaseAssetGraph) -> set[AssetKeyPartitionKey]:
-    """Every asset partition Dagster calls missing or stale, and every partition downstream of one (Dagster
-    marks a child stale only once its parent has a new data version, so what follows a stale step is due with
-    it), except across a fixed data version. Read after the inputs were observed."""
-    now = get_current_datetime()
-    with partition_loading_context(now, instance):
-        view = AssetGraphView(temporal_context=TemporalContext(effective_dt=now, last_event_id=None),
-                              instance=instance, asset_graph=graph)
-        resolver = CachingStaleStatusResolver(instance, graph, view)
-        due: set[AssetKeyPartitionKey] = set()
-        for key in sorted(graph.materializable_asset_keys):
-            node = graph.get(key)
-            for partition in node.partitions_def.get_partition_keys() if node.partitions_def else [None]:
-                if resolver.get_status(key, partition) in (StaleStatus.MISSING, StaleStatus.STALE):
-                    due.add(AssetKeyPartitionKey(key, partition))
-        queue = list(due)
-        while queue:
-            parent = queue.pop()
-            if FIXED_DATA_VERSION_TAG in graph.get(parent.asset_key).tags:
-                continue
-            for child in graph.get_children_partitions(parent.asset_key, parent.partition_key):
-                if child not in due:
-                    due.add(child)
-                    queue.append(child)
-    return {ap for ap in due if graph.get(ap.asset_key).is_materializable}
 
 
 def describe(due: set[AssetKeyPartitionKey]) -> str:
@@ -74,7 +51,9 @@ def describe(due: set[AssetKeyPartitionKey]) -> str:
 @sensor(minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED, asset_selection=AssetSelection.all(),
         description="At each tick of FINEINSTRUCTIONS_BACKFILL_CRON (nightly by default): observe the inputs, then "
                     "one backfill of every new or stale asset partition and what follows from it.")
-def scheduled_backfill(context: SensorEvaluationContext, inputs: InputsResource) -> SensorResult:
+def scheduled_backfill(context: SensorEvaluationContext, inputs: InputsResource, pipeline: PipelineResource,
+                       genericizer_llm: LLMResource, instantiator_llm: LLMResource, judge_llm: LLMResource,
+                       embedder: EmbedderResource, relevance: RelevanceResource) -> SensorResult:
     cron, timezone = env_value("FINEINSTRUCTIONS_BACKFILL_CRON"), env_value("FINEINSTRUCTIONS_BACKFILL_TIMEZONE")
     tick = next(reverse_cron_string_iterator(get_current_datetime().timestamp(), cron, timezone))
     cursor = str(tick.timestamp())
@@ -92,6 +71,10 @@ def scheduled_backfill(context: SensorEvaluationContext, inputs: InputsResource)
     for asset, partitions in observed.items():
         if partitions:
             context.log.info(f"{asset}: new or changed {', '.join(partitions)}")
+    settings = {"pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
+                "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance}
+    for key in observe_settings(context.instance, settings):
+        context.log.info(f"{key}: changed")
     graph = context.repository_def.asset_graph
     due = due_asset_partitions(context.instance, graph)
     if not due:

@@ -38,6 +38,7 @@ from fineinstructions_dagster.defs.observations import (
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, bucket_range_partitions, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.settings import DEDUP_SETTINGS, FILTER_SETTINGS
 from fineinstructions_dagster.lib.storage import TableStore
 from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.stages import dedup as dedup_stage
@@ -84,13 +85,14 @@ def current_signature_versions(context: AssetExecutionContext, store: TableStore
 
 @multi_asset(
     specs=[AssetSpec("filtered_documents", group_name="documents", kinds={"polars", "parquet"},
-                     code_version=FILTER_CODE, deps=[CORPUS_FILES], automation_condition=input_files_replaced(),
+                     code_version=FILTER_CODE, deps=[CORPUS_FILES, FILTER_SETTINGS.key],
+                     automation_condition=input_files_replaced(),
                      description="A corpus shard after the quality filters; dropped documents in quarantine."),
            AssetSpec(SIGNATURES, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
-                     deps=[CORPUS_FILES], automation_condition=input_files_replaced(),
+                     deps=[CORPUS_FILES, FILTER_SETTINGS.key], automation_condition=input_files_replaced(),
                      description="MinHash signature of every filtered document (doc_key, 120 x uint32)."),
            AssetSpec(BANDS, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
-                     deps=[CORPUS_FILES], automation_condition=input_files_replaced(),
+                     deps=[CORPUS_FILES, FILTER_SETTINGS.key], automation_condition=input_files_replaced(),
                      description="LSH band rows (bucket, band, key, doc_key) of the shard, sorted by bucket.")],
     partitions_def=corpus_shard_partitions, name="filtered_documents",
     check_specs=[AssetCheckSpec(FILTERED_IDS_UNIQUE, asset="filtered_documents",
@@ -141,7 +143,7 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
        code_version=DEDUP_CODE,
        automation_condition=over_every_partition(),
        deps=[AssetDep(BANDS, partition_mapping=AllPartitionMapping()),
-             AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],
+             AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping()), DEDUP_SETTINGS.key],
        # A backfill runs 4 ranges per run: the run launcher spreads the 16 ranges over 4 workers (machines).
        backfill_policy=BackfillPolicy.multi_run(max_partitions_per_run=4))
 def duplicate_edges(context: AssetExecutionContext, storage: StorageResource,
@@ -171,7 +173,8 @@ def duplicate_edges(context: AssetExecutionContext, storage: StorageResource,
 
 @asset(automation_condition=over_every_partition(),
        deps=[AssetDep(EDGES, partition_mapping=AllPartitionMapping()),
-             AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping())],  # which shards, which versions
+             AssetDep(SIGNATURES, partition_mapping=AllPartitionMapping()),  # which shards, which versions
+             DEDUP_SETTINGS.key],
        group_name="documents", code_version=DEDUP_CODE, tags={FIXED_DATA_VERSION_TAG: "true"},
        kinds={"numpy", "scipy"})
 def document_clusters(context: AssetExecutionContext, storage: StorageResource,

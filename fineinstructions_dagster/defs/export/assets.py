@@ -21,6 +21,7 @@ from fineinstructions_dagster.defs.pairs.assets import control_check, fineinstru
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.quality.assets import QUALITY_PAIRS_KEY, dbt_quality, refuse_unless_checks_passed
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.settings import EXPORT_SETTINGS
 from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
 from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.lib.versions import code_version
@@ -43,7 +44,7 @@ EXPORTED_ONCE = "every_pair_exported_once"
 
 # Reads the shard's pairs; the dbt models are a gate (their blocking tests), not read.
 _GATE = sorted(dbt_quality.keys)
-_COMMON = {"deps": [*fineinstructions.keys, *_GATE], "group_name": "export",
+_COMMON = {"deps": [*fineinstructions.keys, *_GATE, EXPORT_SETTINGS.key], "group_name": "export",
            "automation_condition": after_blocking_checks(QUALITY_PAIRS_KEY), "code_version": CODE_VERSION}
 
 
@@ -94,8 +95,9 @@ def pretraining_export(context: AssetExecutionContext, storage: StorageResource,
                 total, report)
     jsonl = store.write_jsonl_from(CHAT_TABLE, shard)
     run = run_chunked(store, PACKED_TABLE, shard, chunks_of(source, cfg.chunk_rows, None), "pair_id",
-                      definition_hash(PACKED_TABLE, CODE_VERSION, packing), packed, pl.DataFrame(schema=PACKED_SCHEMA),
-                      no_rows, total, report)
+                      definition_hash(PACKED_TABLE, CODE_VERSION, EXPORT_SETTINGS.version(
+                          {"pipeline": pipeline, "instantiator_llm": instantiator_llm})),
+                      packed, pl.DataFrame(schema=PACKED_SCHEMA), no_rows, total, report)
     stats = run.stats
     sequences = pl.scan_parquet(store.path(PACKED_TABLE, shard))
     summary = sequences.select(pl.len().alias("n"), (pl.col("attention_mask").list.sum() / packing.seq_len).mean()

@@ -20,6 +20,7 @@ from fineinstructions_dagster.defs.resources import (
     RelevanceResource,
     StorageResource,
 )
+from fineinstructions_dagster.defs.settings import INSTANTIATION_SETTINGS
 from fineinstructions_dagster.lib.chunks import (
     ChunkOutput,
     chunks_of,
@@ -34,7 +35,6 @@ from fineinstructions_dagster.prompts import instantiate
 from fineinstructions_dagster.stages import instantiation as instantiation_stage
 from fineinstructions_dagster.stages import relevance as relevance_stage
 from fineinstructions_dagster.stages.instantiation import (
-    ANSWER_CHOICES,
     BASE_SCHEMA,
     INSTANTIATION_SCHEMA,
     instantiate_matches,
@@ -47,7 +47,7 @@ GROUNDING_IN_RANGE = "grounding_in_unit_interval"
 
 
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, automation_condition=shard_step(),
-       deps=[matches, "documents", "template_bank"],
+       deps=[matches, "documents", "template_bank", INSTANTIATION_SETTINGS.key],
        group_name="instantiation", code_version=CODE_VERSION,
        kinds={"vllm", "parquet"}, pool="gpu",
        check_specs=[AssetCheckSpec(GROUNDING_IN_RANGE, asset="instantiations")])
@@ -69,12 +69,8 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     scorer = relevance.scorer()
     bank = store.read("template_bank").select("template_id", "template")  # the bank, not the shard, sizes this
     # the code (prompts, schema and logic: CODE_VERSION), then the settings in force
-    definition = definition_hash("instantiations", CODE_VERSION, engine.info.backend, engine.info.model,
-                                 engine.info.revision, cfg.extract_answer if ranker else "", cfg.instantiator_sampling,
-                                 prompt_format,
-                                 ranker.name if ranker else "", scorer.name, scorer.revision,
-                                 ANSWER_CHOICES if ranker else 0, cfg.max_document_chars, cfg.max_instruction_chars,
-                                 cfg.max_answer_chars, cfg.min_instruction_words, cfg.min_answer_words)
+    definition = definition_hash("instantiations", CODE_VERSION, engine.info.backend, INSTANTIATION_SETTINGS.version(
+        {"pipeline": pipeline, "instantiator_llm": instantiator_llm, "embedder": embedder, "relevance": relevance}))
 
     def one(shard: str) -> MaterializeResult:
         source, docs = store.file("matches", shard), store.file("documents", shard)

@@ -24,6 +24,7 @@ from fineinstructions_dagster.defs.metadata import (
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, RelevanceResource, StorageResource
+from fineinstructions_dagster.defs.settings import JUDGING_SETTINGS
 from fineinstructions_dagster.lib.chunks import (
     ChunkOutput,
     chunks_of,
@@ -46,7 +47,7 @@ CODE_VERSION = code_version(judging_stage, controls_stage, relevance_stage, judg
 
 SCORES_ON_SCALE = "judge_scores_on_likert_scale"
 CONTROLS = "control_judgements"
-_COMMON = {"deps": [instantiations, "documents", "template_bank"], "group_name": "judging",
+_COMMON = {"deps": [instantiations, "documents", "template_bank", JUDGING_SETTINGS.key], "group_name": "judging",
            "automation_condition": shard_step(), "code_version": CODE_VERSION}
 
 
@@ -72,13 +73,9 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
     scorer = relevance.scorer()
     judge_format = cfg.format_for("judge", engine.info.model)
     bank = store.read("template_bank").select("template_id", "template")
-    # the code (prompts, schemas, control choice: CODE_VERSION), then the settings in force
-    definition = definition_hash("judgements", CODE_VERSION, engine.info.backend, engine.info.model,
-                                 engine.info.revision, cfg.judge_sampling,
-                                 judge_format, cfg.max_document_chars, cfg.max_feedback_chars,
-                                 # what chooses and scores the controls (they are written with each part)
-                                 cfg.control_share, cfg.min_controls_per_shard, cfg.min_answer_words,
-                                 cfg.min_instruction_words, scorer.name, scorer.revision)
+    # the code (prompts, schemas, control choice: CODE_VERSION), the backend it resolved, the settings in force
+    definition = definition_hash("judgements", CODE_VERSION, engine.info.backend, JUDGING_SETTINGS.version(
+        {"pipeline": pipeline, "judge_llm": judge_llm, "relevance": relevance}))
 
     def one(shard: str) -> list[MaterializeResult]:
         source, docs = store.file("instantiations", shard), store.file("documents", shard)

@@ -23,6 +23,7 @@ from fineinstructions_dagster.defs.metadata import (
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import EmbedderResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.settings import INDEX_SETTINGS, MATCHING_SETTINGS
 from fineinstructions_dagster.defs.templates.assets import template_bank
 from fineinstructions_dagster.lib.chunks import ChunkOutput, chunks_of, count_rows, definition_hash, run_chunked
 from fineinstructions_dagster.lib.versions import code_version
@@ -49,7 +50,7 @@ INDEX_COVERS_BANK = "index_covers_every_template"
 
 
 @asset(automation_condition=AutomationCondition.eager(),
-       deps=[template_bank], group_name="matching", kinds={"usearch", "sentence_transformers"},
+       deps=[template_bank, INDEX_SETTINGS.key], group_name="matching", kinds={"usearch", "sentence_transformers"},
        code_version=CODE_VERSION,
        check_specs=[AssetCheckSpec(INDEX_COVERS_BANK, asset="template_index",
                                    description="one vector per template of the current bank")])
@@ -83,7 +84,7 @@ def template_index(storage: StorageResource, embedder: EmbedderResource,
 
 
 @asset(partitions_def=corpus_shard_partitions, backfill_policy=batched_backfill, automation_condition=shard_step(),
-       deps=[documents, template_index, template_bank],
+       deps=[documents, template_index, template_bank, MATCHING_SETTINGS.key],
        group_name="matching", code_version=CODE_VERSION,
        kinds={"usearch", "parquet"}, check_specs=[AssetCheckSpec(MATCHES_WELL_FORMED, asset="matches")])
 def matches(context: AssetExecutionContext, storage: StorageResource, embedder: EmbedderResource,
@@ -98,10 +99,9 @@ def matches(context: AssetExecutionContext, storage: StorageResource, embedder: 
     emb = embedder.embedder()
     tindex = open_template_index(store.dir(INDEX_DIR), emb, store.read("template_bank"))
 
-    definition = definition_hash("matches", CODE_VERSION, tindex.meta.index_id, emb.name, emb.revision,
-                                 cfg.describe(), cfg.k,
-                                 cfg.min_score, cfg.candidates_per_vector, cfg.max_candidates, cfg.hubness,
-                                 cfg.diversity)
+    # the code, the index it searches, the settings in force (defs/settings.py)
+    definition = definition_hash("matches", CODE_VERSION, tindex.meta.index_id,
+                                 MATCHING_SETTINGS.version({"pipeline": pipeline, "embedder": embedder}))
 
     def one(shard: str) -> MaterializeResult:
         source = store.file("documents", shard)

@@ -27,6 +27,7 @@ from fineinstructions_dagster.defs.metadata import (
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
 from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
+from fineinstructions_dagster.defs.settings import GATE_SETTINGS
 from fineinstructions_dagster.lib.chunks import (
     ChunkOutput,
     chunks_of,
@@ -59,7 +60,7 @@ CONTROL_OUTCOMES = "control_outcomes"
 LINEAGE_ID_COLUMNS = ["pair_id", "judgement_id", "instantiation_id", "match_id", "template_id", "query_id",
                       "doc_id"]
 _COMMON = {"deps": [AssetKey("judgements"), AssetKey("control_judgements"), "instantiations", "matches", "documents",
-                    "template_bank"],
+                    "template_bank", GATE_SETTINGS.key],
            "group_name": "pairs", "automation_condition": shard_step(), "code_version": CODE_VERSION}
 
 
@@ -86,7 +87,7 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     store = storage.store()
     bank = store.read("template_bank").select("template_id", "template", "query_ids", "run_id")
     # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part.
-    definition = definition_hash("fineinstructions", CODE_VERSION, gates,
+    definition = definition_hash("fineinstructions", CODE_VERSION, GATE_SETTINGS.version({"pipeline": pipeline}),
                                  bank.select("template_id", "run_id").sort("template_id").rows())
 
     def one(shard: str) -> list[MaterializeResult]:

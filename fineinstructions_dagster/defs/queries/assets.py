@@ -14,6 +14,7 @@ from fineinstructions_dagster.defs.metadata import for_each_partition, stage_met
 from fineinstructions_dagster.defs.observations import QUERY_FILES
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.settings import QUERY_SETTINGS
 from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.stages import queries as queries_stage
 from fineinstructions_dagster.stages.queries import clean_queries
@@ -28,7 +29,7 @@ QUERY_ID_UNIQUE = "query_id_unique"
     backfill_policy=batched_backfill,
     group_name="queries",
     code_version=CODE_VERSION,
-    deps=[QUERY_FILES],
+    deps=[QUERY_FILES, QUERY_SETTINGS.key],
     automation_condition=input_files_replaced(),
     kinds={"polars", "parquet"},
     check_specs=[AssetCheckSpec(QUERY_ID_UNIQUE, asset="user_queries")],

@@ -14,6 +14,7 @@ from fineinstructions_dagster.defs.metadata import for_each_partition, stage_met
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.queries.assets import user_queries
 from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.settings import TEMPLATE_SETTINGS
 from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
 from fineinstructions_dagster.prompts import genericize
@@ -30,7 +31,7 @@ BANK_IDS_RESOLVE = "template_ids_unique_with_source_queries"
 @asset(
     partitions_def=query_source_partitions,
     backfill_policy=batched_backfill,
-    deps=[user_queries],
+    deps=[user_queries, TEMPLATE_SETTINGS.key],
     automation_condition=input_files_replaced(),  # its query source's files replaced, user_queries re-made
     group_name="templates", code_version=CODE_VERSION,
     kinds={"vllm", "parquet"},
