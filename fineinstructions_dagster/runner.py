@@ -8,21 +8,19 @@ land in the Dagster instance ($DAGSTER_HOME), so `dagster dev` shows them afterw
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
     AssetSelection,
     DagsterInstance,
-    DagsterRunStatus,
     ExecuteInProcessResult,
-    RunsFilter,
     materialize,
 )
+from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from fineinstructions_dagster.defs.inputs import corpus_shards, query_sources
 from fineinstructions_dagster.defs.observations import CORPUS_FILES, QUERY_FILES, observe_inputs
@@ -31,6 +29,8 @@ from fineinstructions_dagster.defs.partitions import (
 )
 from fineinstructions_dagster.defs.resources import PipelineResource, build_resources, env_value
 from fineinstructions_dagster.defs.run_health import release_dead_runs, runner_tags
+from fineinstructions_dagster.defs.settings import observe_settings
+from fineinstructions_dagster.defs.staleness import partitions_of, stale_reasons
 from fineinstructions_dagster.defs.steps import (
     BANK_STEP,
     DEDUP_STEP,
@@ -41,7 +41,6 @@ from fineinstructions_dagster.defs.steps import (
     REPORT_STEP,
     SHARD_STEP,
 )
-from fineinstructions_dagster.lib.formats import input_versions
 from fineinstructions_dagster.lib.storage import UNPARTITIONED
 from fineinstructions_dagster.llm.engines import hold_engines
 
@@ -70,7 +69,7 @@ class PipelineRun:
     failures: list[StepFailure] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # steps not run because something they need failed
     released_runs: list[str] = field(default_factory=list)  # dead runs released at start
-    current: list[str] = field(default_factory=list)  # steps not re-run: a run already made them from these inputs
+    current: list[str] = field(default_factory=list)  # steps not re-run: Dagster calls every asset of them fresh
 
     @property
     def ok(self) -> bool:
@@ -86,46 +85,32 @@ def _failure_message(result: ExecuteInProcessResult) -> str:
     return "run failed"
 
 
-STEP_KEY_TAG = "fineinstructions/step_key"
-
-
-def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _input_files(files: list[str]) -> list[tuple[str, int, str]]:
-    """(path, size, version) of input files, local or s3://: what tells that a source or shard changed."""
-    versions = input_versions(files)
-    return [(path, *versions[path]) for path in sorted(files)]
-
-
-def _settings_fingerprint(resources: dict) -> str:
-    """The configuration every step depends on: the profile's PipelineConfig and the environment that picks
-    models, backends, inputs and storage (a changed threshold or model re-runs the steps it touches)."""
-    import fineinstructions_dagster
-
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith("FINEINSTRUCTIONS_") and k != "FINEINSTRUCTIONS_PROGRESS"}
-    config = resources["pipeline"].process_config_and_initialize().config()
-    return _fingerprint(repr(config), env, getattr(fineinstructions_dagster, "__version__", ""))
+def _latest_run(instance: DagsterInstance, key: AssetKey, partition: str | None) -> str | None:
+    """The run of the latest materialization of `key` (in `partition`): what the UI shows as its current one."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
+    return records[0].run_id if records else None
 
 
 def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
                  console_level: str = "WARNING", force: bool = False,
                  pipeline_overrides: dict[str, object] | None = None) -> PipelineRun:
-    """Materialize every asset for every input. A failed partition does not stop the others: everything
-    that does not depend on it still runs, and `PipelineRun.failures` says what failed and why. Dagster's
-    step events stay in the instance (and the UI); the console shows warnings and errors only unless
+    """Materialize, in dependency order, what Dagster's staleness says is due. A failed partition does not stop
+    the others: everything that does not depend on it still runs, and `PipelineRun.failures` says what failed and
+    why. Dagster's step events stay in the instance (and the UI); the console shows warnings and errors only unless
     `console_level` says otherwise.
 
-    Each step carries a key: a hash of the settings, its own input files and the keys of the steps it reads
-    (and, for a shard's chain, its dedup removal list). A step whose key a successful run already carries, and
-    whose output is still there, is not run again (`force` runs everything): adding a shard runs that shard's
-    filter, the dedup step and that shard's chain; the other shards' pairs and exports stay as they are.
+    The inputs and each stage's settings are observed first (new partitions, replaced files, changed settings get
+    new data versions, as the sensors record them); then each step runs from its first asset that Dagster calls
+    missing or stale (a new code version, a new data version upstream) or whose output is gone from the storage
+    root; a step with none is reported `up to date` with the run that made its current materialization, the one
+    the UI shows. So adding a shard runs that shard's filter, the dedup step and that shard's chain; a changed gate
+    re-runs the pairs step of every shard and what follows; `force` runs everything.
     `pipeline_overrides`: PipelineResource fields (thresholds, control_share, ...), as the launchpad sets them."""
-    from fineinstructions_dagster.definitions import ASSETS
+    from fineinstructions_dagster.definitions import ASSETS, defs
 
     assets = list(ASSETS)
+    graph = defs.resolve_asset_graph()
     resources = build_resources()
     if pipeline_overrides:
         resources["pipeline"] = PipelineResource(**pipeline_overrides)  # type: ignore[arg-type]
@@ -142,54 +127,72 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
     out.released_runs = release_dead_runs(instance)
     for run_id in out.released_runs:
         log(f"released run {run_id[:8]}: its process is gone (marked failed, pool slots freed)")
-    # What the sensors do on a tick: one dynamic partition per input, and the data versions of changed ones
-    # (what the UI's staleness reads), from the listing above.
+    # What the sensors do on a tick: one dynamic partition per input, and the data versions of changed inputs
+    # (from the listing above) and of changed settings (these resources', overrides included).
     observe_inputs(instance, {QUERY_FILES: found_sources, CORPUS_FILES: found_shards})
+    for key in observe_settings(instance, resources):
+        log(f"settings: {key} changed")
 
     quiet = console_level.upper() in ("WARNING", "ERROR", "CRITICAL")
     tags = runner_tags()
     store = resources["storage"].process_config_and_initialize().store()  # its EnvVars resolved
-    settings = _settings_fingerprint(resources)
 
-    def made_by_a_run(key: str, outputs: list[tuple[str, str | None]]) -> str | None:
-        """The run that already made this step from the same inputs, if its outputs are still there."""
+    def due(selection: list[str] | AssetSelection, partition: str | None, outputs: list[tuple[str, str | None]],
+            whole: bool) -> tuple[list[str] | AssetSelection | None, str]:
+        """The part of the step to run (from its first due asset on, a multi-asset whole; all of it if `whole`)
+        and why; None: nothing."""
+        names = selection if isinstance(selection, list) else sorted(
+            k.to_user_string() for k in selection.resolve(graph))
         if force:
-            return None
-        records = instance.get_run_records(RunsFilter(tags={STEP_KEY_TAG: key}, statuses=[DagsterRunStatus.SUCCESS]),
-                                           limit=1)
-        if not records:
-            return None
-        for table, partition in outputs:
+            return selection, "--force"
+        for table, part in outputs:
             there = (store.read_json(table) is not None if table.endswith(".json")
-                     else store.exists(table, partition or UNPARTITIONED))
+                     else store.exists(table, part or UNPARTITIONED))
             if not there:
-                return None
-        return records[0].dagster_run.run_id
+                return selection, f"{table} is not on the storage root"
+        keys = {n: AssetKey.from_user_string(n) for n in names}
+        wanted = {AssetKeyPartitionKey(keys[n], p): n for n in names
+                  for p in ([partition] if partition and graph.get(keys[n]).partitions_def
+                            else partitions_of(graph, keys[n]))}
+        reasons = stale_reasons(instance, graph, wanted)
+        if not reasons:
+            return None, ""
+        first_ap = min(reasons, key=lambda ap: names.index(wanted[ap]))
+        why = f"{wanted[first_ap]}: {reasons[first_ap]}"
+        if whole or not isinstance(selection, list):
+            return selection, why
+        first = names.index(wanted[first_ap])
+        # a multi-asset's outputs are materialized together: from its first output on
+        together = {k.to_user_string() for k in defs.resolve_assets_def(keys[names[first]]).keys}
+        first = min(i for i, n in enumerate(names) if n in together or i >= first)
+        return names[first:], why
 
     def step(name: str, selection: list[str] | AssetSelection, partition: str | None = None,
-             mute_stdout: bool = False, extra_tags: dict[str, str] | None = None, key: str | None = None,
-             outputs: list[tuple[str, str | None]] = ()) -> bool:
+             mute_stdout: bool = False, extra_tags: dict[str, str] | None = None,
+             outputs: list[tuple[str, str | None]] = (), whole: bool = False) -> bool:
         where = f"{name}" + (f" [{partition}]" if partition else "")
-        done = made_by_a_run(key, list(outputs)) if key else None
-        if done is not None:
+        run_key = f"{name}:{partition}" if partition else name
+        todo, why = due(selection, partition, list(outputs), whole)
+        if todo is None:
+            first = selection[0] if isinstance(selection, list) else sorted(selection.resolve(graph))[0]
+            done = _latest_run(instance, AssetKey(first) if isinstance(first, str) else first, partition) or ""
             out.current.append(where)
-            out.run_ids[f"{name}:{partition}" if partition else name] = done
+            out.run_ids[run_key] = done
             log(f"-> {where}: up to date (run {done[:8]})")
             return True
-        log(f"-> {where}")
-        if key:
-            extra_tags = {**(extra_tags or {}), STEP_KEY_TAG: key}
+        part = "" if todo == selection else f" {', '.join(todo)};"  # type: ignore[arg-type]
+        log(f"-> {where}:{part} {why}")
         # dagster-dbt echoes every dbt log line to stdout; on a quiet console a failed build still says which
         # tests failed (the step's Failure), and the checks are in the instance.
         muted = contextlib.redirect_stdout(io.StringIO()) if mute_stdout and quiet else contextlib.nullcontext()
         with muted:
-            result = materialize(assets, selection=selection, partition_key=partition, instance=instance,
+            result = materialize(assets, selection=todo, partition_key=partition, instance=instance,
                                  resources=resources,
                                  tags={"fineinstructions/step": name, "fineinstructions/root": root_uri, **tags,
                                        **(extra_tags or {})},
                                  raise_on_error=False,
                                  run_config={"loggers": {"console": {"config": {"log_level": console_level}}}})
-        out.run_ids[f"{name}:{partition}" if partition else name] = result.run_id
+        out.run_ids[run_key] = result.run_id
         if not result.success:
             failure = StepFailure(name, partition, result.run_id, _failure_message(result))
             out.failures.append(failure)
@@ -200,43 +203,28 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
         out.skipped.append(f"{name} [{partition}]" if partition else name)
         log(f"-> {name}" + (f" [{partition}]" if partition else "") + f": skipped ({because} failed)")
 
-    def removal_list(shard: str) -> str:
-        """What the shard's chain reads from dedup: its removal list, by content."""
-        if not store.exists("document_clusters", shard):
-            return ""
-        return hashlib.sha256(store.path("document_clusters", shard).read_bytes()).hexdigest()[:20]
-
     with hold_engines():  # one model load for the whole graph, closed at the end whatever happens
-        qkeys = {s: _fingerprint(settings, "queries", s, _input_files(found_sources[s])) for s in sources}
-        templated = [s for s in sources
-                     if step("queries", QUERY_STEP, s, key=qkeys[s], outputs=[("templates", s)])]
-        index_key = _fingerprint(settings, "index", [qkeys[s] for s in templated])
-        indexed = bool(templated) and step("template_index", BANK_STEP, key=index_key,
-                                           outputs=[("template_bank", None)])
-        fkeys = {s: _fingerprint(settings, "filter", s, _input_files(found_shards[s])) for s in shards}
-        filtered = [s for s in shards if step("filter", FILTER_STEP, s, key=fkeys[s],
+        templated = [s for s in sources if step("queries", QUERY_STEP, s, outputs=[("templates", s)])]
+        indexed = bool(templated) and step("template_index", BANK_STEP, outputs=[("template_bank", None)])
+        filtered = [s for s in shards if step("filter", FILTER_STEP, s,
                                               outputs=[("filtered_documents", s), ("document_signatures", s)])]
-        deduped = bool(filtered) and step("dedup", DEDUP_STEP, extra_tags=EVERY_BUCKET_RANGE,
-                                          key=_fingerprint(settings, "dedup", [fkeys[s] for s in filtered]),
+        # whole: one run over every bucket range, then the components (its range tags need the ranged asset)
+        deduped = bool(filtered) and step("dedup", DEDUP_STEP, extra_tags=EVERY_BUCKET_RANGE, whole=True,
                                           outputs=[("document_clusters/_state.json", None)])
         paired: list[str] = []
-        skeys: dict[str, str] = {}
         for shard in shards:
             if shard not in filtered or not deduped or not indexed:
                 skip("shard", shard, "its filter step" if shard not in filtered else
                      "the dedup step" if not deduped else "the template index")
                 continue
-            skeys[shard] = _fingerprint(settings, "shard", fkeys[shard], index_key, removal_list(shard))
-            if step("shard", SHARD_STEP, shard, key=skeys[shard], outputs=[("fineinstructions", shard)]):
+            if step("shard", SHARD_STEP, shard, outputs=[("fineinstructions", shard)]):
                 paired.append(shard)
-        quality_key = _fingerprint(settings, "quality", [skeys[s] for s in paired], index_key)
-        tested = bool(paired) and step("quality", QUALITY_STEP, mute_stdout=True, key=quality_key)
+        tested = bool(paired) and step("quality", QUALITY_STEP, mute_stdout=True)
         for shard in paired:
             if tested:
                 # an export depends on its own shard's pairs (the gate needs the dbt build to have passed)
-                step("export", EXPORT_STEP, shard, key=_fingerprint(settings, "export", skeys[shard]),
-                     outputs=[("export_chat", shard)])
+                step("export", EXPORT_STEP, shard, outputs=[("export_chat", shard)])
             else:
                 skip("export", shard, "the quality step")
-        step("report", REPORT_STEP, key=_fingerprint(settings, "report", quality_key, sorted(out.run_ids.values())))
+        step("report", REPORT_STEP)
     return out

@@ -70,8 +70,9 @@ def smoke_env(root: Path, smoke_model: Path, sample_inputs: Path) -> dict[str, s
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample_inputs: Path):
-    """The whole graph run once per test module into a fresh root and an ephemeral instance; the environment
-    stays set for the module's tests. Yields (store, instance, run)."""
+    """The whole graph run once per test module into a fresh root and a fresh instance (on disk, so that the UI's
+    GraphQL can be asked about it: tests/ui_staleness.py); the environment stays set for the module's tests.
+    Yields (store, instance, run)."""
     from dagster import DagsterInstance
 
     from fineinstructions_dagster.lib.storage import TableStore
@@ -81,7 +82,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample
     with pytest.MonkeyPatch.context() as mp:
         for k, v in smoke_env(root, smoke_model, sample_inputs).items():
             mp.setenv(k, v)
-        instance = DagsterInstance.ephemeral()
+        instance = DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home")))
         yield TableStore(root), instance, run_pipeline(instance, log=lambda _: None)
 
 

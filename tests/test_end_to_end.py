@@ -358,3 +358,44 @@ def test_a_replaced_input_file_makes_its_own_shard_due_and_a_dedup_run_leaves_th
         causes = [c.dependency.asset_key.to_user_string() for c in resolver.get_stale_causes(AssetKey("documents"), s)
                   if c.dependency is not None]
         assert not {"document_clusters", "removal_lists"} & set(causes), (s, causes)
+
+
+def test_a_changed_threshold_makes_exactly_its_stage_stale_in_the_ui_and_the_runner_reruns_only_that(pipeline):
+    """The UI's stale status (GraphQL) and `fineinstructions run` give one answer. After a run, nothing is stale. A
+    changed judge threshold, once observed, makes exactly the pairs step's assets stale in every shard (through
+    `gate_settings`); the runner re-runs those (and the dbt build, the exports and the report after them) and
+    reports every other step up to date, after which the UI marks nothing stale again. (Last in the module: it
+    leaves the fixture's pairs under another threshold.)"""
+    from dagster import AssetRecordsFilter
+
+    from fineinstructions_dagster.defs.resources import PipelineResource, build_resources
+    from fineinstructions_dagster.defs.settings import GATE_SETTINGS, observe_settings
+    from fineinstructions_dagster.runner import run_pipeline
+    from tests.ui_staleness import ui_stale
+
+    _, instance, run = pipeline
+    settled = run_pipeline(instance, log=lambda _: None)  # whatever earlier tests in this module left due
+    assert settled.ok and ui_stale(instance) == {}
+
+    def made(asset: str, shard: str) -> int:
+        return len(instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[shard]), limit=100).records)
+
+    counts = {(a, s): made(a, s) for a in SHARD_STEP for s in run.shards}
+    overrides = {"judge_threshold": 2}  # the smoke profile's is 1
+    assert observe_settings(instance, {**build_resources(), "pipeline": PipelineResource(**overrides)}) == [
+        GATE_SETTINGS.key]
+    stale = ui_stale(instance)
+    assert set(stale) == {(a, s) for a in ("fineinstructions", "control_outcomes") for s in run.shards}
+    assert all(any(GATE_SETTINGS.key in c for c in causes) for causes in stale.values()), stale
+
+    lines: list[str] = []
+    again = run_pipeline(instance, log=lines.append, pipeline_overrides=overrides)
+    assert again.ok, [f.describe() for f in again.failures]
+    assert {*(f"queries [{s}]" for s in run.sources), "template_index", *(f"filter [{s}]" for s in run.shards),
+            "dedup"} == set(again.current), again.current
+    for shard in run.shards:
+        assert any(line.startswith(f"-> shard [{shard}]: fineinstructions, control_outcomes;") for line in lines), lines
+    assert {(a, s): made(a, s) for a in SHARD_STEP for s in run.shards} == {
+        k: n + (k[0] in ("fineinstructions", "control_outcomes")) for k, n in counts.items()}
+    assert ui_stale(instance) == {}
