@@ -32,8 +32,8 @@ def _cause(cause: dict) -> str:
 
 def ui_stale(instance: DagsterInstance) -> dict[tuple[str, str | None], list[str]]:
     """(asset, partition) -> its stale causes, for every materializable asset partition the UI marks STALE."""
-    origin = InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="fineinstructions_dagster.definitions",
-                                                              attribute="defs"), location_name="fineinstructions_dagster")
+    target = LoadableTargetOrigin(module_name="fineinstructions_dagster.definitions", attribute="defs")
+    origin = InProcessCodeLocationOrigin(target, location_name="fineinstructions_dagster")
     with WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(origin)) as process:
         context = process.create_request_context()
         nodes = [n for n in _ask(context, NODES) if n["isMaterializable"]]
