@@ -145,21 +145,19 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
             k.to_user_string() for k in selection.resolve(graph))
         if force:
             return selection, "--force"
-        for table, part in outputs:
-            there = (store.read_json(table) is not None if table.endswith(".json")
-                     else store.exists(table, part or UNPARTITIONED))
-            if not there:
-                return selection, f"{table} is not on the storage root"
         keys = {n: AssetKey.from_user_string(n) for n in names}
         wanted = {AssetKeyPartitionKey(keys[n], p): n for n in names
                   for p in ([partition] if partition and graph.get(keys[n]).partitions_def
                             else partitions_of(graph, keys[n]))}
         reasons = stale_reasons(instance, graph, wanted)
+        # fresh to Dagster is not enough when the storage root was wiped under it: then all of the step again
+        gone = [t for t, p in outputs if not (store.read_json(t) is not None if t.endswith(".json")
+                                              else store.exists(t, p or UNPARTITIONED))]
         if not reasons:
-            return None, ""
+            return (selection, f"{gone[0]} is gone from the storage root") if gone else (None, "")
         first_ap = min(reasons, key=lambda ap: names.index(wanted[ap]))
         why = f"{wanted[first_ap]}: {reasons[first_ap]}"
-        if whole or not isinstance(selection, list):
+        if whole or gone or not isinstance(selection, list):
             return selection, why
         first = names.index(wanted[first_ap])
         # a multi-asset's outputs are materialized together: from its first output on
