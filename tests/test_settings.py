@@ -60,3 +60,17 @@ def test_a_model_moves_its_roles_stages_and_nothing_loads_it(monkeypatch, tmp_pa
     assert {k for k in before if before[k] != after[k]} == {"judging_settings"}
     (tmp_path / "judge" / "config.json").write_text('{"revised": true}')  # the same name, other weights
     assert versions()["judging_settings"] != after["judging_settings"]
+
+
+def test_the_uis_observe_sources_records_the_version_the_sensors_compare(monkeypatch):
+    from dagster import DagsterInstance
+    from dagster._core.definitions.observe import observe
+
+    from fineinstructions_dagster.defs.settings import changed_settings_observations, pipeline_settings
+
+    monkeypatch.setenv("FINEINSTRUCTIONS_PROFILE", "smoke")
+    with DagsterInstance.ephemeral() as instance:
+        assert observe([pipeline_settings], instance=instance, resources=build_resources()).success
+        assert changed_settings_observations(instance, build_resources()) == []  # the same versions
+        assert [e.asset_key.to_user_string() for e in changed_settings_observations(
+            instance, {**build_resources(), "pipeline": PipelineResource(judge_threshold=3)})] == ["gate_settings"]

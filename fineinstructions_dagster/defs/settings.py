@@ -24,7 +24,9 @@ from dagster import (
     AssetObservation,
     AssetSpec,
     DagsterInstance,
+    DataVersion,
     MetadataValue,
+    ObserveResult,
     multi_observable_source_asset,
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
@@ -202,5 +204,6 @@ def pipeline_settings(context):  # noqa: ANN001, ANN201 - Dagster reads a return
     selected = {k.to_user_string() for k in context.selected_asset_keys}
     for stage in STAGES:
         if stage.key in selected:
-            context.log_event(_observation(stage, resources))
-
+            values = stage.of(resources)
+            yield ObserveResult(asset_key=stage.key, data_version=DataVersion(settings_version(values)),
+                                metadata={"settings": MetadataValue.json(_plain(values))})
