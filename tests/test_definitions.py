@@ -173,3 +173,23 @@ def test_scheduled_backfill_waits_for_a_cron_tick_then_backfills_everything_new(
         assert request.tags[SCHEDULED_TAG] == "true"
         graph = defs.resolve_asset_graph()
         assert request.asset_graph_subset.asset_keys == graph.materializable_asset_keys
+
+
+def test_observing_the_input_files_from_the_ui_records_only_versioned_observations(tmp_path):
+    """The UI's "Observe sources" on corpus_files: one observation per known shard, each with its data version (an
+    observation without one would read as a change of the shard)."""
+    from dagster import AssetKey
+    from dagster._core.definitions.observe import observe
+
+    from fineinstructions_dagster.defs.observations import corpus_files
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "y"}\n')
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("corpus_shard", ["a", "b"])
+        assert observe([corpus_files], instance=instance, partition_key="a",
+                       resources={"inputs": InputsResource(corpus_dir=str(tmp_path))}).success
+        records = instance.fetch_observations(AssetKey(CORPUS_FILES), limit=10).records
+        assert sorted(r.asset_observation.partition for r in records) == ["a", "b"]
+        assert all("dagster/data_version" in (r.asset_observation.tags or {}) for r in records)
+        assert observed_versions(instance, CORPUS_FILES).keys() == {"a", "b"}

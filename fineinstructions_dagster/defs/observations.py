@@ -100,10 +100,11 @@ def _observable(source: InputSource, group: str, description: str) -> AssetsDefi
         name=source.asset, can_subset=True,
         specs=[AssetSpec(source.asset, partitions_def=source.partitions, group_name=group, skippable=True,
                          description=description)])
-    def observe(context, inputs: InputsResource) -> None:  # noqa: ANN001 - Dagster reads the annotation
+    def observe(context, inputs: InputsResource):  # noqa: ANN001, ANN202 - Dagster reads the annotations
+        # yielded as events, so the op has no output of its own (a returned None is an observation without a
+        # data version, which would read as a change of every partition)
         known = set(context.instance.get_dynamic_partitions(source.partitions.name))  # type: ignore[arg-type]
-        for event in _observations(source.asset, {k: v for k, v in source.found(inputs).items() if k in known}, {}):
-            context.log_event(event)
+        yield from _observations(source.asset, {k: v for k, v in source.found(inputs).items() if k in known}, {})
 
     return observe
 
