@@ -10,13 +10,14 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/fineinstructions
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY fineinstructions_dagster ./fineinstructions_dagster
 # The dbt project behind the data-quality asset checks.
 COPY dbt_quality ./dbt_quality
-# torch first from the CPU index; the second install then finds it already satisfied.
+# torch first from the CPU index; the second install then finds it already satisfied. The versions are the lock's
+# (constraints.txt: what the suite passed with).
 RUN pip install --no-cache-dir "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir -e . "torch==2.13.0" \
+ && pip install --no-cache-dir -c constraints.txt -e . "torch==2.13.0" \
  && DBT_SEND_ANONYMOUS_USAGE_STATS=false dbt parse --quiet --project-dir dbt_quality --profiles-dir dbt_quality
 
 # Dagster instance (Postgres, queued runs, gpu pool, S3 compute logs) and the workspace that

