@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup lock sample smoke-models demo run test lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
+.PHONY: setup lock sample smoke-models demo run test test-fast lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
 
 setup:
 	@scripts/setup.sh
@@ -51,6 +51,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
+
+# The fast tier for development (~2 min here): everything but the `slow` tests, which run the whole graph or start
+# servers, `dagster dev`, the CLI or engines in processes of their own (tests/conftest.py). `make test` runs all.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # Documents stage vs datatrove on 100k documents with injected near-duplicates (about 10 minutes here).
 bench-documents: setup

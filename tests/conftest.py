@@ -32,6 +32,18 @@ class FakeEngine:
                                  completion_tokens=5, finish_reason=self.finish_reason) for r in requests]
 
 
+# `make test-fast` leaves out the slow tier: tests that run the whole graph (the `pipeline` fixture, marked here)
+# or start servers, `dagster dev`, a CLI run of the graph or LLM engines in processes of their own (marked where
+# they are); a CLI call that stops in seconds (preflight, `dagster definitions validate`) stays in the fast tier.
+SLOW_FIXTURES = {"pipeline"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _close_engines_at_end():
     yield

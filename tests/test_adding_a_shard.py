@@ -6,12 +6,15 @@ from __future__ import annotations
 import shutil
 
 import polars as pl
+import pytest
 from dagster import AssetKey, DagsterInstance
 
 from fineinstructions_dagster.lib.storage import TableStore
 from fineinstructions_dagster.runner import SHARD_STEP, run_pipeline
 from fineinstructions_dagster.sample import build_sample
 from tests.conftest import smoke_env
+
+pytestmark = [pytest.mark.slow]  # runs the whole graph three times
 
 OLD = ["faq", "tutorial"]
 PER_SHARD = [*SHARD_STEP, "export_chat", "export_packed"]

@@ -1,10 +1,11 @@
-"""Set-up installs the locked versions: this environment holds exactly what constraints.txt names, at those
-versions (what `make lock` froze after the suite passed on them)."""
+"""Set-up installs the locked versions: `pip freeze` of this environment is exactly what constraints.txt names, at
+those versions (what `make lock` froze after the suite passed on them)."""
 
 from __future__ import annotations
 
 import re
-from importlib import metadata
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,10 @@ def test_the_environment_holds_exactly_the_locked_versions():
     stamp = REPO / ".venv" / ".fi-setup-stamp"
     if not stamp.exists() or not stamp.read_text().strip().endswith(f"-{extras}-"):
         pytest.skip(f"this environment was not set up locked with extras {extras} (FI_EXTRAS, FI_UNLOCKED)")
-    installed = {_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # pip's own view of this environment (not this process's sys.path, which tests extend)
+    command = [sys.executable, "-m", "pip", "freeze", "--exclude-editable", "--disable-pip-version-check"]
+    freeze = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout
+    installed = {_name(k): v.strip() for k, v in (line.split("==", 1) for line in freeze.splitlines() if "==" in line)}
     installed = {k: v for k, v in installed.items() if k not in NOT_LOCKED}
     wrong = {k: (v, pins.get(k)) for k, v in installed.items() if pins.get(k) != v}
     assert not wrong, f"installed (version, locked version): {wrong}"

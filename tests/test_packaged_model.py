@@ -13,6 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+pytestmark = [pytest.mark.slow]  # runs `make run` and the graph in processes of their own
+
 REPO = Path(__file__).resolve().parents[1]
 
 

