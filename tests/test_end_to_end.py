@@ -25,6 +25,10 @@ def test_every_stage_materialized_and_final_table_nonempty(pipeline):
     packed = pl.read_parquet(store.glob("export_packed"))
     assert sorted(packed["pair_ids"].explode()) == sorted(pairs["pair_id"])
     assert (packed["answer_tokens"] > 0).all()
+    _, instance, _ = pipeline
+    for asset in ("templates", "instantiations", "judgements"):  # the transformers backend: fixed batches
+        [record] = instance.fetch_materializations(AssetKey(asset), limit=1).records
+        assert record.asset_materialization.metadata["llm_deterministic"].value is True, asset
 
 
 def test_every_pair_traces_to_a_real_document_and_query(pipeline, sample_inputs):

@@ -74,3 +74,20 @@ def test_the_uis_observe_sources_records_the_version_the_sensors_compare(monkeyp
         assert changed_settings_observations(instance, build_resources()) == []  # the same versions
         assert [e.asset_key.to_user_string() for e in changed_settings_observations(
             instance, {**build_resources(), "pipeline": PipelineResource(judge_threshold=3)})] == ["gate_settings"]
+
+
+def test_the_deterministic_setting_runs_vllm_one_sequence_at_a_time_and_moves_the_llm_stages(monkeypatch):
+    from fineinstructions_dagster.defs.resources import LLMResource
+    from fineinstructions_dagster.llm.engines import runs_deterministically
+
+    monkeypatch.setenv("FINEINSTRUCTIONS_PROFILE", "smoke")
+    before = versions()
+    batched = LLMResource(role="judge", backend="vllm").engine()  # lazy: no model is loaded
+    assert "max_num_seqs" not in batched.info.options and not runs_deterministically(batched.info)
+    assert runs_deterministically(LLMResource(role="judge", backend="transformers").engine().info)
+    monkeypatch.setenv("FINEINSTRUCTIONS_DETERMINISTIC", "1")
+    alone = LLMResource(role="judge", backend="vllm").engine()
+    assert alone.info.options["max_num_seqs"] == 1 and runs_deterministically(alone.info)
+    after = versions()
+    assert {k for k in before if before[k] != after[k]} == {"genericizer_settings", "instantiation_settings",
+                                                             "judging_settings"}

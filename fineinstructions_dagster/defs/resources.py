@@ -39,6 +39,8 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_RELEVANCE_MODEL": "",
     "FINEINSTRUCTIONS_RELEVANCE_KIND": "auto",
     "FINEINSTRUCTIONS_CPU_KV_CACHE_GB": "0",
+    # 1: LLM output that two fresh runs reproduce, at a cost (vLLM one sequence at a time; benchmarks/determinism.py)
+    "FINEINSTRUCTIONS_DETERMINISTIC": "0",
     "FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION": "0.3",
     # where the explorer and the Dagster UI are, for the links each shows to the other
     "FINEINSTRUCTIONS_EXPLORE_URL": "http://127.0.0.1:8080",
@@ -136,6 +138,10 @@ class LLMResource(ConfigurableResource):
     concurrency: int = 16  # openai backend
     vllm_multiprocessing: bool = False
     cpu_kv_cache_gb: float | None = Field(default=None, ge=0.0)
+    # None: FINEINSTRUCTIONS_DETERMINISTIC. vLLM's scheduler batches whatever is queued, and a prompt's greedy
+    # output depends on the batch it ran in (bench-determinism: 57% of the genericizer's outputs the same in two
+    # fresh runs); one sequence at a time reproduces them all, about 5x slower. Transformers batches are fixed.
+    deterministic: bool | None = None
 
     def setup_for_execution(self, context: InitResourceContext) -> None:
         die_with_parent()
@@ -149,14 +155,20 @@ class LLMResource(ConfigurableResource):
             return setting(own, self.model)
         return default_model(self.role, setting("FINEINSTRUCTIONS_PROFILE"))
 
-    def identity(self) -> dict[str, str]:
+    def runs_deterministic(self) -> bool:
+        if self.deterministic is not None:
+            return self.deterministic
+        return setting("FINEINSTRUCTIONS_DETERMINISTIC").lower() in ("1", "true", "yes")
+
+    def identity(self) -> dict[str, str | bool]:
         """What this role runs, without loading it: the backend as configured, the model and the revision its
-        engine records (a local folder's hash, a Hub snapshot, or the server's)."""
+        engine records (a local folder's hash, a Hub snapshot, or the server's), and whether it was asked to run
+        deterministically."""
         backend, model = setting("FINEINSTRUCTIONS_LLM_BACKEND", self.backend), self.model_name()
         if backend == "openai":
             return {"backend": backend, "model": model, "revision": self.revision or "server"}
         revision = resolve_revision(model, self.revision or None)
-        return {"backend": backend, "model": model, "revision": revision}
+        return {"backend": backend, "model": model, "revision": revision, "deterministic": self.runs_deterministic()}
 
     def engine(self) -> LLMEngine:
         backend = setting("FINEINSTRUCTIONS_LLM_BACKEND", self.backend)
@@ -174,7 +186,8 @@ class LLMResource(ConfigurableResource):
         if backend == "vllm":
             kv_gb = (self.cpu_kv_cache_gb if self.cpu_kv_cache_gb is not None
                      else float(setting("FINEINSTRUCTIONS_CPU_KV_CACHE_GB")))
-            return get_engine("vllm", model, revision, max_model_len=self.max_model_len,
+            one_at_a_time = {"max_num_seqs": 1} if self.runs_deterministic() else {}
+            return get_engine("vllm", model, revision, max_model_len=self.max_model_len, **one_at_a_time,
                               gpu_memory_utilization=(self.gpu_memory_utilization if self.gpu_memory_utilization
                                                       else float(setting("FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION"))),
                               enforce_eager=self.enforce_eager, multiprocessing=self.vllm_multiprocessing,

@@ -458,6 +458,15 @@ class LazyEngine:
         self._engine = None
 
 
+def runs_deterministically(info: EngineInfo) -> bool:
+    """Whether two fresh runs of this engine give the same output for the same requests (benchmarks/determinism.py):
+    transformers, whose batches are fixed by request order; vLLM one sequence at a time (`max_num_seqs=1`), not
+    vLLM batching whatever is queued; not a server, whose batching is its own."""
+    if info.backend == "transformers":
+        return True
+    return info.backend == "vllm" and info.options.get("max_num_seqs") == 1
+
+
 def get_engine(backend: str, model: str, revision: str | None = None, **options: Any) -> LazyEngine:
     """One engine per (backend, model, options) per process, reused across batches and partitions."""
     if backend == "auto":

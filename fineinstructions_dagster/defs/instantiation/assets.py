@@ -31,6 +31,7 @@ from fineinstructions_dagster.lib.chunks import (
 )
 from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.llm.engines import runs_deterministically
 from fineinstructions_dagster.prompts import instantiate
 from fineinstructions_dagster.stages import instantiation as instantiation_stage
 from fineinstructions_dagster.stages import relevance as relevance_stage
@@ -105,7 +106,7 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
                                     ["instruction", "answer", "grounding", "relevance"],
                                     mean_grounding=float(summary["mean"][0] or 0.0),
                                     mean_relevance=float(summary["relevance"][0] or 0.0), relevance_model=scorer.name,
-                                    **throughput_metadata(run)),
+                                    llm_deterministic=runs_deterministically(engine.info), **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=GROUNDING_IN_RANGE,
                                             passed=summary["n"][0] == 0 or bool(summary["ok"][0]))],
         )

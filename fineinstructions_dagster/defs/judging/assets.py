@@ -35,6 +35,7 @@ from fineinstructions_dagster.lib.chunks import (
 )
 from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.llm.engines import runs_deterministically
 from fineinstructions_dagster.prompts import judge
 from fineinstructions_dagster.stages import controls as controls_stage
 from fineinstructions_dagster.stages import judging as judging_stage
@@ -118,6 +119,7 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
                 asset_key="judgements",
                 metadata=stage_metadata(run.stats, kept.head(5).collect(), ["judgement_id", "score", "feedback"],
                                         score_histogram=hist, judge_format=judge_format,
+                                        llm_deterministic=runs_deterministically(engine.info),
                                         **throughput_metadata(run)),
                 check_results=[AssetCheckResult(check_name=SCORES_ON_SCALE, passed=ok, metadata={"histogram": hist})]),
             MaterializeResult(

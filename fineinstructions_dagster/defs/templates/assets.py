@@ -17,6 +17,7 @@ from fineinstructions_dagster.defs.resources import LLMResource, PipelineResourc
 from fineinstructions_dagster.defs.settings import TEMPLATE_SETTINGS
 from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
+from fineinstructions_dagster.llm.engines import runs_deterministically
 from fineinstructions_dagster.prompts import genericize
 from fineinstructions_dagster.stages import templates as templates_stage
 from fineinstructions_dagster.stages.llm_calls import LLMCall
@@ -58,7 +59,8 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
         return MaterializeResult(
             metadata=stage_metadata(stats, kept, ["template_id", "query_id", "template",
                                                   "compatible_document_description"],
-                                    model=llm.engine.info.model, profile=cfg.profile),
+                                    model=llm.engine.info.model, profile=cfg.profile,
+                                    llm_deterministic=runs_deterministically(llm.engine.info)),
             check_results=[AssetCheckResult(check_name=TEMPLATES_HAVE_SLOTS,
                                             passed=bool(kept.height == 0 or kept["n_slots"].min() >= 1))],
         )
