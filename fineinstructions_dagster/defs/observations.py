@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from dagster import (
     AssetKey,
@@ -17,13 +18,21 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     DynamicPartitionsDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
     multi_observable_source_asset,
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag Dagster reads a data version from
 
 from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists, input_data_versions, query_sources
-from fineinstructions_dagster.defs.partitions import corpus_shard_partitions, query_source_partitions
+from fineinstructions_dagster.defs.partitions import (
+    add_new_partitions,
+    corpus_shard_partitions,
+    query_source_partitions,
+)
 from fineinstructions_dagster.defs.resources import InputsResource
+from fineinstructions_dagster.defs.settings import changed_settings_observations
 
 QUERY_FILES = "query_files"
 CORPUS_FILES = "corpus_files"
@@ -91,6 +100,20 @@ def observe_inputs(instance: DagsterInstance, found: dict[str, dict[str, list[st
             instance.report_runless_asset_event(event)
         out[source.asset] = [e.partition for e in events]
     return out
+
+
+def input_sensor_tick(context: SensorEvaluationContext, source: InputSource, inputs: InputsResource,
+                      assets: list[str], settings: dict[str, Any]) -> SensorResult | SkipReason:
+    """One tick of an input folder's sensor: a partition and a first run for each new input, and the observations
+    of inputs whose files changed and of stages whose `settings` (resources by name) changed, recorded before any
+    run it requests."""
+    folder = source.folder(inputs)
+    if not folder_exists(folder):  # local or s3://: waited for, not an error
+        return SkipReason(f"{source.asset} folder {folder} does not exist")
+    found = source.discover(folder)
+    return add_new_partitions(context, found, source.partitions, assets,
+                              [*changed_observations(context.instance, source.asset, found),
+                               *changed_settings_observations(context.instance, settings)])
 
 
 def _observable(source: InputSource, group: str, description: str) -> AssetsDefinition:

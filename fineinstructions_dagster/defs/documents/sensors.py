@@ -11,9 +11,7 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
-from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists
-from fineinstructions_dagster.defs.observations import CORPUS_FILES, changed_observations
-from fineinstructions_dagster.defs.partitions import add_new_partitions, corpus_shard_partitions
+from fineinstructions_dagster.defs.observations import INPUT_SOURCES, input_sensor_tick
 from fineinstructions_dagster.defs.resources import (
     EmbedderResource,
     InputsResource,
@@ -21,7 +19,6 @@ from fineinstructions_dagster.defs.resources import (
     PipelineResource,
     RelevanceResource,
 )
-from fineinstructions_dagster.defs.settings import changed_settings_observations
 
 ASSETS = FILTER_ASSETS
 
@@ -34,11 +31,6 @@ def corpus_shard_sensor(context: SensorEvaluationContext, inputs: InputsResource
     """One partition per shard file (Parquet or JSON Lines) in the corpus folder; the files' and the stages'
     settings' versions where they changed (recorded before any run it requests)."""
     # (resources by name: a sensor called directly, as in tests, is given exactly its parameters)
-    settings = {"pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
-                "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance}
-    if not folder_exists(inputs.corpus()):  # local or s3://
-        return SkipReason(f"corpus folder {inputs.corpus()} does not exist")
-    found = corpus_shards(inputs.corpus())
-    return add_new_partitions(context, found, corpus_shard_partitions, ASSETS,
-                              [*changed_observations(context.instance, CORPUS_FILES, found),
-                               *changed_settings_observations(context.instance, settings)])
+    return input_sensor_tick(context, INPUT_SOURCES[1], inputs, ASSETS, {
+        "pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
+        "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance})

@@ -2,9 +2,7 @@
 
 from dagster import AssetSelection, DefaultSensorStatus, SensorEvaluationContext, SensorResult, SkipReason, sensor
 
-from fineinstructions_dagster.defs.inputs import folder_exists, query_sources
-from fineinstructions_dagster.defs.observations import QUERY_FILES, changed_observations
-from fineinstructions_dagster.defs.partitions import add_new_partitions, query_source_partitions
+from fineinstructions_dagster.defs.observations import INPUT_SOURCES, input_sensor_tick
 from fineinstructions_dagster.defs.resources import (
     EmbedderResource,
     InputsResource,
@@ -12,7 +10,6 @@ from fineinstructions_dagster.defs.resources import (
     PipelineResource,
     RelevanceResource,
 )
-from fineinstructions_dagster.defs.settings import changed_settings_observations
 
 ASSETS = ["user_queries", "templates"]
 
@@ -25,11 +22,6 @@ def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource
     """One partition per query file, or per subfolder of query files, in the queries folder; the files' and the
     stages' settings' versions where they changed (recorded before any run it requests)."""
     # (resources by name: a sensor called directly, as in tests, is given exactly its parameters)
-    settings = {"pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
-                "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance}
-    if not folder_exists(inputs.queries()):  # local or s3://
-        return SkipReason(f"queries folder {inputs.queries()} does not exist")
-    found = query_sources(inputs.queries())
-    return add_new_partitions(context, found, query_source_partitions, ASSETS,
-                              [*changed_observations(context.instance, QUERY_FILES, found),
-                               *changed_settings_observations(context.instance, settings)])
+    return input_sensor_tick(context, INPUT_SOURCES[0], inputs, ASSETS, {
+        "pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
+        "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance})
