@@ -1,9 +1,10 @@
 """Do the gates tell a right pair from a wrong one? The whole graph on the offline sample, per profile that runs
 here, with a control twin for every judged pair (control_share = 1: more controls than a run's default 2%, for
 tighter figures), then what the final gates kept of the real pairs and of each kind of control, and how well each
-signal (judge score, grounding, relevance) separates them (AUC of real over control: 1.0 always ranks the real
-pair higher, 0.5 is chance). The same judged rows are then gated again without the relevance gate, so its effect
-is a measured difference, and swept over thresholds (relevance, match score) to set the profile's values.
+signal (judge score, grounding, relevance and its margin over the instruction's baseline, the fill signals)
+separates them (AUC of real over control: 1.0 always ranks the real pair higher, 0.5 is chance). The same judged
+rows are then gated again with each gate switched off (and with the paper's judge gate on), so each gate's effect is
+a measured difference, and swept over thresholds (relevance, its margin, match score) to set the profile's values.
 
     .venv/bin/python benchmarks/quality.py [--profiles demo,smoke] [--docs-per-shard 32] [--keep-root DIR]
 
@@ -31,8 +32,9 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "quality.json"
 SPREAD = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "kept_relevance_auc_swapped",
-          "judge_auc_swapped", "true_pairs", "swapped_controls", "near_miss_controls")
+          "relevance_margin_auc_swapped", "judge_auc_swapped", "true_pairs", "swapped_controls", "near_miss_controls")
 RELEVANCE_SWEEP = (-1.0, 0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
+MARGIN_SWEEP = (0.0, 0.05, 0.1, 0.125, 0.15, 0.175, 0.19, 0.2, 0.225, 0.25, 0.3)
 
 
 def _read_all(store, table: str, quarantine: bool = False) -> pl.DataFrame:  # noqa: ANN001
@@ -63,7 +65,10 @@ def gated(real: pl.DataFrame, controls: pl.DataFrame, gates) -> tuple[pl.DataFra
     are the run's; otherwise the final gates are applied again (the validity gates before them passed already)."""
     from fineinstructions_dagster.stages.pairs import gate_controls
 
-    again = real.with_columns((pl.col("judge_score").is_not_null() & gates.reason().is_null()).alias("kept"))
+    from fineinstructions_dagster.stages.pairs import relevance_margin
+
+    again = real.with_columns((pl.col("judge_score").is_not_null() & gates.reason().is_null()).alias("kept"),
+                              relevance_margin())
     outcomes, _ = gate_controls(controls, gates)
     return again, outcomes.filter(pl.col("judged"))
 
@@ -79,6 +84,8 @@ def summary(real: pl.DataFrame, outcomes: pl.DataFrame) -> dict[str, object]:
         "judge_auc_swapped": f["swapped"]["judge_score_auc"], "judge_auc_near_miss": f["near_miss"]["judge_score_auc"],
         "relevance_auc_swapped": f["swapped"]["relevance_auc"],
         "relevance_auc_near_miss": f["near_miss"]["relevance_auc"],
+        "relevance_margin_auc_swapped": f["swapped"]["relevance_margin_auc"],
+        "relevance_margin_auc_near_miss": f["near_miss"]["relevance_margin_auc"],
         "grounding_auc_swapped": f["swapped"]["grounding_auc"],
         "grounding_auc_near_miss": f["near_miss"]["grounding_auc"],
         "fill_in_document_auc_swapped": f["swapped"]["fill_in_document_auc"],
@@ -153,14 +160,21 @@ def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **over
     out.update(summary(*gated(real, controls, gates)))
     out["run_pairs"] = int(real["kept"].sum())  # what the run itself kept: gated() must agree with it
     # Each gate's part: the same judged rows with it switched off.
-    for name, off in (("without_relevance_gate", {"min_relevance": float("-inf")}),
+    no_relevance = {"min_relevance": float("-inf"), "min_relevance_margin": float("-inf")}
+    for name, off in (("without_relevance_gate", no_relevance),
+                      ("without_relevance_margin", {"min_relevance_margin": float("-inf")}),
                       ("without_fill_gates", {"min_fill_in_document": 0.0, "min_fill_in_answer": 0.0}),
-                      ("without_relevance_or_fill_gates", {"min_relevance": float("-inf"), "min_fill_in_document": 0.0,
-                                                           "min_fill_in_answer": 0.0})):
+                      ("without_relevance_or_fill_gates", {**no_relevance, "min_fill_in_document": 0.0,
+                                                           "min_fill_in_answer": 0.0}),
+                      # the paper's judge gate on top (the demo's judge is measured at chance and does not gate)
+                      ("with_judge_threshold_4", {"judge_threshold": 4})):
         out[name] = summary(*gated(real, controls, replace(gates, **off)))
     out["relevance_sweep"] = {
         str(t): {k: v for k, v in summary(*gated(real, controls, replace(gates, min_relevance=t))).items()
                  if k.endswith("kept_share")} for t in RELEVANCE_SWEEP}
+    out["relevance_margin_sweep"] = {
+        str(t): {k: v for k, v in summary(*gated(real, controls, replace(gates, min_relevance_margin=t))).items()
+                 if k.endswith("kept_share")} for t in MARGIN_SWEEP}
     out["match_score_sweep"] = match_sweep
     if cfg.instantiator_format == "extract" and cfg.extract_answer == "model":
         out["answers_by_ranking_alone"] = without_llm_answers(store, real, RelevanceResource().scorer(),
@@ -227,12 +241,13 @@ def main() -> None:
         results[section] = {**before.get(section, {}), **results[section]}  # type: ignore[dict-item]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     cols = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "judge_auc_swapped",
-            "relevance_auc_swapped", "fill_in_document_auc_swapped", "fill_in_answer_auc_swapped",
+            "relevance_auc_swapped", "relevance_margin_auc_swapped", "fill_in_document_auc_swapped", "fill_in_answer_auc_swapped",
             "relevance_auc_near_miss", "kept_relevance_auc_swapped")
     print(f"\n{'profile':<8} {'gates':<22} " + " ".join(f"{c.replace('_auc', '')[:16]:>16}" for c in cols))
     for profile, r in [*results["profiles"].items(), *results["variants"].items()]:  # type: ignore[union-attr]
         for label, row in (("as configured", r), ("no relevance gate", r["without_relevance_gate"]),
-                           ("no fill gates", r["without_fill_gates"]),
+                           ("no margin (raw only)", r["without_relevance_margin"]),
+                           ("no fill gates", r["without_fill_gates"]), ("+ judge >= 4", r["with_judge_threshold_4"]),
                            ("neither", r["without_relevance_or_fill_gates"])):
             print(f"{profile[:8]:<8} {label:<22} " + " ".join(f"{str(row.get(c)):>16}" for c in cols))
         for i, rep_row in enumerate(r.get("repeats", [])[1:], start=2):

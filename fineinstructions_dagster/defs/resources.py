@@ -242,6 +242,7 @@ class PipelineResource(ConfigurableResource):
     judge_threshold: int | None = None
     min_grounding: float | None = None
     min_relevance: float | None = None
+    min_relevance_margin: float | None = None
     min_fill_in_document: float | None = None
     min_fill_in_answer: float | None = None
     min_match_score: float | None = None
@@ -255,7 +256,8 @@ class PipelineResource(ConfigurableResource):
         return profile_config(setting("FINEINSTRUCTIONS_PROFILE", self.profile),
                               templates_per_document=self.templates_per_document,
                               judge_threshold=self.judge_threshold, min_grounding=self.min_grounding,
-                              min_relevance=self.min_relevance, min_fill_in_document=self.min_fill_in_document,
+                              min_relevance=self.min_relevance, min_relevance_margin=self.min_relevance_margin,
+                              min_fill_in_document=self.min_fill_in_document,
                               min_fill_in_answer=self.min_fill_in_answer,
                               min_match_score=self.min_match_score,
                               control_share=self.control_share, max_control_kept_share=self.max_control_kept_share,

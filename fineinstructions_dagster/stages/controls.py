@@ -26,7 +26,7 @@ from fineinstructions_dagster.prompts.instantiate import document_sentences
 from fineinstructions_dagster.stages.instantiation import fill_signals, gate_instantiation, grounding
 
 KINDS = ("swapped", "near_miss")
-SIGNALS = ("judge_score", "grounding", "relevance", "fill_in_document", "fill_in_answer")
+SIGNALS = ("judge_score", "grounding", "relevance", "relevance_margin", "fill_in_document", "fill_in_answer")
 # A document sentence the answer shares at least this share of words with (in runs of >= 3) counts as used.
 USED_SENTENCE_OVERLAP = 0.25
 MAX_NEAR_MISS_SENTENCES = 3
@@ -35,7 +35,9 @@ CONTROL_SCHEMA: dict[str, pl.DataType] = {
     "control_id": pl.String(), "instantiation_id": pl.String(), "control_kind": pl.String(), "shard": pl.String(),
     "instruction_doc_id": pl.String(), "doc_id": pl.String(),  # doc_id: the answer's document (judged against it)
     "instruction": pl.String(), "answer": pl.String(), "grounding": pl.Float64(), "relevance": pl.Float64(),
-    "relevance_model": pl.String(), "fill_in_document": pl.Float64(), "fill_in_answer": pl.Float64(),
+    # the instruction's baseline, its instantiation's: the same instruction, so the same reference answers
+    "relevance_baseline": pl.Float64(), "relevance_model": pl.String(), "fill_in_document": pl.Float64(),
+    "fill_in_answer": pl.Float64(),
     "gate_reason": pl.String(),  # an instantiation gate the control failed (then it is not judged), else null
     "judgement_id": pl.String(), "score": pl.Int8(), "feedback": pl.String(),
     "judge_reason": pl.String(),  # why its judgement was quarantined (unparsed output, ...), else null
@@ -84,8 +86,8 @@ def build_controls(
     max_document_chars: int | None = None,
 ) -> pl.DataFrame:
     """Control twins for `n_controls` of the chunk's pairs (the lowest content hashes of their instantiation ids).
-    `chunk`: instantiation_id, doc_id, shard, instruction, answer, text (the document), template (for the
-    instantiation gates and the fill signals). Rows as CONTROL_SCHEMA before judging (no judgement yet), with
+    `chunk`: instantiation_id, doc_id, shard, instruction, answer, relevance_baseline, text (the document), template
+    (for the instantiation gates and the fill signals). Rows as CONTROL_SCHEMA before judging (no judgement yet), with
     grounding and fill signals against the answer's own document, relevance of the answer to the instruction, and
     `gate_reason` where a control fails an instantiation gate (it is then not judged, as a real instantiation
     failing it never is)."""
@@ -125,7 +127,8 @@ def build_controls(
 
 def _twin(r: dict[str, Any]) -> dict[str, Any]:
     return {"instantiation_id": r["instantiation_id"], "shard": r["shard"], "instruction_doc_id": r["doc_id"],
-            "instruction": r["instruction"], "template": r["template"]}
+            "instruction": r["instruction"], "template": r["template"],
+            "relevance_baseline": r.get("relevance_baseline")}
 
 
 def wilson_lower_bound(kept: int, n: int, z: float = 1.96) -> float:

@@ -33,7 +33,7 @@ BASE_SCHEMA: dict[str, pl.DataType] = {
 } | GENERATION_SCHEMA
 INSTANTIATION_SCHEMA = BASE_SCHEMA | {"instruction": pl.String(), "answer": pl.String(),
                                       "grounding": pl.Float64(), "relevance": pl.Float64(),
-                                      "relevance_model": pl.String(),
+                                      "relevance_baseline": pl.Float64(), "relevance_model": pl.String(),
                                       "fill_in_document": pl.Float64(), "fill_in_answer": pl.Float64()}
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -174,6 +174,9 @@ FILL_CHOICES_PER_SLOT = 8
 FillRanker = Callable[[str, list[str]], list[str]]
 # (instructions, answers) -> how well each answer answers its instruction (stages/relevance.RelevanceScorer.score)
 RelevanceScore = Callable[[list[str], list[str]], np.ndarray]
+# (instructions, their doc ids, answers, their doc ids) -> each instruction's mean relevance of other documents'
+# answers (RelevanceScorer.baseline)
+RelevanceBaseline = Callable[[list[str], list[str], list[str], list[str]], np.ndarray]
 # extract: the answer sentences offered, best first for the instruction (a 135M model picks among the first)
 ANSWER_CHOICES = 8
 EXTRACT_ANSWERS = ("model", "ranked")
@@ -187,15 +190,21 @@ def template_as_question(template: str) -> str:
     return _SLOT.sub(lambda m: " ".join(m.group(1).split()), template)
 
 
-def score_relevance(frame: pl.DataFrame, score: RelevanceScore | None, model: str) -> pl.DataFrame:
+def score_relevance(frame: pl.DataFrame, score: RelevanceScore | None, model: str,
+                    baseline: RelevanceBaseline | None = None) -> pl.DataFrame:
     """`frame` with `relevance` (of its answer to its instruction; null without a scorer, which the final gate
-    rejects) and `relevance_model`."""
+    rejects), `relevance_baseline` (its instruction's mean relevance of the frame's answers from other documents,
+    the chunk's pairs: null when there are too few) and `relevance_model`."""
+    nulls = pl.Series([None] * frame.height, dtype=pl.Float64)
     if score is None or frame.height == 0:
-        values = pl.Series("relevance", [None] * frame.height, dtype=pl.Float64)
+        values, base = nulls.alias("relevance"), nulls.alias("relevance_baseline")
     else:
-        values = pl.Series("relevance", score(frame["instruction"].to_list(), frame["answer"].to_list()),
-                           dtype=pl.Float64)
-    return frame.with_columns(values, pl.lit(model if score is not None else None, pl.String).alias("relevance_model"))
+        instructions, answers, docs = (frame[c].to_list() for c in ("instruction", "answer", "doc_id"))
+        values = pl.Series("relevance", score(instructions, answers), dtype=pl.Float64)
+        base = (pl.Series("relevance_baseline", baseline(instructions, docs, answers, docs), dtype=pl.Float64,
+                          nan_to_null=True) if baseline is not None else nulls.alias("relevance_baseline"))
+    return frame.with_columns(values, base,
+                              pl.lit(model if score is not None else None, pl.String).alias("relevance_model"))
 
 
 def topical_phrases(document: str, limit: int = MAX_FILL_CHOICES) -> list[str]:
@@ -228,7 +237,7 @@ def instantiate_matches(
     max_instruction_chars: int, max_answer_chars: int, run_id: str = "", prompt_format: str = "instruct",
     min_instruction_words: int = 1, min_answer_words: int = 1, rank_fills: FillRanker | None = None,
     rank_answers: FillRanker | None = None, relevance: RelevanceScore | None = None, relevance_model: str = "",
-    extract_answer: str = "model",
+    extract_answer: str = "model", relevance_baseline: RelevanceBaseline | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """`pending`: one row per match with columns match_id, doc_id, template_id, shard, text, template.
     Returns (instantiations, quarantined rows with reason and raw output, stats). `prompt_format`: `instruct`
@@ -240,7 +249,8 @@ def instantiate_matches(
     slots read as their descriptions), best first. `extract_answer` (extract): `model` (the model picks the answer
     among those) or `ranked` (the model only fills the slots; the answer is the RANKED_ANSWER_SENTENCES sentences
     `rank_answers` puts first for the filled instruction, in document order). `relevance`: scores each kept pair's
-    answer against its instruction (column `relevance`, named by `relevance_model`)."""
+    answer against its instruction (column `relevance`, named by `relevance_model`); `relevance_baseline` what the
+    chunk's answers from other documents score for each instruction (column `relevance_baseline`)."""
     if prompt_format not in instantiate.FORMATS:
         raise ValueError(f"instantiator prompt_format must be one of {instantiate.FORMATS}, got {prompt_format!r}")
     released, extract = prompt_format == "template_instantiator", prompt_format == "extract"
@@ -325,6 +335,7 @@ def instantiate_matches(
                 **fill_signals(instruction, r["template"], r["text"], answer)}, reason
 
     kept, quarantined = run_generation_stage(rows, requests, llm, version, sampling, identify, interpret, stats)
-    schema = {k: v for k, v in INSTANTIATION_SCHEMA.items() if k not in ("relevance", "relevance_model")}
-    scored = score_relevance(frame(kept, schema), relevance, relevance_model)
+    schema = {k: v for k, v in INSTANTIATION_SCHEMA.items()
+              if k not in ("relevance", "relevance_baseline", "relevance_model")}
+    scored = score_relevance(frame(kept, schema), relevance, relevance_model, relevance_baseline)
     return scored.select(list(INSTANTIATION_SCHEMA)), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats

@@ -96,7 +96,8 @@ def format_lineage(chain: dict[str, Any]) -> str:
     g = t["genericization"]
     lines = [
         f"PAIR {p['pair_id']}  (shard {p['shard']}, judge score {p['judge_score']}, "
-        f"grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))} by {p.get('relevance_model') or '-'}, "
+        f"grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))} by {p.get('relevance_model') or '-'} "
+        f"(margin {_score(p.get('relevance_margin'))} over its baseline {_score(p.get('relevance_baseline'))}), "
         f"fills in document {_score(p.get('fill_in_document'))} / in answer {_score(p.get('fill_in_answer'))})",
         f"  instruction: {_short(p['instruction'])}",
         f"  answer:      {_short(p['answer'])}",
@@ -181,7 +182,8 @@ def lineage_markdown(chain: dict[str, Any]) -> str:
               "document": chain["runs"]["documents"]}
     partition_of = {"query": q["source"]}
     detail = {
-        "pair": f"judge {p['judge_score']}, grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))}",
+        "pair": f"judge {p['judge_score']}, grounding {p['grounding']:.2f}, relevance {_score(p.get('relevance'))} "
+                f"(margin {_score(p.get('relevance_margin'))})",
         "judgement": f"score {chain['judgement']['score']} by {chain['judgement']['model']} "
                      f"({chain['judgement']['prompt_version']})",
         "instantiation": f"{chain['instantiation']['model']} ({chain['instantiation']['prompt_version']})",

@@ -14,10 +14,10 @@ from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.lib.storage import TableStore
 
 PAIR_COLUMNS = [
-    "pair_id", "instruction", "answer", "judge_score", "grounding", "relevance", "relevance_model",
-    "fill_in_document", "fill_in_answer",
+    "pair_id", "instruction", "answer", "judge_score", "grounding", "relevance", "relevance_baseline",
+    "relevance_margin", "relevance_model", "fill_in_document", "fill_in_answer",
     # the gates this pair was selected under (the profile's), so a check by hand needs no settings
-    "selected_judge_threshold", "selected_min_grounding", "selected_min_relevance",
+    "selected_judge_threshold", "selected_min_grounding", "selected_min_relevance", "selected_min_relevance_margin",
     "selected_min_fill_in_document", "selected_min_fill_in_answer",
     "judgement_id", "instantiation_id", "match_id", "template_id", "query_id", "query_ids", "doc_id",
     "shard", "url", "match_score", "match_rank",
@@ -25,6 +25,12 @@ PAIR_COLUMNS = [
     "documents_run_id", "matches_run_id", "instantiations_run_id", "judgements_run_id", "template_bank_run_id",
     "run_id",
 ]
+
+
+def relevance_margin() -> pl.Expr:
+    """How much more relevant the answer is to its instruction than other documents' answers are on average
+    (stages/relevance.RelevanceScorer.baseline): null where either is unmeasured."""
+    return (pl.col("relevance") - pl.col("relevance_baseline")).alias("relevance_margin")
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,14 @@ class Gates:
     min_relevance: float
     min_fill_in_document: float = 0.0
     min_fill_in_answer: float = 0.0
+    min_relevance_margin: float = float("-inf")  # -inf: off (then an unmeasured baseline passes too)
 
     def reason(self) -> pl.Expr:
-        """Why a judged pair (columns judge_score, grounding, relevance, fill_in_document, fill_in_answer,
-        instruction, answer) fails a gate, or null. A pair without a relevance or fill score fails that gate:
-        nothing passes unmeasured."""
+        """Why a judged pair (columns judge_score, grounding, relevance, relevance_baseline, fill_in_document,
+        fill_in_answer, instruction, answer) fails a gate, or null. A pair without a relevance or fill score fails
+        that gate: nothing passes unmeasured."""
         unmeasured = float("-inf")
+        margin_on = self.min_relevance_margin > unmeasured
         return (
             pl.when(pl.col("judge_score") < self.judge_threshold).then(pl.lit("below_judge_threshold"))
             .when(pl.col("grounding") < self.min_grounding).then(pl.lit("below_grounding_threshold"))
@@ -51,6 +59,10 @@ class Gates:
             .then(pl.lit("fill_not_in_answer"))
             .when(pl.col("relevance").fill_null(unmeasured) < self.min_relevance)
             .then(pl.lit("below_relevance_threshold"))
+            .when(pl.lit(margin_on) & pl.col("relevance_baseline").is_null())
+            .then(pl.lit("relevance_baseline_unmeasured"))  # too few other documents' answers in its chunk
+            .when(relevance_margin().fill_null(unmeasured) < self.min_relevance_margin)
+            .then(pl.lit("below_relevance_margin"))
             .when(pl.col("instruction").str.contains("</?fi>")).then(pl.lit("unfilled_slot"))
             .when(pl.col("answer").str.strip_chars() == "").then(pl.lit("empty_answer"))
             .otherwise(pl.lit(None, pl.String))
@@ -61,6 +73,7 @@ class Gates:
         return [pl.lit(self.judge_threshold, pl.Int64).alias("selected_judge_threshold"),
                 pl.lit(self.min_grounding, pl.Float64).alias("selected_min_grounding"),
                 pl.lit(self.min_relevance, pl.Float64).alias("selected_min_relevance"),
+                pl.lit(self.min_relevance_margin, pl.Float64).alias("selected_min_relevance_margin"),
                 pl.lit(self.min_fill_in_document, pl.Float64).alias("selected_min_fill_in_document"),
                 pl.lit(self.min_fill_in_answer, pl.Float64).alias("selected_min_fill_in_answer")]
 
@@ -77,7 +90,7 @@ def select_pairs(
     j = judgements.select("judgement_id", "instantiation_id", pl.col("score").alias("judge_score"),
                           pl.col("model").alias("judge_model"), pl.col("run_id").alias("judgements_run_id"))
     i = instantiations.select("instantiation_id", "match_id", "instruction", "answer", "grounding", "relevance",
-                              "relevance_model", "fill_in_document", "fill_in_answer",
+                              "relevance_baseline", "relevance_model", "fill_in_document", "fill_in_answer",
                               pl.col("model").alias("instantiator_model"),
                               pl.col("run_id").alias("instantiations_run_id"))
     m = matches.select("match_id", "doc_id", "template_id", pl.col("score").alias("match_score"),
@@ -94,7 +107,7 @@ def select_pairs(
         .when(pl.col("template").is_null()).then(pl.lit("broken_lineage"))
         .otherwise(gates.reason())
     )
-    df = df.with_columns(reason.alias("reason"))
+    df = df.with_columns(reason.alias("reason"), relevance_margin())
     rejected = df.filter(pl.col("reason").is_not_null())
     pairs = (
         df.filter(pl.col("reason").is_null())
@@ -106,13 +119,14 @@ def select_pairs(
     stats.kept = pairs.height
     stats.check_balanced()
     return pairs, rejected.select("judgement_id", "instantiation_id", "reason", "judge_score", "grounding",
-                                  "relevance"), stats
+                                  "relevance", "relevance_margin"), stats
 
 
 CONTROL_OUTCOME_COLUMNS = [
     "control_id", "instantiation_id", "control_kind", "shard", "instruction_doc_id", "doc_id", "judgement_id",
-    "judge_score", "grounding", "relevance", "fill_in_document", "fill_in_answer", "judged", "kept", "reason",
-    "selected_judge_threshold", "selected_min_grounding", "selected_min_relevance", "selected_min_fill_in_document",
+    "judge_score", "grounding", "relevance", "relevance_baseline", "relevance_margin", "fill_in_document",
+    "fill_in_answer", "judged", "kept", "reason", "selected_judge_threshold", "selected_min_grounding",
+    "selected_min_relevance", "selected_min_relevance_margin", "selected_min_fill_in_document",
     "selected_min_fill_in_answer", "run_id",
 ]
 
@@ -123,7 +137,7 @@ def gate_controls(controls: pl.DataFrame, gates: Gates, run_id: str = "") -> tup
     (one outcome row per control: kept, reason; stats with `total` = controls, `kept` = controls the gates let
     through, which must be few)."""
     df = controls.rename({"score": "judge_score"}).with_columns(
-        pl.coalesce(pl.col("gate_reason"), pl.col("judge_reason"), gates.reason()).alias("reason"))
+        relevance_margin(), pl.coalesce(pl.col("gate_reason"), pl.col("judge_reason"), gates.reason()).alias("reason"))
     out = (df.with_columns(pl.col("reason").is_null().alias("kept"), pl.col("gate_reason").is_null().alias("judged"),
                            pl.lit(run_id).alias("run_id"), *gates.recorded())
            .select(CONTROL_OUTCOME_COLUMNS).sort("control_id"))
@@ -135,10 +149,12 @@ def gate_controls(controls: pl.DataFrame, gates: Gates, run_id: str = "") -> tup
 
 def sampled_true_pairs(instantiations: Path, judgements: Path, pairs: Path, ids: pl.Series) -> pl.DataFrame:
     """The real pairs whose instantiation_id is one of `ids` (the controls' originals): judge_score (null where
-    the judgement was quarantined), grounding, relevance, the fill signals, and whether it became a pair (`kept`)."""
+    the judgement was quarantined), grounding, relevance and its margin, the fill signals, and whether it became a
+    pair (`kept`)."""
     wanted = ids.drop_nulls().unique().implode()
-    inst = (pl.scan_parquet(instantiations).select("instantiation_id", "grounding", "relevance", "fill_in_document",
-                                                   "fill_in_answer")
+    inst = (pl.scan_parquet(instantiations)
+            .select("instantiation_id", "grounding", "relevance", "relevance_baseline", relevance_margin(),
+                    "fill_in_document", "fill_in_answer")
             .filter(pl.col("instantiation_id").is_in(wanted)))
     judged = (pl.scan_parquet(judgements).select("instantiation_id", pl.col("score").alias("judge_score"))
               .filter(pl.col("instantiation_id").is_in(wanted)))

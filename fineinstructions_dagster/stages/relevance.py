@@ -7,11 +7,17 @@ Two kinds of model, both through sentence-transformers' own API:
 - a reranker (`CrossEncoder`, e.g. a ms-marco or bge reranker): the model's score of the (instruction, answer)
   pair, read together; better at telling an answer from a passage on the same topic, and on another scale, so the
   gate's threshold is per model.
+
+A raw score says little on its own: in a corpus about one subject every answer is somewhat similar to every
+instruction about it ("How does Python ...?" scores 0.3-0.4 against most answers of a Python corpus). The
+`baseline` of an instruction is its mean score against the answers of *other* documents, what an answer that is
+not its own scores for it; the gate reads the margin over it (CSLS-style hubness correction, as in matching).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +27,10 @@ from fineinstructions_dagster.lib.models import model_revision
 from fineinstructions_dagster.stages.embedding import Embedder, get_embedder
 
 KINDS = ("auto", "bi-encoder", "cross-encoder")
+# An instruction's baseline needs this many answers from other documents (a mean of fewer is mostly noise): below
+# it the baseline is unmeasured and the margin gate rejects the pair, saying so.
+MIN_BASELINE_ANSWERS = 5
+BASELINE_SAMPLE = 32  # a CrossEncoder reads each pair: the other answers it scores per instruction, by content hash
 
 
 def looks_like_cross_encoder(model: str) -> bool:
@@ -76,6 +86,45 @@ class RelevanceScorer:
         a = vecs[[at[t] for t in instructions]]
         b = vecs[[at[t] for t in answers]]
         return np.einsum("ij,ij->i", a, b).astype(np.float32)  # the vectors are L2-normalised: cosine
+
+    def baseline(self, instructions: list[str], instruction_docs: list[str], answers: list[str],
+                 answer_docs: list[str]) -> np.ndarray:
+        """Per instruction, its mean score against the `answers` from documents other than its own (NaN when
+        there are fewer than MIN_BASELINE_ANSWERS of them). A bi-encoder's mean over all of them is one product
+        with the mean of their vectors; a CrossEncoder scores up to BASELINE_SAMPLE of them, chosen by hash."""
+        out = np.full(len(instructions), np.nan, dtype=np.float32)
+        if not instructions or not answers:
+            return out
+        docs = np.asarray(answer_docs, dtype=object)
+        if self.kind == "cross-encoder":
+            pairs, owners = [], []
+            for row, (text, doc) in enumerate(zip(instructions, instruction_docs, strict=True)):
+                others = [a for a, d in zip(answers, answer_docs, strict=True) if d != doc]
+                if len(others) < MIN_BASELINE_ANSWERS:
+                    continue
+                others.sort(key=lambda a, t=text: hashlib.sha256(f"{t}\x00{a}".encode()).digest())
+                for a in others[:BASELINE_SAMPLE]:
+                    pairs.append((text, a))
+                    owners.append(row)
+            if pairs:
+                scores = np.asarray(self._cross_encoder.predict(pairs, batch_size=self.batch_size,
+                                                                show_progress_bar=False), dtype=np.float64).reshape(-1)
+                sums = np.bincount(owners, weights=scores, minlength=len(instructions))
+                counts = np.bincount(owners, minlength=len(instructions))
+                hit = counts > 0
+                out[hit] = (sums[hit] / counts[hit]).astype(np.float32)
+            return out
+        texts = list(dict.fromkeys([*instructions, *answers]))
+        vecs = self.embedder.encode(texts).astype(np.float64)
+        at = {t: i for i, t in enumerate(texts)}
+        a = vecs[[at[t] for t in answers]]
+        total, n = a.sum(axis=0), len(answers)
+        by_doc = {d: (a[docs == d].sum(axis=0), int((docs == d).sum())) for d in set(instruction_docs)}
+        for row, (text, doc) in enumerate(zip(instructions, instruction_docs, strict=True)):
+            own, n_own = by_doc[doc]
+            if n - n_own >= MIN_BASELINE_ANSWERS:
+                out[row] = float(vecs[at[text]] @ ((total - own) / (n - n_own)))
+        return out
 
     def rank(self, query: str, candidates: list[str]) -> list[str]:
         """`candidates` best first as answers to `query` (the same score the gate reads)."""

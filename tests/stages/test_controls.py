@@ -3,6 +3,8 @@ near-miss passage of the same document the answer did not use, judged in the sam
 and gated like them; the AUC and figures they give."""
 
 import json
+import math
+from dataclasses import replace
 
 import polars as pl
 import pytest
@@ -144,9 +146,9 @@ def test_control_figures():
 
 def test_controls_go_through_the_same_gates():
     gates = Gates(judge_threshold=4, min_grounding=0.6, min_relevance=0.3, min_fill_in_document=0.5,
-                  min_fill_in_answer=0.25)
+                  min_fill_in_answer=0.25, min_relevance_margin=0.2)
     base = {c: None for c in CONTROL_SCHEMA} | {"instruction": "How do I sort a list in place?", "answer": "x y z",
-                                               "grounding": 1.0, "control_kind": "swapped",
+                                               "grounding": 1.0, "control_kind": "swapped", "relevance_baseline": 0.3,
                                                "fill_in_document": 1.0, "fill_in_answer": 1.0}
     rows = [base | {"control_id": "c1", "score": 5, "relevance": 0.9},  # passes: the gates are not filtering
             base | {"control_id": "c2", "score": 5, "relevance": 0.1},
@@ -155,15 +157,23 @@ def test_controls_go_through_the_same_gates():
             base | {"control_id": "c5", "score": None, "relevance": None, "gate_reason": "answer_too_short"},
             base | {"control_id": "c6", "score": 5, "relevance": None},
             base | {"control_id": "c7", "score": 5, "relevance": 0.9, "fill_in_document": 0.0},
-            base | {"control_id": "c8", "score": 5, "relevance": 0.9, "fill_in_answer": 0.0}]
+            base | {"control_id": "c8", "score": 5, "relevance": 0.9, "fill_in_answer": 0.0},
+            # relevant in absolute terms, but no more than other documents' answers are to this instruction
+            base | {"control_id": "c9", "score": 5, "relevance": 0.45},
+            base | {"control_id": "c10", "score": 5, "relevance": 0.9, "relevance_baseline": None}]
     outcomes, stats = gate_controls(pl.DataFrame(rows, schema=CONTROL_SCHEMA), gates)
     reasons = dict(zip(outcomes["control_id"], outcomes["reason"], strict=True))
     assert reasons == {"c1": None, "c2": "below_relevance_threshold", "c3": "below_judge_threshold",
                        "c4": "unparseable_json", "c5": "answer_too_short", "c6": "below_relevance_threshold",
-                       "c7": "fill_not_in_document", "c8": "fill_not_in_answer"}
+                       "c7": "fill_not_in_document", "c8": "fill_not_in_answer", "c9": "below_relevance_margin",
+                       "c10": "relevance_baseline_unmeasured"}
     assert outcomes.filter(pl.col("control_id") == "c5")["judged"].to_list() == [False]
-    assert stats.kept == 1 and stats.total == 8
-    assert set(outcomes["selected_min_relevance"]) == {0.3}
+    assert stats.kept == 1 and stats.total == 10
+    assert set(outcomes["selected_min_relevance"]) == {0.3} and set(outcomes["selected_min_relevance_margin"]) == {0.2}
+    assert outcomes.filter(pl.col("control_id") == "c9")["relevance_margin"].round(4).to_list() == [0.15]
+    # the margin gate off (-inf, the smoke profile's): an unmeasured baseline passes
+    off, _ = gate_controls(pl.DataFrame(rows, schema=CONTROL_SCHEMA), replace(gates, min_relevance_margin=-math.inf))
+    assert off.filter(pl.col("control_id").is_in(["c9", "c10"]))["kept"].to_list() == [True, True]
 
 
 def test_controls_are_judged_in_the_same_engine_calls_as_the_pairs(fake_engine):

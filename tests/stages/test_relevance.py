@@ -4,6 +4,7 @@ the ranker puts first."""
 
 import json
 
+import numpy as np
 import polars as pl
 
 from fineinstructions_dagster.llm.cache import GenerationStats
@@ -22,6 +23,31 @@ def test_the_packaged_bi_encoder_scores_an_answer_above_an_unrelated_passage():
     assert scores[0] > scores[1] + 0.2 and scorer.kind == "bi-encoder"
     assert scorer.rank(q, [wrong, right]) == [right, wrong]
     assert scorer.name.endswith(":bi-encoder") and len(scorer.score([], [])) == 0
+
+
+def test_an_instruction_s_baseline_is_its_mean_relevance_of_other_documents_answers(tmp_path):
+    from sentence_transformers import CrossEncoder
+
+    from fineinstructions_dagster.stages.embedding import default_embedder_path
+    from fineinstructions_dagster.stages.relevance import MIN_BASELINE_ANSWERS
+
+    scorer = RelevanceScorer()
+    answers = [f"Answer {i} explains how the {w} module handles its files." for i, w in
+               enumerate(["os", "io", "csv", "json", "gzip", "zipfile", "shutil"])]
+    docs = ["d0", "d0", "d1", "d2", "d3", "d4", "d5"]
+    q = ["How does the os module read files?", "What does the json module do?"]
+    base = scorer.baseline(q, ["d0", "d3"], answers, docs)
+    for row, own in enumerate(["d0", "d3"]):  # the plain mean of the scores of every answer of another document
+        others = [a for a, d in zip(answers, docs, strict=True) if d != own]
+        assert abs(base[row] - scorer.score([q[row]] * len(others), others).mean()) < 1e-5
+    # too few answers from other documents: unmeasured (NaN), never a mean of one or two
+    few_docs = ["d0"] * 2 + ["dx"] * (MIN_BASELINE_ANSWERS - 2)
+    few = scorer.baseline(q[:1], ["d0"], answers[:MIN_BASELINE_ANSWERS], few_docs)
+    assert np.isnan(few[0])
+    # a CrossEncoder scores the same quantity on a hash sample of the other answers, pair by pair
+    CrossEncoder(default_embedder_path(), num_labels=1).save(str(tmp_path / "reranker"))
+    cross = RelevanceScorer(str(tmp_path / "reranker")).baseline(q, ["d0", "d3"], answers, docs)
+    assert cross.shape == (2,) and not np.isnan(cross).any()
 
 
 def test_a_cross_encoder_checkpoint_is_used_as_a_reranker(tmp_path):

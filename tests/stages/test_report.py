@@ -52,10 +52,13 @@ def test_the_prompt_format_follows_the_model(model, role, expected):
 def test_profiles():
     assert PROFILES == ("paper", "demo", "smoke")
     demo, paper, smoke = profile_config("demo"), profile_config("paper"), profile_config("smoke")
-    # the demo's small-model formats are configuration; its gates are the paper's
+    # the demo's small-model formats are configuration; its grounding gate is the paper's, its judge (measured at
+    # chance) does not gate, and its relevance margin is measured
     assert demo.format_for("instantiator", "any/model") == "extract"
     assert demo.format_for("judge", "any/model") == "checklist"
-    assert (demo.judge_threshold, demo.min_grounding) == (paper.judge_threshold, paper.min_grounding)
+    assert demo.min_grounding == paper.min_grounding and demo.judge_threshold == 1 < paper.judge_threshold
+    assert demo.min_relevance_margin > paper.min_relevance_margin == 0.0
+    assert smoke.min_relevance_margin == float("-inf")
     assert smoke.judge_threshold == 1 and smoke.min_grounding == 0.0
     assert "SmolLM2-135M-Instruct" in demo.describe_relaxations() and "SMOKE" in smoke.describe_relaxations()
     assert paper.describe_relaxations() == ""

@@ -59,8 +59,9 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
     the share of the answer copied from it (grounding). Unusable outputs go to quarantine. The shard's matches
     are read `chunk_rows` at a time (a document's k together); each chunk's output is kept as a part on the
     storage root, so a killed run resumes where it stopped. Each kept pair's `relevance` (how well its answer answers
-    its instruction) is scored by the relevance model; in the `extract` format the answer sentences offered are the
-    document's best answers to the template by the same score."""
+    its instruction) is scored by the relevance model, and its `relevance_baseline`: what the chunk's answers from
+    other documents score for the same instruction (the margin gate reads the difference); in the `extract` format
+    the answer sentences offered are the document's best answers to the template by the same score."""
     cfg = pipeline.config()
     store = storage.store()
     engine = instantiator_llm.engine()
@@ -88,7 +89,7 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
                 cfg.max_answer_chars, context.run_id, prompt_format, cfg.min_instruction_words,
                 cfg.min_answer_words, ranker.rank_by_similarity if ranker else None,
                 rank_answers=scorer.rank if ranker else None, relevance=scorer.score, relevance_model=scorer.name,
-                extract_answer=cfg.extract_answer)
+                extract_answer=cfg.extract_answer, relevance_baseline=scorer.baseline)
             return ChunkOutput(kept, quarantined, stats)
 
         with storage.generation_cache() as cache:
@@ -100,12 +101,17 @@ def instantiations(context: AssetExecutionContext, storage: StorageResource, ins
         kept = pl.scan_parquet(store.path("instantiations", shard))
         summary = kept.select(pl.len().alias("n"), pl.col("grounding").mean().alias("mean"),
                               pl.col("relevance").mean().alias("relevance"),
+                              pl.col("relevance_baseline").mean().alias("baseline"),
+                              pl.col("relevance_baseline").is_null().sum().alias("unmeasured"),
                               pl.col("grounding").is_between(0, 1).all().alias("ok")).collect()
         return MaterializeResult(
             metadata=stage_metadata(run.stats, kept.head(5).collect(),
                                     ["instruction", "answer", "grounding", "relevance"],
                                     mean_grounding=float(summary["mean"][0] or 0.0),
                                     mean_relevance=float(summary["relevance"][0] or 0.0), relevance_model=scorer.name,
+                                    mean_relevance_baseline=float(summary["baseline"][0] or 0.0),
+                                    # too few other documents' answers in its chunk: the margin gate rejects these
+                                    relevance_baseline_unmeasured=int(summary["unmeasured"][0]),
                                     llm_deterministic=runs_deterministically(engine.info), **throughput_metadata(run)),
             check_results=[AssetCheckResult(check_name=GROUNDING_IN_RANGE,
                                             passed=summary["n"][0] == 0 or bool(summary["ok"][0]))],

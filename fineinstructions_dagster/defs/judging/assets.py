@@ -102,7 +102,8 @@ def judgements(context: AssetExecutionContext, storage: StorageResource, judge_l
             run = run_chunked(
                 store, "judgements", shard,
                 chunks_of(source, cfg.chunk_rows, "doc_id",
-                          ["instantiation_id", "doc_id", "template_id", "shard", "instruction", "answer"]),
+                          ["instantiation_id", "doc_id", "template_id", "shard", "instruction", "answer",
+                           "relevance_baseline"]),
                 "instantiation_id", definition, process, pl.DataFrame(schema=JUDGEMENT_SCHEMA),
                 pl.DataFrame(schema=BASE_SCHEMA | QUARANTINE_EXTRA), shard_rows, progress_reporter(context),
                 side_tables={CONTROLS: pl.DataFrame(schema=CONTROL_SCHEMA)})
