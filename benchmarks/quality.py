@@ -63,9 +63,7 @@ def judged_frames(store) -> tuple[pl.DataFrame, pl.DataFrame]:  # noqa: ANN001
 def gated(real: pl.DataFrame, controls: pl.DataFrame, gates) -> tuple[pl.DataFrame, pl.DataFrame]:  # noqa: ANN001
     """The same judged rows through `gates` (stages/pairs.Gates): real pairs keep `kept` from the run when the gates
     are the run's; otherwise the final gates are applied again (the validity gates before them passed already)."""
-    from fineinstructions_dagster.stages.pairs import gate_controls
-
-    from fineinstructions_dagster.stages.pairs import relevance_margin
+    from fineinstructions_dagster.stages.pairs import gate_controls, relevance_margin
 
     again = real.with_columns((pl.col("judge_score").is_not_null() & gates.reason().is_null()).alias("kept"),
                               relevance_margin())
