@@ -239,7 +239,8 @@ def main() -> None:
         results[section] = {**before.get(section, {}), **results[section]}  # type: ignore[dict-item]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     cols = ("true_kept_share", "swapped_kept_share", "near_miss_kept_share", "judge_auc_swapped",
-            "relevance_auc_swapped", "relevance_margin_auc_swapped", "fill_in_document_auc_swapped", "fill_in_answer_auc_swapped",
+            "relevance_auc_swapped", "relevance_margin_auc_swapped", "fill_in_document_auc_swapped",
+            "fill_in_answer_auc_swapped",
             "relevance_auc_near_miss", "kept_relevance_auc_swapped")
     print(f"\n{'profile':<8} {'gates':<22} " + " ".join(f"{c.replace('_auc', '')[:16]:>16}" for c in cols))
     for profile, r in [*results["profiles"].items(), *results["variants"].items()]:  # type: ignore[union-attr]

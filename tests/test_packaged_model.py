@@ -13,6 +13,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from fineinstructions_dagster.config import profile_config
+
 pytestmark = [pytest.mark.slow]  # runs `make run` and the graph in processes of their own
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +78,9 @@ def test_make_run_with_its_defaults_on_new_inputs_makes_pairs_in_a_root_of_its_o
             for raw in rows["raw_output"]:
                 json.loads(raw)  # structured output that parses
         assert set(pairs["instantiator_model"]) == set(pairs["judge_model"]) == {str(packaged_model)}
-        assert (pairs["grounding"] >= 0.6).all() and (pairs["judge_score"] >= 4).all()
+        assert (pairs["grounding"] >= 0.6).all() and (pairs["judge_score"] >= pairs["selected_judge_threshold"]).all()
+        # the demo's relevance gate is the margin over each instruction's baseline: every pair has one, above it
+        assert (pairs["relevance_margin"] >= pairs["selected_min_relevance_margin"]).all()
+        assert set(pairs["selected_min_relevance_margin"]) == {profile_config("demo").min_relevance_margin}
     finally:
         shutil.rmtree(root, ignore_errors=True)
