@@ -238,6 +238,24 @@ def cmd_document(args: argparse.Namespace) -> int:
     return _lookup(args, "document", trace_document, args.key)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Export or import the root's generation cache (what reproduces a dataset where decoding does not)."""
+    from fineinstructions_dagster.defs.resources import StorageResource
+
+    with StorageResource(root=_root(args)).generation_cache() as cache:
+        if args.action == "export":
+            n = cache.export(args.file, args.model, args.prompt_version)
+            print(f"exported {n} generations from {cache.path} to {args.file}")
+        else:
+            try:
+                counts = cache.import_entries(args.file)
+            except (OSError, ValueError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"imported {args.file} into {cache.path}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fineinstructions", description=__doc__)
     parser.add_argument("--root", help="storage root (default: $FINEINSTRUCTIONS_ROOT, else ./data; for `run`, a "
@@ -293,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("document", help="was a document kept, filtered (why) or removed as a duplicate (of what)")
     p.add_argument("key", help="doc_id, source id or url")
     p.set_defaults(func=cmd_document)
+
+    p = sub.add_parser("cache", help="export or import the generation cache: a run that imports another's cache "
+                                     "reproduces its LLM outputs (and so its ids) on any backend")
+    p.add_argument("action", choices=("export", "import"))
+    p.add_argument("file", type=Path, help="JSON Lines (.jsonl, or .jsonl.gz compressed)")
+    p.add_argument("--model", default="", help="export: only this model's entries (a part of its name or path)")
+    p.add_argument("--prompt-version", default="", help="export: only this prompt version (e.g. judge-checklist-v1)")
+    p.set_defaults(func=cmd_cache)
 
     args = parser.parse_args(argv)
     if not (args.online or os.environ.get("FINEINSTRUCTIONS_ALLOW_DOWNLOADS") == "1"):

@@ -1,11 +1,15 @@
 """Generation cache: a retried or resumed partition never pays for the same generation twice.
 
 Keyed by a hash of (backend, model, revision, prompt version, messages, JSON schema, sampling params,
-seed). Stored in SQLite (WAL mode) beside the data: safe for several processes on one host, no server.
+seed). Stored in SQLite (WAL mode) beside the data: safe for several processes on one host, no server. Each entry
+also names its model, revision and prompt version, so a cache can be exported and imported by them: where a backend
+does not decode deterministically (vLLM-CPU batching), importing another run's cache is how its dataset is
+reproduced exactly.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import sqlite3
@@ -14,6 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, LLMEngine
+
+LABELS = ("model", "revision", "prompt_version")
+
+
+def _open(path: str | Path, mode: str):  # noqa: ANN202 - a text file object
+    return gzip.open(path, mode, encoding="utf-8") if str(path).endswith(".gz") else open(path, mode, encoding="utf-8")
 
 
 def request_key(engine: LLMEngine, prompt_version: str, r: GenerationRequest) -> str:
@@ -32,6 +42,10 @@ class GenerationCache:
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, result TEXT NOT NULL)")
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(generations)")}
+        for column in LABELS:  # caches written before entries were labelled gain the columns (null for old rows)
+            if column not in have:
+                self._db.execute(f"ALTER TABLE generations ADD COLUMN {column} TEXT")
         self._db.commit()
 
     def get_many(self, keys: list[str]) -> dict[str, GenerationResult]:
@@ -44,10 +58,62 @@ class GenerationCache:
                 found[key] = GenerationResult(**{**json.loads(blob), "cached": True})
         return found
 
-    def put_many(self, items: dict[str, GenerationResult]) -> None:
-        rows = [(k, json.dumps({**asdict(v), "cached": False})) for k, v in items.items() if v.error is None]
-        self._db.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?)", rows)
+    def put_many(self, items: dict[str, GenerationResult], model: str = "", revision: str = "",
+                 prompt_version: str = "") -> None:
+        rows = [(k, json.dumps({**asdict(v), "cached": False}), model, revision, prompt_version)
+                for k, v in items.items() if v.error is None]
+        self._db.executemany("INSERT OR REPLACE INTO generations (key, result, model, revision, prompt_version) "
+                             "VALUES (?, ?, ?, ?, ?)", rows)
         self._db.commit()
+
+    def export(self, path: str | Path, model: str = "", prompt_version: str = "") -> int:
+        """Write the entries (of `model`, matched as a substring of its name, and of `prompt_version`, exactly,
+        where given) as JSON Lines, gzip when the name ends in .gz. Returns how many."""
+        where, params = [], []
+        if model:
+            where.append("instr(model, ?) > 0")
+            params.append(model)
+        if prompt_version:
+            where.append("prompt_version = ?")
+            params.append(prompt_version)
+        sql = f"SELECT key, result, {', '.join(LABELS)} FROM generations" + (
+            f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY key"
+        n = 0
+        with _open(path, "wt") as out:
+            for key, result, *labels in self._db.execute(sql, params):
+                out.write(json.dumps({"key": key, **dict(zip(LABELS, labels, strict=True)),
+                                      "result": json.loads(result)}, ensure_ascii=False) + "\n")
+                n += 1
+        return n
+
+    def import_entries(self, path: str | Path) -> dict[str, int]:
+        """Read an export into this cache. An entry it holds under the same key with another result is replaced:
+        the import is what a re-run must reproduce. Returns counts added / replaced / unchanged; a malformed line
+        raises, naming the file and line, before anything is written."""
+        rows = []
+        with _open(path, "rt") as src:
+            for line_no, line in enumerate(src, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    key, result = str(entry["key"]), entry["result"]
+                    GenerationResult(**{**result, "cached": False})  # the fields a cached result is read into
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}: line {line_no} is not a generation cache entry: {exc}") from exc
+                rows.append((key, json.dumps({**result, "cached": False}),
+                             *(str(entry.get(c) or "") for c in LABELS)))
+        before = dict(self._db.execute("SELECT key, result FROM generations WHERE key IN (SELECT value FROM "
+                                       "json_each(?))", [json.dumps([r[0] for r in rows])]))
+        counts = {"added": 0, "replaced": 0, "unchanged": 0}
+        for key, result, *_ in rows:
+            old = before.get(key)
+            counts["added" if old is None else "unchanged" if json.loads(old) == json.loads(result) else
+                   "replaced"] += 1
+        self._db.executemany("INSERT OR REPLACE INTO generations (key, result, model, revision, prompt_version) "
+                             "VALUES (?, ?, ?, ?, ?)", rows)
+        self._db.commit()
+        return counts
 
     def close(self) -> None:
         self._db.close()
@@ -100,7 +166,7 @@ def generate_cached(
         stats.engine_seconds += time.monotonic() - began
         done = dict(zip([k for k, _ in part], outs, strict=True))
         if cache:
-            cache.put_many(done)
+            cache.put_many(done, engine.info.model, engine.info.revision, prompt_version)
         fresh.update(done)
     results = [hits[k] if k in hits else fresh[k] for k in keys]
     stats.requests += len(requests)
