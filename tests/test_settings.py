@@ -35,7 +35,7 @@ def test_each_stage_asset_reads_one_settings_source_and_each_source_is_read():
     ({"min_relevance": 0.5}, {"gate_settings"}),
     ({"templates_per_document": 9}, {"matching_settings"}),
     ({"control_share": 0.5}, {"judging_settings"}),
-    ({"chunk_rows": 64}, {"matching_settings", "judging_settings", "export_settings"}),
+    ({"chunk_rows": 64}, {"matching_settings", "instantiation_settings", "judging_settings", "export_settings"}),
     # the demo's bounds, formats and gates (its models follow FINEINSTRUCTIONS_PROFILE, not this resource)
     ({"profile": "demo"}, {"genericizer_settings", "matching_settings", "instantiation_settings", "judging_settings",
                            "gate_settings"}),

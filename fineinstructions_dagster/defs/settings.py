@@ -115,7 +115,9 @@ def _instantiation(pipeline: PipelineResource, instantiator_llm: LLMResource, em
             "ranker": embedder.identity() if extract else {}, "relevance": relevance.identity(),
             "max_document_chars": cfg.max_document_chars, "max_instruction_chars": cfg.max_instruction_chars,
             "max_answer_chars": cfg.max_answer_chars, "min_instruction_words": cfg.min_instruction_words,
-            "min_answer_words": cfg.min_answer_words}
+            "min_answer_words": cfg.min_answer_words,
+            # each instruction's relevance baseline is estimated over its chunk: the chunk size shapes it
+            "chunk_rows": cfg.chunk_rows}
 
 
 def _judging(pipeline: PipelineResource, judge_llm: LLMResource, relevance: RelevanceResource) -> dict[str, Any]:

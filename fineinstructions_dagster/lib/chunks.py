@@ -103,7 +103,8 @@ def chunks_of(path: Path, chunk_rows: int, group: str | None, columns: list[str]
               ) -> Iterator[pl.DataFrame]:
     """The rows of one Parquet file in file order, about `chunk_rows` at a time, read slice by slice (never the
     whole file). With `group`, a chunk ends only where that column's value changes (the file must keep a
-    group's rows together), unless one group alone is longer than the look-ahead."""
+    group's rows together), unless one group alone is longer than the look-ahead; a tail under a quarter of
+    `chunk_rows` that fits in the look-ahead is part of the chunk before it."""
     scan = pl.scan_parquet(path)
     if columns is not None:
         scan = scan.select(columns)
@@ -117,6 +118,11 @@ def chunks_of(path: Path, chunk_rows: int, group: str | None, columns: list[str]
             values = frame[group]
             later = (values.slice(chunk_rows) != values[chunk_rows - 1]).arg_true()
             cut = chunk_rows + int(later[0]) if later.len() else frame.height
+            # A short tail (the file ends within the look-ahead) joins this chunk rather than making a chunk of a
+            # few documents: what is estimated over a chunk's documents (the hubness penalty, each instruction's
+            # relevance baseline) needs more than a handful of them.
+            if frame.height < chunk_rows + LOOKAHEAD_ROWS and frame.height - cut < max(1, chunk_rows // 4):
+                cut = frame.height
         yield frame.head(cut)
         offset += cut
 

@@ -33,6 +33,14 @@ def test_chunks_never_split_a_document_and_cover_every_row_once(matches):
     assert pl.concat(chunks).equals(pl.read_parquet(matches))
 
 
+def test_a_short_tail_joins_the_chunk_before_it(tmp_path):
+    # no chunk of a handful of documents at the end (its estimates over the chunk's documents would be noise)
+    path = tmp_path / "m.parquet"
+    pl.DataFrame({"doc_id": [f"d{i:03d}" for i in range(105)]}).write_parquet(path)
+    assert [c.height for c in chunks_of(path, 100, "doc_id")] == [105]
+    assert [c.height for c in chunks_of(path, 60, "doc_id")] == [60, 45]  # a tail of 45 is a chunk of its own
+
+
 def test_rows_for_reads_only_the_ids_asked(matches):
     got = rows_for(matches, "doc_id", pl.Series(["d0007", "d0003", "d0003"]), ["doc_id", "n"])
     assert sorted(got["doc_id"].unique()) == ["d0003", "d0007"] and got.height == 4 + 3
