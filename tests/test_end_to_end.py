@@ -96,6 +96,7 @@ def test_a_second_fresh_run_from_an_empty_root_and_cache_gives_the_same_ids(pipe
 
     store, _, _ = pipeline
     monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(tmp_path / "fresh"))
+    (tmp_path / "home").mkdir()
     with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
         result = run_pipeline(instance, log=lambda _: None)
         for stage in ("instantiations", "judgements"):  # nothing served from a cache: the engine made every output
