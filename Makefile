@@ -52,7 +52,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q --durations=15
 
-# The fast tier for development (~2 min here): everything but the `slow` tests, which run the whole graph or start
+# The fast tier for development (~3.5 min here): everything but the `slow` tests, which run the whole graph or start
 # servers, `dagster dev`, the CLI or engines in processes of their own (tests/conftest.py). `make test` runs all.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
