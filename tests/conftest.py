@@ -32,10 +32,10 @@ class FakeEngine:
                                  completion_tokens=5, finish_reason=self.finish_reason) for r in requests]
 
 
-# `make test-fast` leaves out the slow tier: tests that run the whole graph (the `pipeline` fixture, marked here)
+# `make test-fast` leaves out the slow tier: tests that run the whole graph (the `pipeline` fixtures, marked here)
 # or start servers, `dagster dev`, a CLI run of the graph or LLM engines in processes of their own (marked where
 # they are); a CLI call that stops in seconds (preflight, `dagster definitions validate`) stays in the fast tier.
-SLOW_FIXTURES = {"pipeline"}
+SLOW_FIXTURES = {"pipeline", "pipeline_copy"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -80,22 +80,54 @@ def smoke_env(root: Path, smoke_model: Path, sample_inputs: Path) -> dict[str, s
             "FINEINSTRUCTIONS_SMOKE_MODEL": str(smoke_model), "FINEINSTRUCTIONS_LLM_BACKEND": "transformers"}
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample_inputs: Path):
-    """The whole graph run once per test module into a fresh root and a fresh instance (on disk, so that the UI's
-    GraphQL can be asked about it: tests/ui_staleness.py); the environment stays set for the module's tests.
-    Yields (store, instance, run)."""
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample_inputs: Path):
+    """The whole graph, run once per session into a fresh root and a fresh instance on disk (so that the UI's
+    GraphQL can be asked about it: tests/ui_staleness.py). Yields (root, instance folder, run summary); the
+    tests use it through `pipeline` (read-only) or `pipeline_copy` (a copy of their own to change)."""
     from dagster import DagsterInstance
 
-    from fineinstructions_dagster.lib.storage import TableStore
     from fineinstructions_dagster.runner import run_pipeline
 
-    root = tmp_path_factory.mktemp("root")
+    root, home = tmp_path_factory.mktemp("root"), tmp_path_factory.mktemp("dagster_home")
     with pytest.MonkeyPatch.context() as mp:
         for k, v in smoke_env(root, smoke_model, sample_inputs).items():
             mp.setenv(k, v)
-        instance = DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home")))
-        yield TableStore(root), instance, run_pipeline(instance, log=lambda _: None)
+        with DagsterInstance.local_temp(str(home)) as instance:
+            run = run_pipeline(instance, log=lambda _: None)
+    yield root, home, run
+
+
+def _pipeline_at(root: Path, home: Path, run, smoke_model: Path, sample_inputs: Path):  # noqa: ANN001, ANN202
+    from dagster import DagsterInstance
+
+    from fineinstructions_dagster.lib.storage import TableStore
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in smoke_env(root, smoke_model, sample_inputs).items():
+            mp.setenv(k, v)
+        with DagsterInstance.local_temp(str(home)) as instance:
+            yield TableStore(root), instance, run
+
+
+@pytest.fixture(scope="module")
+def pipeline(pipeline_run, smoke_model: Path, sample_inputs: Path):
+    """The session's graph run, for tests that only read it (a test that changes a table or the instance uses
+    `pipeline_copy`); the environment points at its root for the module's tests. Yields (store, instance, run)."""
+    yield from _pipeline_at(*pipeline_run, smoke_model, sample_inputs)
+
+
+@pytest.fixture(scope="module")
+def pipeline_copy(pipeline_run, tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample_inputs: Path):
+    """A copy of the session's graph run (its root, generation cache included, and its instance) for a module
+    whose tests change data or run steps again; shared by that module's tests. Yields (store, instance, run)."""
+    import shutil
+
+    root, home, run = pipeline_run
+    copy = tmp_path_factory.mktemp("copy")
+    shutil.copytree(root, copy / "root")
+    shutil.copytree(home, copy / "dagster_home")
+    yield from _pipeline_at(copy / "root", copy / "dagster_home", run, smoke_model, sample_inputs)
 
 
 @pytest.fixture

@@ -15,6 +15,11 @@ def _table(name: object) -> str:
     return str(name).split("/")[0]
 
 
+
+@pytest.fixture(scope="module")
+def pipeline(pipeline_copy):  # noqa: ANN001, ANN201 - these tests run steps again and change the data
+    return pipeline_copy
+
 @pytest.fixture
 def reads(monkeypatch):
     """Every table name a TableStore is asked to read (or to locate) while the fixture is active."""

@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pytest
 from dagster import AssetKey, materialize
 
 from fineinstructions_dagster.cli import main as cli
 from fineinstructions_dagster.runner import SHARD_STEP
 from fineinstructions_dagster.stages.lineage import LINEAGE_KEYS, trace_pair
 
+
+@pytest.fixture(scope="module")
+def pipeline(pipeline_copy):  # noqa: ANN001, ANN201 - these tests run steps again and change the data
+    return pipeline_copy
 
 def test_every_stage_materialized_and_final_table_nonempty(pipeline):
     store, _, run = pipeline

@@ -110,6 +110,15 @@ class Topology:
             runId status jobName assetSelection { path } tags { key value } } } } }""")
         return data["runsOrError"]["results"]
 
+    def ticks(self, sensor: str, after: float) -> list[dict]:
+        """The sensor's finished ticks that started after `after` (a Unix time), newest first."""
+        data = self.graphql("""query($s: SensorSelector!, $after: Float) { sensorOrError(sensorSelector: $s) {
+            ... on Sensor { sensorState { ticks(limit: 20, afterTimestamp: $after) {
+                status timestamp skipReason requestedAssetKeys { path } } } } } }""",
+                            {"s": {"repositoryLocationName": LOCATION, "repositoryName": "__repository__",
+                                   "sensorName": sensor}, "after": after})
+        return [t for t in data["sensorOrError"]["sensorState"]["ticks"] if t["status"] != "STARTED"]
+
     def tail(self) -> str:
         return "\n".join(f"--- {f.name}\n" + f.read_text()[-3000:] for f in sorted(self.logs.glob("*.log")))
 
@@ -198,6 +207,16 @@ def wait_until(topo: Topology, what: str, done: Callable[[], bool], timeout: flo
     raise AssertionError(f"timed out waiting for {what}: runs {topo.runs()}\n{topo.tail()}")
 
 
+def idle(instance) -> bool:  # noqa: ANN001 - DagsterInstance
+    from dagster import DagsterRunStatus, RunsFilter
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    busy = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+            DagsterRunStatus.STARTED]
+    return not instance.get_runs(RunsFilter(statuses=busy), limit=1) and not instance.get_backfills(
+        filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED]), limit=1)
+
+
 PER_SHARD = ["filtered_documents", "documents", "matches", "instantiations", "judgements", "fineinstructions",
              "export_chat", "export_packed"]
 SHARDS = ["faq", "tutorial"]
@@ -208,6 +227,9 @@ def test_the_daemon_alone_takes_each_shard_in_the_bucket_to_its_export_once(topo
     import polars as pl
     from dagster import AssetKey, DagsterInstance
 
+    from fineinstructions_dagster.definitions import defs
+    from fineinstructions_dagster.defs.automation import PAIRS
+    from fineinstructions_dagster.defs.quality.assets import dbt_quality
     from fineinstructions_dagster.lib.storage import TableStore
     from fineinstructions_dagster.sample import build_sample
     from fineinstructions_dagster.stages.dedup import bucket_range_keys
@@ -249,11 +271,25 @@ def test_the_daemon_alone_takes_each_shard_in_the_bucket_to_its_export_once(topo
         pl.concat([howto, pl.DataFrame([copy])]).write_parquet(tmp_path / "howto.parquet")
         boto3.client("s3").upload_file(str(tmp_path / "howto.parquet"), BUCKET, f"{CORPUS_PREFIX}/howto.parquet")
         wait_until(topo, "the new shard's export", lambda: exported(["howto"]))
-        time.sleep(35)  # one more automation tick (30 s): nothing else may follow
+        # Nothing else may follow: once no run or backfill is left, the next automation tick requests no step of
+        # a shard (it may re-make dataset_report, which summarises every table).
+        wait_until(topo, "no run or backfill in progress", lambda: idle(instance))
+        quiet_since = time.time()
+        wait_until(topo, "an automation tick after the last run", lambda: topo.ticks("automation_sensor",
+                                                                                     quiet_since))
+        for tick in topo.ticks("automation_sensor", quiet_since):
+            assert {"/".join(k["path"]) for k in tick["requestedAssetKeys"]} <= {"dataset_report"}, tick
         for asset in PER_SHARD:  # the older shards' chains and exports were not run again
             assert materialized(asset) == sorted([*SHARDS, "howto"]), asset
         assert materialized("duplicate_edges") == sorted(bucket_range_keys() * 2)  # once per arrival
         assert materialized("document_clusters") == ["-", "-"]
+        # the dbt models over a shard's tables are built in one run per arrival, once its chain's run is done
+        graph = defs.resolve_asset_graph()
+        shard_models = [k for k in dbt_quality.keys if AssetKey(PAIRS) in graph.get(k).parent_keys]
+        builds = {m.to_user_string(): {r.run_id for r in instance.fetch_materializations(m, limit=100).records}
+                  for m in shard_models}
+        assert len(builds["quality/pairs"]) == 2 and all(b == builds["quality/pairs"] for b in builds.values()), \
+            builds
         assert all(r["status"] == "SUCCESS" for r in topo.runs()), topo.runs()
 
     # 4. The data is in the bucket: a fresh working copy reads the pairs and traces one to its document; the
@@ -292,7 +328,11 @@ def test_the_daemon_alone_takes_each_shard_in_the_bucket_to_its_export_once(topo
         wait_until(topo, "the scheduled backfill", lambda: len(scheduled()) == 1
                    and scheduled()[0].status != BulkActionStatus.REQUESTED, timeout=600)
         assert scheduled()[0].status in (BulkActionStatus.COMPLETED, BulkActionStatus.COMPLETED_SUCCESS), scheduled()
-        time.sleep(75)  # at least one more tick: nothing is new or stale, so no second backfill
+        done = time.time()
+        # the sensor's next cron tick finds nothing new or stale, so there is no second backfill
+        wait_until(topo, "a scheduled_backfill tick with nothing due", lambda: any(
+            "nothing new or stale" in (t["skipReason"] or "") for t in topo.ticks("scheduled_backfill", done)),
+            timeout=180)
         assert len(scheduled()) == 1, scheduled()
         for asset in PER_SHARD:  # tutorial's chain and export again, nothing of faq's or howto's
             records = instance.fetch_materializations(AssetKey(asset), limit=1000).records

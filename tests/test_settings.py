@@ -83,7 +83,10 @@ def test_the_deterministic_setting_runs_vllm_one_sequence_at_a_time_and_moves_th
     monkeypatch.setenv("FINEINSTRUCTIONS_PROFILE", "smoke")
     before = versions()
     batched = LLMResource(role="judge", backend="vllm").engine()  # lazy: no model is loaded
-    assert "max_num_seqs" not in batched.info.options and not runs_deterministically(batched.info)
+    # in-process engine core, grammars compiled in step: batches follow from the requests
+    assert "max_num_seqs" not in batched.info.options and runs_deterministically(batched.info)
+    own_process = LLMResource(role="judge", backend="vllm", vllm_multiprocessing=True).engine()
+    assert not runs_deterministically(own_process.info)  # its engine core takes requests as they arrive
     assert runs_deterministically(LLMResource(role="judge", backend="transformers").engine().info)
     monkeypatch.setenv("FINEINSTRUCTIONS_DETERMINISTIC", "1")
     alone = LLMResource(role="judge", backend="vllm").engine()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource, Definitions, InitResourceContext, definitions
+from dagster import ConfigurableResource, Definitions, InitResourceContext, definitions, in_process_executor
 from pydantic import Field
 
 from fineinstructions_dagster.config import PAPER_MODELS, PipelineConfig, profile_config
@@ -118,10 +118,11 @@ class LLMResource(ConfigurableResource):
     model (smoke profile), the packaged model (demo profile) or the role's paper model; `base_url` from
     FINEINSTRUCTIONS_<ROLE>_BASE_URL, else FINEINSTRUCTIONS_OPENAI_BASE_URL (one vLLM server serves one model);
     `backend` from
-    FINEINSTRUCTIONS_LLM_BACKEND. The engine lives as long as the step's execution: set up lazily on first
-    use, shut down when the step ends (success, failure or Terminate), and a step process dies with its run
-    worker, so a killed run leaves no model in memory. `vllm_multiprocessing`: vLLM's engine core in its own
-    process (large GPU hosts) instead of in the step process (default). `cpu_kv_cache_gb`: vLLM's KV cache on
+    FINEINSTRUCTIONS_LLM_BACKEND. The engine lives as long as the run's execution: set up lazily on first
+    use, shut down when the execution ends (success, failure or Terminate). Steps run in the run worker's
+    process (the location's executor), so a killed run leaves no model in memory; under a multiprocess executor
+    each step process dies with its run worker. `vllm_multiprocessing`: vLLM's engine core in its own
+    process (large GPU hosts) instead of in the run's (default). `cpu_kv_cache_gb`: vLLM's KV cache on
     CPU (FINEINSTRUCTIONS_CPU_KV_CACHE_GB when unset); 0 sizes it from the model and batch, not as a share of
     the machine's RAM. On GPU, `gpu_memory_utilization` applies (FINEINSTRUCTIONS_GPU_MEMORY_UTILIZATION when
     unset, default 0.3)."""
@@ -281,5 +282,8 @@ def build_resources() -> dict[str, ConfigurableResource]:
 @definitions
 def resources() -> Definitions:
     """The resources every asset, sensor and job of the location is bound to (the defs folder's loader merges
-    them with each domain's definitions)."""
-    return Definitions(resources=build_resources())
+    them with each domain's definitions), and the executor of its runs: every step of a run in the run's own
+    process. A run's steps are a chain over the same partitions, so a process per step (Dagster's default) runs
+    nothing in parallel and costs each step a fresh import of the location (~10 s on 2 cores) and its models'
+    loads; the engines live for the run, as under `fineinstructions run`, and die with its process."""
+    return Definitions(resources=build_resources(), executor=in_process_executor)

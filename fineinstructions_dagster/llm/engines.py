@@ -244,9 +244,26 @@ class VLLMEngine:
                 **options,
             )
         self._tokenizer = self._llm.get_tokenizer()
+        self.info.options["grammar_compilation"] = "sync" if self._compile_grammars_in_step() else "async"
         if current_platform.is_cpu():  # for lineage: the size vLLM used (VLLM_CPU_KVCACHE_SPACE overrides ours)
             cache_config = self._llm.llm_engine.vllm_config.cache_config
             self.info.options["cpu_kv_cache_bytes"] = cache_config.kv_cache_memory_bytes
+
+    def _compile_grammars_in_step(self) -> bool:
+        """Compile each request's JSON-schema grammar as the request is added, not in vLLM's background thread.
+        With the background thread a request joins the running batch once its grammar is ready, so which
+        requests share a forward pass (and so a greedy output) depends on thread timing: two fresh runs of the
+        genericizer agreed on half their outputs, and on all of them with this (bench-determinism), at the
+        same speed (a schema compiles once, then comes from xgrammar's cache). vLLM has no option for it (its
+        own code turns the thread off for the same reason under `external_launcher`), so the flag is set on
+        the in-process engine core; False when there is none (engine core in its own process) or the flag is
+        gone (another vLLM version), and the run is then recorded as not deterministic."""
+        client = self._llm.llm_engine.engine_core
+        manager = getattr(getattr(client, "engine_core", None), "structured_output_manager", None)
+        if manager is None or not hasattr(manager, "_use_async_grammar_compilation"):
+            return False
+        manager._use_async_grammar_compilation = False
+        return True
 
     def close(self) -> None:
         """Stop the engine now (its processes, if any) rather than at interpreter exit, and drop the model."""
@@ -449,6 +466,8 @@ class LazyEngine:
             log.info("starting %s engine for %s", self.info.backend, self.info.model)
             cls = {"vllm": VLLMEngine, "openai": OpenAIEngine, "transformers": TransformersEngine}[self.info.backend]
             self._engine = cls(*self._args, **self.info.options)
+            if "grammar_compilation" in self._engine.info.options:  # what the loaded engine could set, for lineage
+                self.info.options["grammar_compilation"] = self._engine.info.options["grammar_compilation"]
         return self._engine.generate(requests)
 
     def close(self) -> None:
@@ -460,11 +479,17 @@ class LazyEngine:
 
 def runs_deterministically(info: EngineInfo) -> bool:
     """Whether two fresh runs of this engine give the same output for the same requests (benchmarks/determinism.py):
-    transformers, whose batches are fixed by request order; vLLM one sequence at a time (`max_num_seqs=1`), not
-    vLLM batching whatever is queued; not a server, whose batching is its own."""
+    transformers, whose batches are fixed by request order; vLLM whose batches follow from the requests alone
+    (its engine core in process, grammars compiled in step: VLLMEngine._compile_grammars_in_step; until an
+    engine is loaded that is expected, then it is what the engine reports) or that runs one sequence at a time
+    (`max_num_seqs=1`); not vLLM with its own engine-core process, which takes requests as they arrive; not a
+    server, whose batching is its own."""
     if info.backend == "transformers":
         return True
-    return info.backend == "vllm" and info.options.get("max_num_seqs") == 1
+    if info.backend != "vllm":
+        return False
+    return info.options.get("max_num_seqs") == 1 or (
+        not info.options.get("multiprocessing") and info.options.get("grammar_compilation", "sync") == "sync")
 
 
 def get_engine(backend: str, model: str, revision: str | None = None, **options: Any) -> LazyEngine:

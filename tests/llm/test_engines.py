@@ -5,7 +5,13 @@ from dataclasses import replace
 
 import pytest
 
-from fineinstructions_dagster.llm.engines import GenerationRequest, SamplingConfig, get_engine, vllm_available
+from fineinstructions_dagster.llm.engines import (
+    GenerationRequest,
+    SamplingConfig,
+    get_engine,
+    runs_deterministically,
+    vllm_available,
+)
 from fineinstructions_dagster.prompts import genericize, judge
 
 SCHEMA = judge.schema(60)
@@ -43,6 +49,8 @@ def test_vllm_engine_structured_output(smoke_model):
     engine = get_engine("vllm", str(smoke_model), max_model_len=2048, gpu_memory_utilization=0.3)
     assert engine.info.backend == "vllm"
     check_outputs(engine.generate(requests(16)))
+    # the loaded engine compiles grammars in step (this vLLM still has the flag), so its runs are deterministic
+    assert engine.info.options["grammar_compilation"] == "sync" and runs_deterministically(engine.info)
 
 
 def test_openai_engine_retries_then_reports_failure():

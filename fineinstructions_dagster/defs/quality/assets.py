@@ -21,6 +21,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSelection,
+    AssetSpec,
     DataVersion,
     Failure,
     MetadataValue,
@@ -38,6 +39,7 @@ from dagster_dbt import (
 from fineinstructions_dagster.defs.automation import over_every_partition, with_its_asset
 from fineinstructions_dagster.defs.observations import FIXED_DATA_VERSION_TAG
 from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
+from fineinstructions_dagster.defs.steps import SHARD_STEP
 from fineinstructions_dagster.lib.storage import file_lock
 from fineinstructions_dagster.stages.quality import (
     SOURCE_TABLES,
@@ -52,6 +54,7 @@ QUALITY_PREFIX = "quality"  # model keys: quality/pairs, quality/templates, ... 
 QUALITY_PAIRS_KEY = AssetKey([QUALITY_PREFIX, "pairs"])
 QUALITY_SELECTION = AssetSelection.groups(QUALITY_GROUP)
 VIEW_VERSION = DataVersion("a view over its tables")
+SHARD_TABLE_KEYS = {AssetKey(t) for t in SOURCE_TABLES if t in SHARD_STEP}  # the dbt sources a shard's chain writes
 _VENV_DBT = Path(sys.executable).with_name("dbt")  # the venv's dbt, also when the venv is not on PATH
 DBT_EXECUTABLE = str(_VENV_DBT) if _VENV_DBT.exists() else "dbt"
 _PROJECT_FILES = ("dbt_project.yml", "profiles.yml", "models", "tests", "macros")
@@ -107,6 +110,18 @@ class QualityTranslator(DagsterDbtTranslator):
 
     def get_automation_condition(self, dbt_resource_props: Mapping[str, Any]):  # type: ignore[no-untyped-def]
         return over_every_partition()
+
+    def get_asset_spec(self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None) -> AssetSpec:
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        own = {d.asset_key for d in spec.deps}
+        if not unique_id.startswith("model.") or not own & SHARD_TABLE_KEYS:
+            return spec
+        # A model over one table of a shard's chain also waits for the chain's other tables: they are written one
+        # after another in one run, and its tests join them (relationships). So every model due after a chain's
+        # run is built in one dbt run once that run is done, not one run per table as each is written; a model
+        # is still due only when its own table was updated.
+        return spec.merge_attributes(deps=sorted(SHARD_TABLE_KEYS - own, key=lambda k: k.to_user_string())) \
+            .replace_attributes(automation_condition=over_every_partition(updated_by=AssetSelection.assets(*own)))
 
     def get_tags(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, str]:
         # a model is a view: what reads it (a shard's export) reads its own shard's rows, through their checks
