@@ -121,13 +121,18 @@ def pipeline(pipeline_run, smoke_model: Path, sample_inputs: Path):
 def pipeline_copy(pipeline_run, tmp_path_factory: pytest.TempPathFactory, smoke_model: Path, sample_inputs: Path):
     """A copy of the session's graph run (its root, generation cache included, and its instance) for a module
     whose tests change data or run steps again; shared by that module's tests. Yields (store, instance, run)."""
+    root, home = copy_pipeline_run(pipeline_run, tmp_path_factory.mktemp("copy"))
+    yield from _pipeline_at(root, home, pipeline_run[2], smoke_model, sample_inputs)
+
+
+def copy_pipeline_run(pipeline_run, dest: Path) -> tuple[Path, Path]:  # noqa: ANN001
+    """The session run's root and instance folder copied under `dest`: (root, instance folder)."""
     import shutil
 
-    root, home, run = pipeline_run
-    copy = tmp_path_factory.mktemp("copy")
-    shutil.copytree(root, copy / "root")
-    shutil.copytree(home, copy / "dagster_home")
-    yield from _pipeline_at(copy / "root", copy / "dagster_home", run, smoke_model, sample_inputs)
+    root, home, _ = pipeline_run
+    shutil.copytree(root, dest / "root")
+    shutil.copytree(home, dest / "dagster_home")
+    return dest / "root", dest / "dagster_home"
 
 
 @pytest.fixture

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from dagster import DagsterInstance
 
-from tests.conftest import smoke_env
+from tests.conftest import copy_pipeline_run, smoke_env
 from tests.servers import LOCATION, REPO, DagsterDev, free_port, start_dagster_dev, stop_group
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,7 +29,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = REPO / "artifacts" / "browser"
 WAIT_MS = 60_000  # per wait: the first loads of a page are slow on 2 cores
-RUN_MS = 300_000  # a launched run: queued, picked up by the daemon, a subprocess per step
+RUN_MS = 300_000  # a launched run: queued, picked up by the daemon, started in a process of its own
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,19 +39,12 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory, smoke_model, sample_inputs) -> Iterator[tuple[DagsterDev, Path]]:
-    """The real pipeline run once into a fresh instance and root, then `dagster dev` over both."""
-    from fineinstructions_dagster.runner import run_pipeline
-
-    home = tmp_path_factory.mktemp("dagster_home")
+def ui(tmp_path_factory, pipeline_run, smoke_model, sample_inputs) -> Iterator[tuple[DagsterDev, Path]]:
+    """A copy of the session's real pipeline run (its root and instance), then `dagster dev` over both with the
+    instance configuration `make dev` uses."""
+    root, home = copy_pipeline_run(pipeline_run, tmp_path_factory.mktemp("ui"))
     shutil.copy(REPO / "deploy" / "dagster.local.yaml", home / "dagster.yaml")
-    root = tmp_path_factory.mktemp("root")
     env = {"DAGSTER_HOME": str(home), **smoke_env(root, smoke_model, sample_inputs)}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        with DagsterInstance.from_config(str(home)) as instance:
-            run_pipeline(instance, log=lambda _: None)
     with start_dagster_dev(env, home / "dagster_dev.log") as server:
         yield server, root
 

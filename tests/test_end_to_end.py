@@ -91,34 +91,6 @@ def test_rerunning_a_shard_reproduces_it_exactly_from_the_cache(pipeline):
         assert store.read(table, "faq").select(ids).equals(df.select(ids)), table
 
 
-def test_a_second_fresh_run_from_an_empty_root_and_cache_gives_the_same_ids(pipeline, tmp_path, monkeypatch):
-    """Ids reproduce without the generation cache on a backend that decodes deterministically (transformers here;
-    vLLM under FINEINSTRUCTIONS_DETERMINISTIC=1): every generation of the second run is made again by the engine."""
-    from dagster import DagsterInstance
-
-    from fineinstructions_dagster.lib.storage import TableStore
-    from fineinstructions_dagster.runner import run_pipeline
-
-    store, _, _ = pipeline
-    monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(tmp_path / "fresh"))
-    (tmp_path / "home").mkdir()
-    with DagsterInstance.local_temp(str(tmp_path / "home")) as instance:
-        result = run_pipeline(instance, log=lambda _: None)
-        for stage in ("instantiations", "judgements"):  # nothing served from a cache: the engine made every output
-            records = instance.fetch_materializations(AssetKey(stage), limit=100).records
-            metas = [r.asset_materialization.metadata for r in records]
-            assert metas and all(m["cache_hits"].value == 0 < m["engine_requests"].value for m in metas), stage
-    assert not result.failures, [f.describe() for f in result.failures]
-    fresh = TableStore(str(tmp_path / "fresh"))
-    assert fresh.partitions("fineinstructions") == store.partitions("fineinstructions")
-    for table, key in (("templates", "template_id"), ("matches", "match_id"), ("instantiations", "instantiation_id"),
-                       ("judgements", "judgement_id"), ("fineinstructions", "pair_id"),
-                       ("control_judgements", "control_id")):
-        for part in store.partitions(table):
-            ids = sorted(store.read(table, part)[key])
-            assert sorted(fresh.read(table, part)[key]) == ids and ids, (table, part)
-
-
 def test_lineage_cli_json_has_the_documented_keys(pipeline, capsys):
     store, _, _ = pipeline
     pair_id = pl.read_parquet(store.glob("fineinstructions"))["pair_id"][0]

@@ -60,14 +60,12 @@ def after_dedup_of_own_shard() -> AutomationCondition:
         "own shard filtered or its removal list changed, then dedup decided")
 
 
-def over_every_partition(updated_by: AssetSelection | None = None) -> AutomationCondition:
+def over_every_partition() -> AutomationCondition:
     """A step that reads every partition of its inputs (template bank and index, bucket ranges, dedup components,
-    dbt models, report): once an input (one of `updated_by`, when given) was updated and none is in progress.
-    Unlike `eager`, a missing input partition (a shard just added, or whose filter failed) does not hold everyone
-    else back, and being missing itself is no reason to run (before the first source or shard there is nothing
-    to summarise)."""
-    updated = AutomationCondition.any_deps_updated()
-    return ((updated.allow(updated_by) if updated_by is not None else updated).since_last_handled()
+    dbt models, report): once an input was updated and none is in progress. Unlike `eager`, a missing input
+    partition (a shard just added, or whose filter failed) does not hold everyone else back, and being missing
+    itself is no reason to run (before the first source or shard there is nothing to summarise)."""
+    return (AutomationCondition.any_deps_updated().since_last_handled()
             & ~AutomationCondition.any_deps_in_progress()
             & ~AutomationCondition.in_progress()).with_label("an input updated, none in progress")
 

@@ -1,7 +1,11 @@
 """`fineinstructions run` SIGKILLed in the middle of `instantiations` (real vLLM engine, empty generation
 cache, a real Dagster instance on disk): the killed run keeps its `gpu` slot until the next run releases it;
 the next run completes unaided; no process of the killed run is left; and its pairs are exactly those of an
-uninterrupted run (none lost, none duplicated)."""
+uninterrupted run (none lost, none duplicated).
+
+The uninterrupted run and the killed one each start from an empty root and generation cache, so this is also
+the suite's check that two fresh vLLM runs agree: every template, match, instantiation, judgement, pair and
+control id of one is in the other (the genericizer's and the judge's outputs were all made afresh by each)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import subprocess
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
+from fineinstructions_dagster.lib.storage import TableStore
 from tests.faults.conftest import (
     CLI,
     alive,
@@ -64,3 +69,10 @@ def test_sigkill_in_instantiations_then_the_next_run_completes_with_the_same_pai
     ids = pair_ids(root)
     assert len(ids) == len(set(ids)), "a pair id is duplicated across shards"
     assert sorted(ids) == sorted(uninterrupted), "pairs lost or added against the uninterrupted run"
+    fresh, other = TableStore(str(root)), TableStore(str(clean_run[1]))
+    for table, key in (("templates", "template_id"), ("matches", "match_id"), ("instantiations", "instantiation_id"),
+                       ("judgements", "judgement_id"), ("control_judgements", "control_id")):
+        assert fresh.partitions(table) == other.partitions(table), table
+        for part in other.partitions(table):
+            expected = sorted(other.read(table, part)[key])
+            assert sorted(fresh.read(table, part)[key]) == expected and expected, (table, part)

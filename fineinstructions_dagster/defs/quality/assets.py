@@ -116,12 +116,11 @@ class QualityTranslator(DagsterDbtTranslator):
         own = {d.asset_key for d in spec.deps}
         if not unique_id.startswith("model.") or not own & SHARD_TABLE_KEYS:
             return spec
-        # A model over one table of a shard's chain also waits for the chain's other tables: they are written one
-        # after another in one run, and its tests join them (relationships). So every model due after a chain's
-        # run is built in one dbt run once that run is done, not one run per table as each is written; a model
-        # is still due only when its own table was updated.
-        return spec.merge_attributes(deps=sorted(SHARD_TABLE_KEYS - own, key=lambda k: k.to_user_string())) \
-            .replace_attributes(automation_condition=over_every_partition(updated_by=AssetSelection.assets(*own)))
+        # A model over one table of a shard's chain also depends on the chain's other tables: they are written one
+        # after another in one run, and its tests join them (relationships). With the same inputs and condition,
+        # every model over them is due at the same tick, once the chain's run is done: one dbt run after a chain,
+        # not one per table as each is written (nor a second one when a tick falls between two tables).
+        return spec.merge_attributes(deps=sorted(SHARD_TABLE_KEYS - own, key=lambda k: k.to_user_string()))
 
     def get_tags(self, dbt_resource_props: Mapping[str, Any]) -> Mapping[str, str]:
         # a model is a view: what reads it (a shard's export) reads its own shard's rows, through their checks
