@@ -45,13 +45,13 @@ def one_run(variant: dict, n_queries: int, out: Path) -> None:
     from fineinstructions_dagster.llm import engines
     from fineinstructions_dagster.llm.cache import GenerationStats
     from fineinstructions_dagster.llm.engines import close_engines, runs_deterministically
+    from fineinstructions_dagster.sample import faq_questions, find_doc_sources
+    from fineinstructions_dagster.stages.llm_calls import LLMCall
+    from fineinstructions_dagster.stages.templates import genericize_queries
 
     variant = dict(variant)
     if variant.pop("background_grammars", False):  # leave vLLM's background grammar thread on
         engines.VLLMEngine._compile_grammars_in_step = lambda self: False
-    from fineinstructions_dagster.sample import faq_questions, find_doc_sources
-    from fineinstructions_dagster.stages.llm_calls import LLMCall
-    from fineinstructions_dagster.stages.templates import genericize_queries
 
     questions = faq_questions(find_doc_sources())[:n_queries]
     queries = pl.DataFrame({"query_id": [f"q{i}" for i in range(len(questions))], "source": ["faq"] * len(questions),

@@ -452,7 +452,7 @@ class LazyEngine:
     def __init__(self, backend: str, model: str, revision: str | None, options: dict[str, Any]):
         resolved = (revision or "server") if backend == "openai" else resolve_revision(model, revision)
         self.info = EngineInfo(backend, model, resolved, dict(options))
-        self._args = (model, revision)
+        self._args, self._options = (model, revision), dict(options)  # info.options also gains what the engine reports
         self._engine: LLMEngine | None = None
 
     @property
@@ -465,7 +465,7 @@ class LazyEngine:
         if self._engine is None:
             log.info("starting %s engine for %s", self.info.backend, self.info.model)
             cls = {"vllm": VLLMEngine, "openai": OpenAIEngine, "transformers": TransformersEngine}[self.info.backend]
-            self._engine = cls(*self._args, **self.info.options)
+            self._engine = cls(*self._args, **self._options)
             if "grammar_compilation" in self._engine.info.options:  # what the loaded engine could set, for lineage
                 self.info.options["grammar_compilation"] = self._engine.info.options["grammar_compilation"]
         return self._engine.generate(requests)
