@@ -258,7 +258,7 @@ class VLLMEngine:
         own code turns the thread off for the same reason under `external_launcher`), so the flag is set on
         the in-process engine core; False when there is none (engine core in its own process) or the flag is
         gone (another vLLM version), and the run is then recorded as not deterministic."""
-        client = self._llm.llm_engine.engine_core
+        client = getattr(self._llm.llm_engine, "engine_core", None)
         manager = getattr(getattr(client, "engine_core", None), "structured_output_manager", None)
         if manager is None or not hasattr(manager, "_use_async_grammar_compilation"):
             return False
