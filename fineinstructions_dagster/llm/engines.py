@@ -253,8 +253,8 @@ class VLLMEngine:
         """Compile each request's JSON-schema grammar as the request is added, not in vLLM's background thread.
         With the background thread a request joins the running batch once its grammar is ready, so which
         requests share a forward pass (and so a greedy output) depends on thread timing: two fresh runs of the
-        genericizer agreed on half their outputs, and on all of them with this (bench-determinism), at the
-        same speed (a schema compiles once, then comes from xgrammar's cache). vLLM has no option for it (its
+        genericizer agreed on 57% of their outputs, and on all of them with this, for ~15% more time
+        (bench-determinism; a schema compiles once, then comes from xgrammar's cache). vLLM has no option for it (its
         own code turns the thread off for the same reason under `external_launcher`), so the flag is set on
         the in-process engine core; False when there is none (engine core in its own process) or the flag is
         gone (another vLLM version), and the run is then recorded as not deterministic."""
