@@ -85,7 +85,7 @@ bench-generation: smoke-models
 	$(BIN)/python benchmarks/generation.py
 
 # Do two fresh runs give the same LLM output? The demo's genericizer twice per backend variant, new engine and
-# no cache each time (~5 min).
+# no cache each time (~14 min here on 2026-12-03).
 bench-determinism: setup
 	$(BIN)/python benchmarks/determinism.py
 
