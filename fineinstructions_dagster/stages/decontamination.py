@@ -1,0 +1,213 @@
+"""Benchmark decontamination: word n-gram overlap with benchmark items, where data enters (queries, templates,
+corpus documents) and where it leaves (the final pairs' instructions and answers).
+
+A text is contaminated when it shares one normalised word n-gram (13 words by default, as NeMo Curator's task
+decontamination and the GPT-3 paper use) with an item of a benchmark. Normalisation: lower case, every separator
+character (whitespace and punctuation, `SEPARATORS`) a word boundary. The same normalisation is written in SQL for
+the dbt test over the exported pairs (dbt_quality/tests/generic/no_benchmark_overlap.sql, given `SEPARATORS` as a
+var), so both sides agree on what an n-gram is.
+
+The lookup is a hash join: every n-gram of a batch of texts is hashed from its words' hashes (Polars, no Python
+per row), tested against a bitmap of the benchmark hashes (numpy: one gather per n-gram, so that the exact join
+only sees the few per cent that may match), then semi-joined with the benchmark's n-gram hashes. The hashes are
+Polars' and stable only within one Polars version, so the stored table records the scheme it was hashed under.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.json as pajson
+
+from fineinstructions_dagster.lib.formats import InputFormatError
+
+DEFAULT_NGRAM = 13
+# Word boundaries: whitespace, ASCII punctuation and the common Unicode quotes, dashes, ellipsis and spaces.
+SEPARATORS = tuple(string.whitespace + string.punctuation) + ("“", "”", "‘", "’", "«", "»", "—", "–", "…", "\u00a0",
+                                                              "\u2009", "\u200b", "\u3000", "、", "。", "，")
+# Fields holding an item's text, found by name as the corpus reader finds its text column; string columns only.
+ITEM_TEXT_FIELDS = ("prompt", "question", "problem", "instruction", "input", "query", "context", "passage", "text",
+                    "answer", "solution", "canonical_solution", "output", "response", "completion", "target")
+ITEM_ID_FIELDS = ("task_id", "id", "question_id", "problem_id", "qid", "uid", "idx")
+BENCHMARK_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".parquet", ".arrow")
+NGRAM_SCHEMA = {"ngram_hash": pl.UInt64(), "benchmark": pl.String(), "item_id": pl.String(), "field": pl.String(),
+                "ngram": pl.String(), "hash_scheme": pl.String()}
+OVERLAP_COLUMNS = {"benchmark": pl.String(), "benchmark_item": pl.String(), "benchmark_ngram": pl.String()}
+_WORD_SEED = 0x5EED
+# One odd 64-bit multiplier per position in the n-gram (wrapping u64 arithmetic): the n-gram hash depends on order.
+_MULTIPLIERS = [((0x9E3779B97F4A7C15 * (2 * j + 1)) | 1) & 0xFFFF_FFFF_FFFF_FFFF for j in range(64)]
+_BITMAP_BITS = 28  # 32 MiB: a few per cent false candidates at 10M benchmark n-grams
+
+
+def hash_scheme(n: int) -> str:
+    """What the stored hashes mean: the n and the Polars version that hashed the words."""
+    return f"polars-{pl.__version__}/n={n}/seed={_WORD_SEED}"
+
+
+def words_expr(col: str) -> pl.Expr:
+    """The normalised words of a text column, as a list column."""
+    return (pl.col(col).fill_null("").str.to_lowercase()
+            .str.replace_many(list(SEPARATORS), [" "] * len(SEPARATORS)).str.split(" ")
+            .list.eval(pl.element().filter(pl.element() != "")))
+
+
+def ngram_hashes(df: pl.DataFrame, col: str, key: str, n: int, with_text: bool = False) -> pl.DataFrame:
+    """Every n-gram of `col` per row: (key, ngram_hash[, ngram]). Rows with fewer than n words have none."""
+    words = (df.lazy().select(key, words_expr(col).alias("_w")).explode("_w").drop_nulls("_w")
+             .with_columns(pl.col("_w").hash(_WORD_SEED).alias("_h")))
+    grams = words.with_columns(
+        pl.sum_horizontal([pl.col("_h").shift(-j) * pl.lit(_MULTIPLIERS[j], pl.UInt64) for j in range(n)])
+        .alias("ngram_hash"),
+        pl.col(key).shift(-(n - 1)).alias("_last"),  # the n-gram's last word is in the same row
+        *([pl.concat_str([pl.col("_w").shift(-j) for j in range(n)], separator=" ").alias("ngram")]
+          if with_text else []),
+    ).filter(pl.col("_last") == pl.col(key))
+    return grams.select(key, "ngram_hash", *(["ngram"] if with_text else [])).collect()
+
+
+def benchmark_name(path: str) -> str:
+    """HumanEval.jsonl.gz -> HumanEval."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in sorted(BENCHMARK_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_table(path: str, data: bytes) -> pa.Table:
+    name = path.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data))
+    if name.endswith(".arrow"):  # `datasets.save_to_disk` writes Arrow IPC streams
+        return pa.ipc.open_stream(io.BytesIO(data)).read_all()
+    if name.endswith(".gz"):
+        import gzip
+
+        data = gzip.decompress(data)
+    if data.lstrip()[:1] == b"[":  # a JSON array (`to_json(lines=False)`): small, parsed whole
+        return pa.Table.from_pylist(json.loads(data))
+    return pajson.read_json(io.BytesIO(data))
+
+
+def read_benchmark(name: str, files: list[tuple[str, bytes]]) -> tuple[pl.DataFrame, dict[str, int]]:
+    """One benchmark's items, one row per (item, text field): (benchmark, item_id, field, text); and counts
+    (items, texts). Raises InputFormatError naming the file when it cannot be read or has no text field."""
+    frames = []
+    items = 0
+    for path, data in files:
+        try:
+            table = _read_table(path, data)
+        except (pa.ArrowInvalid, json.JSONDecodeError, OSError, EOFError) as e:
+            raise InputFormatError(f"{path}: cannot read benchmark file: {e}") from e
+        df = pl.from_arrow(table)
+        assert isinstance(df, pl.DataFrame)
+        fields = [c for c in ITEM_TEXT_FIELDS if c in df.columns and df.schema[c] == pl.String]
+        if not fields:
+            raise InputFormatError(f"{path}: no text field in benchmark {name!r}; expected a string column named one "
+                                   f"of {', '.join(ITEM_TEXT_FIELDS)}, found {', '.join(df.columns)}")
+        id_col = next((c for c in ITEM_ID_FIELDS if c in df.columns), None)
+        ids = (pl.col(id_col).cast(pl.String) if id_col else
+               pl.format("{}:{}", pl.lit(Path(path).name), pl.int_range(1, pl.len() + 1)))
+        frames.append(df.select(ids.alias("item_id"), *fields)
+                      .unpivot(index="item_id", on=fields, variable_name="field", value_name="text")
+                      .drop_nulls("text"))
+        items += df.height
+    out = (pl.concat(frames) if frames else pl.DataFrame(schema={"item_id": pl.String, "field": pl.String,
+                                                                 "text": pl.String}))
+    return out.select(pl.lit(name).alias("benchmark"), "item_id", "field", "text"), {"items": items,
+                                                                                   "texts": out.height}
+
+
+def build_benchmark_ngrams(texts: pl.DataFrame, n: int = DEFAULT_NGRAM) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Benchmark texts (benchmark, item_id, field, text) -> (their distinct n-grams, NGRAM_SCHEMA; the texts
+    shorter than n words, which no n-gram can find: benchmark, item_id, field, words)."""
+    keyed = texts.with_row_index("_row")
+    grams = ngram_hashes(keyed, "text", "_row", n, with_text=True)
+    out = (grams.join(keyed.select("_row", "benchmark", "item_id", "field"), on="_row")
+           .unique(["ngram_hash", "benchmark", "item_id"], keep="first", maintain_order=True)
+           .with_columns(pl.lit(hash_scheme(n)).alias("hash_scheme")).select(list(NGRAM_SCHEMA)))
+    short = (keyed.join(grams.select("_row").unique(), on="_row", how="anti")
+             .select("benchmark", "item_id", "field", words_expr("text").list.len().alias("words")))
+    return out, short
+
+
+@dataclass
+class BenchmarkIndex:
+    """The benchmark n-gram hashes, ready for lookups: a bitmap of their top bits to discard most n-grams of a
+    text with one gather, and the distinct hashes for the exact join."""
+
+    n: int
+    hashes: pl.DataFrame  # ngram_hash (distinct)
+    bitmap: np.ndarray
+    source: pl.DataFrame | pl.LazyFrame  # NGRAM_SCHEMA rows, read only for the hashes a lookup found
+
+    @classmethod
+    def build(cls, ngrams: pl.DataFrame | pl.LazyFrame, n: int) -> BenchmarkIndex:
+        lazy = ngrams.lazy()
+        schemes = lazy.select(pl.col("hash_scheme").unique()).collect()["hash_scheme"].to_list()
+        if schemes and schemes != [hash_scheme(n)]:
+            raise ValueError(f"benchmark_ngrams was hashed as {schemes}, this process hashes as {hash_scheme(n)} "
+                             "(another Polars version or n-gram size): re-materialize benchmark_ngrams")
+        hashes = lazy.select(pl.col("ngram_hash").unique()).collect()
+        bitmap = np.zeros(1 << (_BITMAP_BITS - 3), dtype=np.uint8)
+        top = hashes["ngram_hash"].to_numpy() >> np.uint64(64 - _BITMAP_BITS)
+        np.bitwise_or.at(bitmap, (top >> np.uint64(3)).astype(np.int64),
+                         np.left_shift(1, (top & np.uint64(7)).astype(np.uint8)).astype(np.uint8))
+        return cls(n, hashes, bitmap, ngrams)
+
+    @classmethod
+    def empty(cls, n: int = DEFAULT_NGRAM) -> BenchmarkIndex:
+        return cls.build(pl.DataFrame(schema=NGRAM_SCHEMA), n)
+
+    def __len__(self) -> int:
+        return self.hashes.height
+
+    def _candidates(self, grams: pl.DataFrame) -> pl.DataFrame:
+        top = grams["ngram_hash"].to_numpy() >> np.uint64(64 - _BITMAP_BITS)
+        hit = (self.bitmap[(top >> np.uint64(3)).astype(np.int64)] >> (top & np.uint64(7)).astype(np.uint8)) & 1
+        return grams.filter(pl.Series(hit.astype(bool)))
+
+    def first_overlaps(self, df: pl.DataFrame, columns: Iterable[str], key: str) -> pl.DataFrame:
+        """Per row of `df` (identified by `key`) that shares an n-gram with a benchmark in any of `columns`
+        (checked separately: no n-gram spans two columns), its first one: key, benchmark, benchmark_item,
+        benchmark_ngram. Rows without overlap are absent."""
+        schema = {key: df.schema[key], **OVERLAP_COLUMNS}
+        if not len(self) or df.height == 0:
+            return pl.DataFrame(schema=schema)
+        found = []
+        for order, col in enumerate(columns):
+            grams = ngram_hashes(df.select(key, col), col, key, self.n)
+            cands = self._candidates(grams.with_row_index("_pos"))
+            if cands.height:
+                # the (small) candidates are the join's build side; the benchmark hashes probe it
+                hits = cands.join(self.hashes.join(cands.select("ngram_hash"), on="ngram_hash", how="semi"),
+                                  on="ngram_hash", how="semi")
+                found.append(hits.with_columns(pl.lit(order).alias("_col")))
+        if not found:
+            return pl.DataFrame(schema=schema)
+        first = pl.concat(found).sort("_col", "_pos").unique(key, keep="first", maintain_order=True)
+        detail = (self.source.lazy().filter(pl.col("ngram_hash").is_in(first["ngram_hash"].unique().implode()))
+                  .sort("benchmark", "item_id").unique("ngram_hash", keep="first")
+                  .select("ngram_hash", "benchmark", pl.col("item_id").alias("benchmark_item"),
+                          pl.col("ngram").alias("benchmark_ngram")).collect())
+        return first.join(detail, on="ngram_hash", how="left").sort("_col", "_pos").select(list(schema))
+
+
+def mark_overlaps(df: pl.DataFrame, index: BenchmarkIndex, columns: Iterable[str], key: str,
+                  only: pl.Expr | None = None) -> pl.DataFrame:
+    """`df` with OVERLAP_COLUMNS: the first benchmark n-gram each row shares (null where none); only rows where
+    `only` holds are looked up (e.g. those no cheaper rule rejected)."""
+    todo = df.filter(only) if only is not None else df
+    found = index.first_overlaps(todo, columns, key)
+    return df.drop([c for c in OVERLAP_COLUMNS if c in df.columns]).join(found, on=key, how="left",
+                                                                       maintain_order="left")

