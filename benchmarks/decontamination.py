@@ -98,6 +98,14 @@ def prepare(scratch: Path, n_pairs: int, n_items: int, n_planted: int, seed: int
                 .mean().item()), 1)}
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in MB: VmHWM (ru_maxrss would also count the parent's, kept across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def lookup(scratch: Path, batch: int) -> dict:
     """In a fresh process: the index from the stored n-grams, then every pair in batches, as the pairs stage does."""
     import polars as pl
@@ -117,7 +125,7 @@ def lookup(scratch: Path, batch: int) -> dict:
         found.append(out.filter(pl.col("benchmark").is_not_null()).select("pair_id", "benchmark"))
         pairs += df.height
     lookup_s = time.perf_counter() - t0
-    peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # before the reference below
+    peak_rss_mb = peak_rss()  # before the reference below
     hits = pl.concat(found)
     planted = pl.read_parquet(scratch / "planted.parquet")
     planted_found = hits.join(planted, on="pair_id", how="semi").height

@@ -185,9 +185,10 @@ class BenchmarkIndex:
         if schemes and schemes != [hash_scheme(n)]:
             raise ValueError(f"benchmark_ngrams was hashed as {schemes}, this process hashes as {hash_scheme(n)} "
                              "(another Polars version or n-gram size): re-materialize benchmark_ngrams")
+        # one item per hash, the first in the table's order (build_benchmark_ngrams writes it deterministically)
         items = (lazy.select("ngram_hash", pl.col("benchmark").cast(pl.Categorical),
                              pl.col("item_id").cast(pl.Categorical).alias("benchmark_item"))
-                 .sort("ngram_hash", "benchmark", "benchmark_item").unique("ngram_hash", keep="first").collect())
+                 .unique("ngram_hash", keep="first").collect())
         bitmap = np.zeros(1 << (_BITMAP_BITS - 3), dtype=np.uint8)
         top = items["ngram_hash"].to_numpy() >> np.uint64(64 - _BITMAP_BITS)
         np.bitwise_or.at(bitmap, (top >> np.uint64(3)).astype(np.int64),
@@ -217,9 +218,9 @@ class BenchmarkIndex:
         for order, col in enumerate(columns):
             grams = ngram_hashes(df.select(key, col), col, key, self.n).with_row_index("_pos")
             cands = self._candidates(grams)
-            if cands.height:
-                # the (small) candidates are the join's build side; the benchmark hashes probe it
-                hits = self.items.join(cands, on="ngram_hash", how="inner")
+            # the (small) candidates are the join's build side; the benchmark hashes probe it
+            hits = self.items.join(cands, on="ngram_hash", how="inner") if cands.height else cands.clear()
+            if hits.height:
                 found.append(hits.with_columns(pl.lit(order).alias("_col"), pl.lit(col).alias("_column")))
         if not found:
             return pl.DataFrame(schema=schema)

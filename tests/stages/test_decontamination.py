@@ -148,3 +148,11 @@ def test_a_benchmark_folder_one_benchmark_per_file_or_subfolder_and_humaneval_bu
     (tmp_path / "gsm8k.jsonl").write_text('{"question": "q2", "answer": "a"}\n{"question": "q3"}\n')
     after = benchmark_versions(found)
     assert [k for k in before if before[k] != after[k]] == ["gsm8k"]
+
+
+def test_candidates_the_bitmap_lets_through_that_are_no_benchmark_hash_are_not_overlaps():
+    index = index_of(("b/1", ITEM))
+    index.bitmap[:] = 255  # every n-gram a candidate: only the exact join may decide
+    df = pl.DataFrame({"id": ["a", "b"], "text": [" ".join(f"w{i}" for i in range(40)), ITEM]})
+    assert mark_overlaps(df, index, ["text"], "id")["benchmark_item"].to_list() == [None, "b/1"]
+    assert mark_overlaps(df.head(1), index, ["text"], "id")["benchmark_item"].to_list() == [None]
