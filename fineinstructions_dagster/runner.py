@@ -33,6 +33,7 @@ from fineinstructions_dagster.defs.settings import observe_settings
 from fineinstructions_dagster.defs.staleness import partitions_of, stale_reasons
 from fineinstructions_dagster.defs.steps import (
     BANK_STEP,
+    BENCHMARK_STEP,
     DEDUP_STEP,
     EXPORT_STEP,
     FILTER_STEP,
@@ -45,8 +46,8 @@ from fineinstructions_dagster.lib.storage import UNPARTITIONED
 from fineinstructions_dagster.llm.engines import hold_engines
 
 # The steps, as the jobs define them (re-exported: tests and benchmarks import them from here).
-__all__ = ["BANK_STEP", "DEDUP_STEP", "EXPORT_STEP", "FILTER_STEP", "QUALITY_STEP", "QUERY_STEP", "REPORT_STEP",
-           "SHARD_STEP", "PipelineRun", "run_pipeline"]
+__all__ = ["BANK_STEP", "BENCHMARK_STEP", "DEDUP_STEP", "EXPORT_STEP", "FILTER_STEP", "QUALITY_STEP", "QUERY_STEP",
+           "REPORT_STEP", "SHARD_STEP", "PipelineRun", "run_pipeline"]
 
 
 @dataclass
@@ -202,6 +203,8 @@ def run_pipeline(instance: DagsterInstance, log: Callable[[str], None] = print,
         log(f"-> {name}" + (f" [{partition}]" if partition else "") + f": skipped ({because} failed)")
 
     with hold_engines():  # one model load for the whole graph, closed at the end whatever happens
+        # first, so the decontaminating steps read its index (failed: each builds it from the files, or fails)
+        step("benchmarks", BENCHMARK_STEP, outputs=[("benchmark_ngrams", None)])
         templated = [s for s in sources if step("queries", QUERY_STEP, s, outputs=[("templates", s)])]
         indexed = bool(templated) and step("template_index", BANK_STEP, outputs=[("template_bank", None)])
         filtered = [s for s in shards if step("filter", FILTER_STEP, s,

@@ -73,6 +73,20 @@ def sample_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def benchmarks_storage(tmp_path_factory: pytest.TempPathFactory):
+    """A StorageResource whose root holds `benchmark_ngrams` built for the benchmarks in force (the builtin
+    HumanEval): what the input sensors wait for before they add a source or shard."""
+    from dagster import materialize
+
+    from fineinstructions_dagster.defs.decontamination.assets import benchmark_ngrams
+    from fineinstructions_dagster.defs.resources import StorageResource, build_resources
+
+    storage = StorageResource(root=str(tmp_path_factory.mktemp("benchmarks_root")))
+    assert materialize([benchmark_ngrams], resources={**build_resources(), "storage": storage}).success
+    return storage
+
+
 def smoke_env(root: Path, smoke_model: Path, sample_inputs: Path) -> dict[str, str]:
     """The environment of a smoke-profile run over the offline sample with the smoke model (transformers)."""
     return {"FINEINSTRUCTIONS_ROOT": str(root), "FINEINSTRUCTIONS_QUERIES": str(sample_inputs / "queries"),

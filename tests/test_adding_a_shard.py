@@ -87,6 +87,7 @@ def test_a_new_shard_runs_alone_and_its_copies_of_older_documents_are_removed(tm
     # A third run with nothing new runs nothing.
     third = run_pipeline(instance, log=lambda _: None)
     assert third.ok and materializations(instance) == after
-    # queries, index, 3 filters, dedup, 3 chains, quality, 3 exports, report: all current
-    assert len(third.current) == 14 and {"dedup", "quality", "report", "shard [howto]"} <= set(third.current)
+    # benchmarks, queries, index, 3 filters, dedup, 3 chains, quality, 3 exports, report: all current
+    assert len(third.current) == 15 and {"benchmarks", "dedup", "quality", "report", "shard [howto]"} <= set(
+        third.current)
 

@@ -83,6 +83,7 @@ def built():
         instance.add_dynamic_partitions("query_source", ["python_faq"])
         for stage in STAGES:  # the sensors' first tick observes every stage's settings
             _settings(instance, stage.key, "1")
+        _mat(instance, "benchmark_ngrams")  # benchmark_sensor's, before the input sensors add anything
         for asset in ("user_queries", "templates"):
             _mat(instance, asset, "python_faq")
         _mat(instance, "template_bank")
@@ -253,3 +254,17 @@ def test_a_replaced_input_file_reruns_its_own_first_steps_only(built):
     result = evaluate_automation_conditions(defs, instance, cursor=result.cursor,
                                             asset_selection=AssetSelection.assets("user_queries", "templates"))
     assert requested(result) == {}
+
+
+def test_a_new_benchmark_file_reruns_exactly_the_decontaminating_steps_and_what_follows(built):
+    instance, cursor = built
+    # what benchmark_sensor does when a benchmark file was added: the settings' new version, then the n-grams
+    _settings(instance, "decontamination_settings", "2")
+    _mat(instance, "benchmark_ngrams")
+    result = evaluate_automation_conditions(defs, instance, cursor=cursor)
+    # the steps that read benchmark_ngrams, and nothing else yet: no matching, generation, judging, dbt or export
+    # (a shard whose filter removes a document runs its chain after dedup, as for a re-filtered shard)
+    assert requested(result) == {"user_queries": {"python_faq"}, "templates": {"python_faq"},
+                                 **{a: {"faq", "tutorial"} for a in [*FILTER, "fineinstructions", "control_outcomes"]}}
+    again = evaluate_automation_conditions(defs, instance, cursor=result.cursor)
+    assert requested(again) == {}

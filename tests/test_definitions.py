@@ -10,7 +10,7 @@ from fineinstructions_dagster.defs.partitions import PARTITIONS_PER_RUN
 from fineinstructions_dagster.defs.resources import InputsResource, build_resources
 from fineinstructions_dagster.defs.settings import STAGES
 
-ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filtered_documents",
+ASSETS = {"benchmark_ngrams", "user_queries", "templates", "template_bank", "template_index", "filtered_documents",
           "document_signatures", "document_bands", "duplicate_edges", "document_clusters", "documents", "matches",
           "instantiations", "judgements", "control_judgements", "fineinstructions", "control_outcomes",
           "export_chat", "export_packed", "dataset_report"} | {
@@ -18,7 +18,8 @@ ASSETS = {"user_queries", "templates", "template_bank", "template_index", "filte
 # observed, never materialized: the input files and each shard's dedup removal list (partitioned), each stage's
 # settings (not)
 SOURCES = {"query_files", "corpus_files", "removal_lists"}
-SETTINGS = {"query_filter_settings", "genericizer_settings", "template_index_settings", "document_filter_settings",
+SETTINGS = {"decontamination_settings", "query_filter_settings", "genericizer_settings", "template_index_settings",
+            "document_filter_settings",
             "dedup_settings", "matching_settings", "instantiation_settings", "judging_settings", "gate_settings",
             "export_settings"}
 
@@ -39,12 +40,53 @@ def test_every_asset_is_defined_with_its_partitions_and_pool():
     assert all(s.description for s in specs.values())
 
 
+def test_new_inputs_wait_for_benchmark_ngrams_which_its_sensor_requests_once_per_benchmarks_version(tmp_path):
+    from dagster import materialize
+
+    from fineinstructions_dagster.defs.decontamination.assets import benchmark_ngrams
+    from fineinstructions_dagster.defs.decontamination.sensors import benchmark_sensor
+    from fineinstructions_dagster.defs.resources import StorageResource
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "shard-a.jsonl").write_text("")
+    resources = {**build_resources(), "storage": StorageResource(root=str(tmp_path / "root")),
+                 "inputs": InputsResource(queries_dir=str(tmp_path), corpus_dir=str(tmp_path / "corpus"))}
+    with DagsterInstance.ephemeral() as instance:
+        def tick(sensor):  # noqa: ANN001, ANN202
+            with build_sensor_context(instance=instance, resources=resources) as context:
+                result = sensor(context)
+            for event in getattr(result, "asset_events", None) or []:
+                instance.report_runless_asset_event(event)
+            return result
+
+        waiting = tick(corpus_shard_sensor)
+        assert "waiting for benchmark_ngrams" in waiting.skip_reason.skip_message and not waiting.run_requests
+        assert not instance.get_dynamic_partitions("corpus_shard")  # nothing added yet
+        request = tick(benchmark_sensor)
+        assert [r.asset_selection for r in request.run_requests] == [[benchmark_ngrams.key]]
+        assert {e.asset_key.to_user_string() for e in request.asset_events} <= {"decontamination_settings"}
+        assert materialize([benchmark_ngrams], instance=instance, resources=resources).success
+        assert "is current" in tick(benchmark_sensor).skip_message
+        assert [r.partition_key for r in tick(corpus_shard_sensor).run_requests] == ["shard-a"]
+        # a benchmark file added: a new version, so benchmark_ngrams again (a new run key), and new inputs wait
+        bench = tmp_path / "benchmarks"
+        bench.mkdir()
+        (bench / "mini.jsonl").write_text('{"id": "m/1", "question": "' + " ".join(f"w{i}" for i in range(20)) + '"}\n')
+        resources["inputs"] = InputsResource(queries_dir=str(tmp_path), corpus_dir=str(tmp_path / "corpus"),
+                                             benchmarks_dir=str(bench))
+        again = tick(benchmark_sensor)
+        assert again.run_requests[0].run_key != request.run_requests[0].run_key
+        assert [e.asset_key.to_user_string() for e in again.asset_events] == ["decontamination_settings"]
+
+
 def test_jobs_schedules_and_sensors_load():
-    for job in ("queries_job", "template_index_job", "filter_job", "dedup_job", "shard_job", "report_job",
+    for job in ("benchmarks_job", "queries_job", "template_index_job", "filter_job", "dedup_job", "shard_job",
+                "report_job",
                 "lineage_job"):
         assert defs.resolve_job_def(job)
     sensors = {s.name: s for s in defs.sensors}
-    assert set(sensors) == {"corpus_shard_sensor", "query_source_sensor", "automation_sensor", "scheduled_backfill"}
+    assert set(sensors) == {"benchmark_sensor", "corpus_shard_sensor", "query_source_sensor", "automation_sensor",
+                            "scheduled_backfill"}
     # nothing runs by itself on a laptop until asked: the eager automation and the nightly backfill are stopped
     assert {n for n, s in sensors.items() if s.default_status == DefaultSensorStatus.STOPPED} == {
         "automation_sensor", "scheduled_backfill"}
@@ -60,7 +102,7 @@ def test_llm_assets_batch_partitions_per_backfill_run_and_summaries_automate():
     graph = defs.resolve_asset_graph()
     automated = {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition}
     # everything (a sensor's first steps again when their input files were replaced)
-    assert automated == ASSETS
+    assert automated == ASSETS - {"benchmark_ngrams"}  # its sensor's, with automation on or off
 
 
 def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_failed_checks():
@@ -100,13 +142,14 @@ def test_a_run_over_several_partitions_keeps_each_partitions_metadata_and_names_
     assert results[0].check_results[0].metadata["failed_partitions"].value == "b"
 
 
-def test_shard_sensor_adds_one_partition_per_new_file_and_observes_a_replaced_one(tmp_path):
+def test_shard_sensor_adds_one_partition_per_new_file_and_observes_a_replaced_one(tmp_path, benchmarks_storage):
     (tmp_path / "shard-a.parquet").write_bytes(b"")
     (tmp_path / "shard-b.jsonl").write_text("")
     with DagsterInstance.ephemeral() as instance:
         def tick():  # noqa: ANN202 - a SensorResult or SkipReason; the daemon records its observations
             inputs = InputsResource(queries_dir=str(tmp_path), corpus_dir=str(tmp_path))
-            with build_sensor_context(instance=instance, resources={**build_resources(), "inputs": inputs}) as context:
+            with build_sensor_context(instance=instance, resources={**build_resources(), "inputs": inputs,
+                                                                    "storage": benchmarks_storage}) as context:
                 result = corpus_shard_sensor(context)
             for event in getattr(result, "asset_events", None) or []:
                 instance.report_runless_asset_event(event)

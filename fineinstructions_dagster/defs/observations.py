@@ -25,13 +25,18 @@ from dagster import (
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG  # the tag Dagster reads a data version from
 
+from fineinstructions_dagster.defs.decontamination.assets import (
+    BENCHMARK_NGRAMS,
+    benchmarks_version,
+    stored_benchmarks_version,
+)
 from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists, input_data_versions, query_sources
 from fineinstructions_dagster.defs.partitions import (
     add_new_partitions,
     corpus_shard_partitions,
     query_source_partitions,
 )
-from fineinstructions_dagster.defs.resources import InputsResource
+from fineinstructions_dagster.defs.resources import InputsResource, StorageResource
 from fineinstructions_dagster.defs.settings import changed_settings_observations
 
 QUERY_FILES = "query_files"
@@ -103,17 +108,22 @@ def observe_inputs(instance: DagsterInstance, found: dict[str, dict[str, list[st
 
 
 def input_sensor_tick(context: SensorEvaluationContext, source: InputSource, inputs: InputsResource,
-                      assets: list[str], settings: dict[str, Any]) -> SensorResult | SkipReason:
+                      storage: StorageResource, assets: list[str],
+                      settings: dict[str, Any]) -> SensorResult | SkipReason:
     """One tick of an input folder's sensor: a partition and a first run for each new input, and the observations
     of inputs whose files changed and of stages whose `settings` (resources by name) changed, recorded before any
-    run it requests."""
+    run it requests. New inputs wait while `benchmark_ngrams` is not built for the benchmark files in force (its
+    sensor is building it): their first step decontaminates against it."""
     folder = source.folder(inputs)
     if not folder_exists(folder):  # local or s3://: waited for, not an error
         return SkipReason(f"{source.asset} folder {folder} does not exist")
     found = source.discover(folder)
-    return add_new_partitions(context, found, source.partitions, assets,
-                              [*changed_observations(context.instance, source.asset, found),
-                               *changed_settings_observations(context.instance, settings)])
+    observations = [*changed_observations(context.instance, source.asset, found),
+                    *changed_settings_observations(context.instance, {**settings, "inputs": inputs})]
+    if stored_benchmarks_version(storage.store()) != benchmarks_version(settings["pipeline"], inputs):
+        return SensorResult(asset_events=observations, skip_reason=f"waiting for {BENCHMARK_NGRAMS} to be built for "
+                                                                   "the benchmark files in force (benchmark_sensor)")
+    return add_new_partitions(context, found, source.partitions, assets, observations)
 
 
 def _observable(source: InputSource, group: str, description: str) -> AssetsDefinition:

@@ -72,7 +72,7 @@ def scheduled_backfill(context: SensorEvaluationContext, inputs: InputsResource,
         if partitions:
             context.log.info(f"{asset}: new or changed {', '.join(partitions)}")
     settings = {"pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
-                "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance}
+                "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance, "inputs": inputs}
     for key in observe_settings(context.instance, settings):
         context.log.info(f"{key}: changed")
     graph = context.repository_def.asset_graph

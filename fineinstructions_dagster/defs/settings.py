@@ -31,8 +31,10 @@ from dagster import (
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
+from fineinstructions_dagster.defs.inputs import benchmark_sources, benchmark_versions
 from fineinstructions_dagster.defs.resources import (
     EmbedderResource,
+    InputsResource,
     LLMResource,
     PipelineResource,
     RelevanceResource,
@@ -73,6 +75,13 @@ def _plain(value: Any) -> Any:
 
 def settings_version(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(_plain(values), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _decontamination(pipeline: PipelineResource, inputs: InputsResource) -> dict[str, Any]:
+    cfg = pipeline.config().decontamination
+    found, _ = benchmark_sources(inputs.benchmarks(), cfg.builtin)
+    # the benchmark files' versions: a benchmark file added, replaced or removed changes what is decontaminated
+    return {"decontamination": cfg, "benchmarks": benchmark_versions(found)}
 
 
 def _queries(pipeline: PipelineResource) -> dict[str, Any]:
@@ -144,6 +153,7 @@ def _export(pipeline: PipelineResource, instantiator_llm: LLMResource) -> dict[s
             "max_control_kept_share": cfg.max_control_kept_share, "control_check_blocks": cfg.control_check_blocks}
 
 
+DECONTAMINATION_SETTINGS = StageSettings("decontamination_settings", "decontamination", _decontamination)
 QUERY_SETTINGS = StageSettings("query_filter_settings", "queries", _queries)
 TEMPLATE_SETTINGS = StageSettings("genericizer_settings", "templates", _templates)
 INDEX_SETTINGS = StageSettings("template_index_settings", "matching", _index)
@@ -154,8 +164,8 @@ INSTANTIATION_SETTINGS = StageSettings("instantiation_settings", "instantiation"
 JUDGING_SETTINGS = StageSettings("judging_settings", "judging", _judging)
 GATE_SETTINGS = StageSettings("gate_settings", "pairs", _gates)
 EXPORT_SETTINGS = StageSettings("export_settings", "export", _export)
-STAGES = (QUERY_SETTINGS, TEMPLATE_SETTINGS, INDEX_SETTINGS, FILTER_SETTINGS, DEDUP_SETTINGS, MATCHING_SETTINGS,
-          INSTANTIATION_SETTINGS, JUDGING_SETTINGS, GATE_SETTINGS, EXPORT_SETTINGS)
+STAGES = (DECONTAMINATION_SETTINGS, QUERY_SETTINGS, TEMPLATE_SETTINGS, INDEX_SETTINGS, FILTER_SETTINGS,
+          DEDUP_SETTINGS, MATCHING_SETTINGS, INSTANTIATION_SETTINGS, JUDGING_SETTINGS, GATE_SETTINGS, EXPORT_SETTINGS)
 RESOURCE_KEYS = sorted({k for stage in STAGES for k in stage.resource_keys()})
 
 
@@ -165,11 +175,13 @@ def _observation(stage: StageSettings, resources: Mapping[str, Any]) -> AssetObs
                             metadata={"settings": MetadataValue.json(_plain(values))})
 
 
-def changed_settings_observations(instance: DagsterInstance, resources: Mapping[str, Any]) -> list[AssetObservation]:
-    """An observation for each stage whose settings' version differs from the one last observed (or was never
-    observed): what the sensors record on a tick, and the runner and the scheduled backfill before they plan."""
+def changed_settings_observations(instance: DagsterInstance, resources: Mapping[str, Any],
+                                  stages: tuple[StageSettings, ...] = ()) -> list[AssetObservation]:
+    """An observation for each stage (of `stages`; all by default) whose settings' version differs from the one
+    last observed (or was never observed): what the sensors record on a tick, and the runner and the scheduled
+    backfill before they plan."""
     out = []
-    for stage in STAGES:
+    for stage in stages or STAGES:
         event = _observation(stage, resources)
         if last_settings_version(instance, stage) != event.tags[DATA_VERSION_TAG]:
             out.append(event)

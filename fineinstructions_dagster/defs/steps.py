@@ -5,6 +5,7 @@ from dagster import AssetSelection
 
 from fineinstructions_dagster.defs.documents.assets import FILTER_ASSETS
 
+BENCHMARK_STEP = ["benchmark_ngrams"]  # the benchmark items' n-grams, before anything is decontaminated
 QUERY_STEP = ["user_queries", "templates"]  # per query source
 BANK_STEP = ["template_bank", "template_index"]
 FILTER_STEP = FILTER_ASSETS  # per corpus shard: one pass writes the filtered table, signatures and band rows

@@ -23,6 +23,13 @@ KINDS = {"p": "pair", "d": "document", "t": "template", "q": "query", "m": "matc
 SHARD_TABLES = {"match": "matches", "instantiation": "instantiations", "judgement": "judgements"}
 
 
+def _overlap(row: dict[str, Any]) -> str:
+    """What a row removed for a benchmark overlap shares with which item ('' for other rows)."""
+    if not row.get("benchmark"):
+        return ""
+    return f": shares “{row.get('benchmark_ngram')}” with {row['benchmark']} item {row.get('benchmark_item')}"
+
+
 class Explorer:
     def __init__(self, store: TableStore):
         self.store = store
@@ -134,7 +141,8 @@ class Explorer:
         filtered = self.one("filtered_documents", "doc_id", doc_id, shard=shard, quarantine=True)
         if filtered:
             return [f"filtered out by the rule `{filtered['reason']}`" + (f": {filtered['detail']}"
-                                                                        if filtered.get("detail") else "")]
+                                                                        if filtered.get("detail") else "")
+                    + _overlap(filtered)]
         removed = self.one("documents", "doc_id", doc_id, shard=shard, quarantine=True)
         if removed:
             return [f"removed as `{removed['reason']}` of document {removed.get('duplicate_of')} (shard "
@@ -156,10 +164,11 @@ class Explorer:
                                                         shard=shard)}
         if judged:
             marks = ", ".join("?" for _ in judged)
-            for r in self.rows("fineinstructions", f"judgement_id IN ({marks})", sorted(judged),
-                               "judgement_id, reason, judge_score, grounding", shard=shard, quarantine=True):
+            for r in self.rows("fineinstructions", f"judgement_id IN ({marks})", sorted(judged), "*", shard=shard,
+                               quarantine=True):
+                grounding = "-" if r.get("grounding") is None else f"{r['grounding']:.2f}"
                 out.append(f"pair of judgement {r['judgement_id']} not selected: `{r['reason']}` (judge score "
-                           f"{r['judge_score']}, grounding {r['grounding']:.2f})")
+                           f"{r['judge_score']}, grounding {grounding})" + _overlap(r))
         return out or ["no reason recorded (the shard's later steps have not run yet?)"]
 
     def template(self, template_id: str) -> dict[str, Any]:

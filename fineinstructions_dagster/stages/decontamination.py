@@ -28,11 +28,15 @@ import pyarrow as pa
 import pyarrow.json as pajson
 
 from fineinstructions_dagster.lib.formats import InputFormatError
+from fineinstructions_dagster.lib.stats import StageStats
 
 DEFAULT_NGRAM = 13
 # Word boundaries: whitespace, ASCII punctuation and the common Unicode quotes, dashes, ellipsis and spaces.
 SEPARATORS = tuple(string.whitespace + string.punctuation) + ("“", "”", "‘", "’", "«", "»", "—", "–", "…", "\u00a0",
                                                               "\u2009", "\u200b", "\u3000", "、", "。", "，")
+# The separators as one RE2 character class of \x{..} escapes (no quote or brace to escape in SQL or Jinja): the
+# dbt test's normalisation (var benchmark_separators).
+SEPARATOR_CLASS = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in SEPARATORS) + "]"
 # Fields holding an item's text, found by name as the corpus reader finds its text column; string columns only.
 ITEM_TEXT_FIELDS = ("prompt", "question", "problem", "instruction", "input", "query", "context", "passage", "text",
                     "answer", "solution", "canonical_solution", "output", "response", "completion", "target")
@@ -244,3 +248,35 @@ def mark_overlaps(df: pl.DataFrame, index: BenchmarkIndex, columns: Iterable[str
     found = index.first_overlaps(todo, columns, key)
     return df.drop([c for c in OVERLAP_COLUMNS if c in df.columns]).join(found, on=key, how="left",
                                                                        maintain_order="left")
+
+
+OVERLAP_REASON = "benchmark_overlap"
+
+
+def remove_overlaps(kept: pl.DataFrame, index: BenchmarkIndex | None, columns: Iterable[str], key: str,
+                    stats: StageStats | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(the rows of `kept` that share no n-gram with a benchmark, in their order; the others with `reason`
+    benchmark_overlap and OVERLAP_COLUMNS: the benchmark, item id and n-gram of the first overlap). `key`: a
+    column unique in `kept`. `stats` (the stage's, already balanced): those rows move from kept to dropped, and
+    their count per benchmark goes to its extra entries. No index: nothing removed."""
+    if index is None or kept.height == 0:
+        return kept, kept.clear().with_columns(pl.lit(None, pl.String).alias("reason"),
+                                               *[pl.lit(None, t).alias(c) for c, t in OVERLAP_COLUMNS.items()])
+    found = index.first_overlaps(kept, columns, key)
+    removed = kept.join(found, on=key, how="inner", maintain_order="left").with_columns(
+        pl.lit(OVERLAP_REASON).alias("reason"))
+    clean = kept.join(found.select(key), on=key, how="anti", maintain_order="left")
+    if stats is not None:
+        stats.kept -= removed.height
+        stats.drop(OVERLAP_REASON, removed.height)
+        stats.extra.update(overlap_counts(removed))
+        stats.check_balanced()
+    return clean, removed
+
+
+def overlap_counts(rejected: pl.DataFrame) -> dict[str, int]:
+    """Rows removed for overlap, per benchmark, as metadata entries (benchmark_overlap/<benchmark>)."""
+    if "benchmark" not in rejected.columns:
+        return {}
+    hits = rejected.filter(pl.col("reason") == OVERLAP_REASON).group_by("benchmark").len().sort("benchmark")
+    return {f"{OVERLAP_REASON}/{b}": int(n) for b, n in hits.iter_rows()}

@@ -19,6 +19,7 @@ from fineinstructions_dagster.config import DocumentFilterConfig
 from fineinstructions_dagster.lib.formats import ReadReport, iter_text_batches, malformed_frame
 from fineinstructions_dagster.lib.ids import content_id_expr
 from fineinstructions_dagster.lib.stats import StageStats
+from fineinstructions_dagster.stages.decontamination import BenchmarkIndex, remove_overlaps
 from fineinstructions_dagster.stages.dedup import DECISION_SCHEMA, MinhashConfig, shard_signatures
 
 DOCUMENT_SCHEMA: dict[str, pl.DataType] = {
@@ -142,9 +143,11 @@ def rejection_reason(cfg: DocumentFilterConfig) -> pl.Expr:
 
 
 def filter_documents(
-    raw: pl.DataFrame, shard: str, cfg: DocumentFilterConfig, run_id: str = ""
+    raw: pl.DataFrame, shard: str, cfg: DocumentFilterConfig, run_id: str = "",
+    benchmarks: BenchmarkIndex | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
-    """One batch of a shard -> (kept documents, rejected documents with `reason`, stats)."""
+    """One batch of a shard -> (kept documents, rejected documents with `reason`, stats). A document every rule
+    kept that shares an n-gram with a `benchmarks` item is removed last (`benchmark_overlap`, naming the item)."""
     stats = StageStats(total=raw.height)
     df = document_features(remove_boilerplate_lines(raw.with_columns(pl.col("text").fill_null("")),
                                                     cfg.boilerplate_line_pattern))
@@ -182,7 +185,8 @@ def filter_documents(
     stats.kept = kept.height
     stats.extra["boilerplate_lines_removed_docs"] = int((df["boilerplate_line_fraction"] > 0).sum())
     stats.check_balanced()
-    return kept, rejected, stats
+    kept, overlapping = remove_overlaps(kept, benchmarks, ["text"], "doc_id", stats)
+    return kept, pl.concat([rejected, overlapping], how="diagonal_relaxed"), stats
 
 
 @dataclass
@@ -199,7 +203,8 @@ class PreparedShard:
 
 
 def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minhash: MinhashConfig,
-                  scratch: Path, run_id: str = "", batch_rows: int = 20_000) -> PreparedShard:
+                  scratch: Path, run_id: str = "", batch_rows: int = 20_000,
+                  benchmarks: BenchmarkIndex | None = None) -> PreparedShard:
     """Stream a shard's files batch by batch: filter, compute MinHash signatures of the survivors, write
     each batch's kept / signature / rejected rows as part files under `scratch` (memory stays at one
     batch). Bad input lines (malformed JSON, invalid UTF-8, text not a string) are counted by reason and
@@ -215,7 +220,7 @@ def prepare_shard(files: list[str], shard: str, cfg: DocumentFilterConfig, minha
         if batch is None:
             break
         t0 = time.perf_counter()
-        kept, rejected, stats = filter_documents(batch, shard, cfg, run_id)
+        kept, rejected, stats = filter_documents(batch, shard, cfg, run_id, benchmarks)
         out.seconds["filter"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         sig, bands = shard_signatures(kept["doc_id"], kept["text_hash"], kept["text"].to_list(), minhash)

@@ -12,6 +12,12 @@ import polars as pl
 from fineinstructions_dagster.lib.ids import content_id_expr
 from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.stages.decontamination import (
+    OVERLAP_COLUMNS,
+    OVERLAP_REASON,
+    BenchmarkIndex,
+    remove_overlaps,
+)
 
 PAIR_COLUMNS = [
     "pair_id", "instruction", "answer", "judge_score", "grounding", "relevance", "relevance_baseline",
@@ -80,10 +86,11 @@ class Gates:
 
 def select_pairs(
     judgements: pl.DataFrame, instantiations: pl.DataFrame, matches: pl.DataFrame, documents: pl.DataFrame,
-    bank: pl.DataFrame, gates: Gates, run_id: str = "",
+    bank: pl.DataFrame, gates: Gates, run_id: str = "", benchmarks: BenchmarkIndex | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
-    """Join every stage's row for each judged pair and apply the final gates. Returns (pairs, rejected
-    with reason, stats)."""
+    """Join every stage's row for each judged pair and apply the final gates; last, a pair whose instruction or
+    answer shares an n-gram with a `benchmarks` item is removed (`benchmark_overlap`, naming the item). Returns
+    (pairs, rejected with reason, stats)."""
     stats = StageStats(total=judgements.height)
     # No early return for an empty shard: the same joins over the (typed) empty inputs give the same column
     # types as a full shard, so dbt and the report read every shard alike.
@@ -118,8 +125,11 @@ def select_pairs(
     stats.drop_counts(rejected["reason"])
     stats.kept = pairs.height
     stats.check_balanced()
-    return pairs, rejected.select("judgement_id", "instantiation_id", "reason", "judge_score", "grounding",
-                                  "relevance", "relevance_margin"), stats
+    pairs, overlapping = remove_overlaps(pairs, benchmarks, ["instruction", "answer"], "pair_id", stats)
+    reported = ["judgement_id", "instantiation_id", "reason", "judge_score", "grounding", "relevance",
+                "relevance_margin"]
+    return pairs, pl.concat([rejected.select(reported), overlapping.select(*reported, *OVERLAP_COLUMNS)],
+                            how="diagonal_relaxed"), stats
 
 
 CONTROL_OUTCOME_COLUMNS = [
@@ -197,6 +207,24 @@ def dataset_report(pairs: pl.DataFrame) -> dict[str, object]:
 
 QUARANTINED_TABLES = ("user_queries", "templates", "filtered_documents", "documents", "instantiations", "judgements",
                       "fineinstructions")
+
+
+def benchmark_overlap_counts(store: TableStore) -> dict[str, dict[str, int]]:
+    """Rows removed for sharing an n-gram with a benchmark, by table and benchmark, across every partition."""
+    out: dict[str, dict[str, int]] = {}
+    con = duckdb.connect()
+    for table in QUARANTINED_TABLES:
+        source = store.glob_if_any(table, quarantine=True)
+        if source is None:
+            continue
+        rel = con.execute("SELECT * FROM read_parquet(?, union_by_name=true) LIMIT 0", [source])
+        if "benchmark" not in [d[0] for d in rel.description]:
+            continue
+        rows = con.execute("SELECT benchmark, count(*) FROM read_parquet(?, union_by_name=true) WHERE reason = ? "
+                           "GROUP BY benchmark ORDER BY benchmark", [source, OVERLAP_REASON]).fetchall()
+        if rows:
+            out[table] = {str(b): int(n) for b, n in rows}
+    return out
 
 
 def rejection_counts(store: TableStore) -> dict[str, dict[str, int]]:

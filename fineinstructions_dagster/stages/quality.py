@@ -4,6 +4,7 @@ dbt imports."""
 from __future__ import annotations
 
 from fineinstructions_dagster.config import PipelineConfig
+from fineinstructions_dagster.stages.decontamination import SEPARATOR_CLASS
 
 # The judge's Likert scale: stages/judging.py (parse_score) keeps only whole scores in 1..5.
 JUDGE_SCALE = (1, 5)
@@ -20,7 +21,7 @@ SOURCE_TABLES = ("fineinstructions", "template_bank", "user_queries", "documents
                  "judgements", "control_judgements")
 
 
-def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int]:
+def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int | str]:
     """The `--vars` of `dbt build` for a run's settings: the dataset-level gates (each pair carries the judge and
     grounding thresholds it was selected under, and the tests read those)."""
     return {
@@ -28,6 +29,8 @@ def dbt_vars(cfg: PipelineConfig) -> dict[str, float | int]:
         "judge_max_score": JUDGE_SCALE[1],
         "max_template_share": float(cfg.max_template_share),
         "template_share_min_pairs": TEMPLATE_SHARE_MIN_PAIRS,
+        "benchmark_ngram": cfg.decontamination.ngram,
+        "benchmark_separators": SEPARATOR_CLASS,
     }
 
 

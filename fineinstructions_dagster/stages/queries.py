@@ -9,6 +9,7 @@ import polars as pl
 from fineinstructions_dagster.config import QueryFilterConfig
 from fineinstructions_dagster.lib.ids import content_id_expr
 from fineinstructions_dagster.lib.stats import StageStats
+from fineinstructions_dagster.stages.decontamination import BenchmarkIndex, remove_overlaps
 
 QUERY_COLUMNS = ["query_id", "source", "source_file", "source_row", "source_id", "text", "run_id"]
 
@@ -18,9 +19,10 @@ def _normalised(col: str) -> pl.Expr:
 
 
 def clean_queries(
-    raw: pl.DataFrame, source: str, cfg: QueryFilterConfig, run_id: str = ""
+    raw: pl.DataFrame, source: str, cfg: QueryFilterConfig, run_id: str = "", benchmarks: BenchmarkIndex | None = None
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
-    """Return (kept queries, rejected rows with `reason`, stats). Every input row is accounted for."""
+    """Return (kept queries, rejected rows with `reason`, stats). Every input row is accounted for. A query that
+    shares an n-gram with a `benchmarks` item is removed last (`benchmark_overlap`, naming the item)."""
     stats = StageStats(total=raw.height)
     df = raw.with_columns(_normalised("text").alias("text"))
     words = pl.col("text").str.count_matches(r"\S+")
@@ -55,4 +57,6 @@ def clean_queries(
     ).with_columns(content_id_expr("query", "source", "text").alias("query_id")).select(QUERY_COLUMNS)
     stats.kept = kept.height
     stats.check_balanced()
-    return kept, rejected.with_columns(pl.lit(source).alias("source")), stats
+    kept, overlapping = remove_overlaps(kept, benchmarks, ["text"], "query_id", stats)
+    rejected = pl.concat([rejected.with_columns(pl.lit(source).alias("source")), overlapping], how="diagonal_relaxed")
+    return kept, rejected, stats

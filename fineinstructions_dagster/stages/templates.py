@@ -12,6 +12,7 @@ from fineinstructions_dagster.lib.ids import content_id
 from fineinstructions_dagster.lib.stats import StageStats
 from fineinstructions_dagster.llm.engines import GenerationRequest, GenerationResult, SamplingConfig
 from fineinstructions_dagster.prompts import genericize
+from fineinstructions_dagster.stages.decontamination import BenchmarkIndex, remove_overlaps
 from fineinstructions_dagster.stages.llm_calls import (
     GENERATION_SCHEMA,
     QUARANTINE_EXTRA,
@@ -91,10 +92,12 @@ def normalise_template(template: str) -> str:
 def genericize_queries(
     queries: pl.DataFrame, llm: LLMCall, sampling: SamplingConfig, max_template_chars: int,
     max_description_chars: int, run_id: str = "", prompt_format: str = "instruct",
+    benchmarks: BenchmarkIndex | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """Return (valid templates, quarantined outputs with reason and raw output, stats). `prompt_format`:
     `instruct` (our prompt + JSON schema, for general instruct models) or `query_templatizer` (the released
-    model's convention: the bare query in, JSON out; no schema, its output is parsed and validated)."""
+    model's convention: the bare query in, JSON out; no schema, its output is parsed and validated). A template
+    or description that shares an n-gram with a `benchmarks` item is quarantined (`benchmark_overlap`)."""
     if prompt_format not in genericize.FORMATS:
         raise ValueError(f"genericizer prompt_format must be one of {genericize.FORMATS}, got {prompt_format!r}")
     released = prompt_format == "query_templatizer"
@@ -134,7 +137,11 @@ def genericize_queries(
                 "compatible_document_description": description, "n_slots": len(_SLOT.findall(template))}, reason
 
     kept, quarantined = run_generation_stage(rows, requests, llm, version, sampling, identify, interpret, stats)
-    return frame(kept, TEMPLATE_SCHEMA), frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), stats
+    templates, overlapping = remove_overlaps(frame(kept, TEMPLATE_SCHEMA), benchmarks,
+                                             ["template", "compatible_document_description"], "genericization_id",
+                                             stats)
+    return templates, pl.concat([frame(quarantined, BASE_SCHEMA | QUARANTINE_EXTRA), overlapping],
+                                how="diagonal_relaxed"), stats
 
 
 def canonical_template_expr(col: str = "template") -> pl.Expr:

@@ -28,6 +28,7 @@ from fineinstructions_dagster.defs.automation import (
     input_files_replaced,
     over_every_partition,
 )
+from fineinstructions_dagster.defs.decontamination.assets import BENCHMARK_NGRAMS, load_index
 from fineinstructions_dagster.defs.inputs import corpus_shards, log_skipped_inputs, skipped_metadata
 from fineinstructions_dagster.defs.metadata import explore_links, for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.observations import (
@@ -83,16 +84,19 @@ def current_signature_versions(context: AssetExecutionContext, store: TableStore
     return signature_versions(store, [s for s in store.partitions(SIGNATURES) if s in known])
 
 
+FILTER_DEPS = [CORPUS_FILES, FILTER_SETTINGS.key, BENCHMARK_NGRAMS]
+
+
 @multi_asset(
     specs=[AssetSpec("filtered_documents", group_name="documents", kinds={"polars", "parquet"},
-                     code_version=FILTER_CODE, deps=[CORPUS_FILES, FILTER_SETTINGS.key],
+                     code_version=FILTER_CODE, deps=FILTER_DEPS,
                      automation_condition=input_files_replaced(),
                      description="A corpus shard after the quality filters; dropped documents in quarantine."),
            AssetSpec(SIGNATURES, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
-                     deps=[CORPUS_FILES, FILTER_SETTINGS.key], automation_condition=input_files_replaced(),
+                     deps=FILTER_DEPS, automation_condition=input_files_replaced(),
                      description="MinHash signature of every filtered document (doc_key, 120 x uint32)."),
            AssetSpec(BANDS, group_name="documents", kinds={"numpy", "parquet"}, code_version=FILTER_CODE,
-                     deps=[CORPUS_FILES, FILTER_SETTINGS.key], automation_condition=input_files_replaced(),
+                     deps=FILTER_DEPS, automation_condition=input_files_replaced(),
                      description="LSH band rows (bucket, band, key, doc_key) of the shard, sorted by bucket.")],
     partitions_def=corpus_shard_partitions, name="filtered_documents",
     check_specs=[AssetCheckSpec(FILTERED_IDS_UNIQUE, asset="filtered_documents",
@@ -100,8 +104,9 @@ def current_signature_versions(context: AssetExecutionContext, store: TableStore
 def filtered_documents(context: AssetExecutionContext, storage: StorageResource, inputs: InputsResource,
                        pipeline: PipelineResource):  # noqa: ANN201 - a generator of MaterializeResults
     """One corpus shard streamed in batches through boilerplate-line removal, Gopher quality and repetition
-    rules, language ID and the domain blocklist; MinHash signatures and LSH band rows of the survivors are
-    stored beside them for cross-shard dedup. Dropped documents go to quarantine with their reason."""
+    rules, language ID, the domain blocklist and benchmark decontamination; MinHash signatures and LSH band rows
+    of the survivors are stored beside them for cross-shard dedup. Dropped documents go to quarantine with their
+    reason (a benchmark overlap with the benchmark, item id and n-gram)."""
     cfg = pipeline.config()
     shard = context.partition_key
     found = corpus_shards(inputs.corpus())
@@ -109,9 +114,10 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
         raise FileNotFoundError(f"corpus shard {shard!r}: no input file for it in {inputs.corpus()}")
     skipped = log_skipped_inputs(context.log, inputs.corpus())
     store = storage.store()
+    benchmarks, index_metadata = load_index(store, pipeline, inputs)
     with store.scratch(f"filtered_documents-{shard}") as scratch:
         out = prepare_shard(found[shard], shard, cfg.documents, cfg.minhash, scratch, context.run_id,
-                            cfg.document_batch_rows)
+                            cfg.document_batch_rows, benchmarks)
         if out.bands:
             with store.publish(BANDS, shard) as tmp:
                 sort_band_rows(out.bands, tmp, scratch)
@@ -130,7 +136,7 @@ def filtered_documents(context: AssetExecutionContext, storage: StorageResource,
     yield MaterializeResult(
         asset_key="filtered_documents",
         metadata=stage_metadata(out.stats, preview, ["doc_id", "url", "n_words", "language", "text"],
-                                minhash=cfg.minhash.version, **skipped_metadata(skipped),
+                                minhash=cfg.minhash.version, **skipped_metadata(skipped), **index_metadata,
                                 **{f"seconds_{k}": round(v, 3) for k, v in out.seconds.items()}),
         check_results=[AssetCheckResult(check_name=FILTERED_IDS_UNIQUE, passed=not bool(bad.item()))])
     yield MaterializeResult(asset_key=SIGNATURES, metadata={"dagster/row_count": out.stats.kept,

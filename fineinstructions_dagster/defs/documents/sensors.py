@@ -18,6 +18,7 @@ from fineinstructions_dagster.defs.resources import (
     LLMResource,
     PipelineResource,
     RelevanceResource,
+    StorageResource,
 )
 
 ASSETS = FILTER_ASSETS
@@ -25,12 +26,13 @@ ASSETS = FILTER_ASSETS
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
         asset_selection=AssetSelection.assets(*ASSETS))
-def corpus_shard_sensor(context: SensorEvaluationContext, inputs: InputsResource, pipeline: PipelineResource,
+def corpus_shard_sensor(context: SensorEvaluationContext, inputs: InputsResource, storage: StorageResource,
+                        pipeline: PipelineResource,
                         genericizer_llm: LLMResource, instantiator_llm: LLMResource, judge_llm: LLMResource,
                         embedder: EmbedderResource, relevance: RelevanceResource) -> SensorResult | SkipReason:
     """One partition per shard file (Parquet or JSON Lines) in the corpus folder; the files' and the stages'
     settings' versions where they changed (recorded before any run it requests)."""
     # (resources by name: a sensor called directly, as in tests, is given exactly its parameters)
-    return input_sensor_tick(context, INPUT_SOURCES[1], inputs, ASSETS, {
+    return input_sensor_tick(context, INPUT_SOURCES[1], inputs, storage, ASSETS, {
         "pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
         "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance})

@@ -16,6 +16,7 @@ from dagster import (
 
 from fineinstructions_dagster.config import PipelineConfig
 from fineinstructions_dagster.defs.automation import over_every_partition, shard_step
+from fineinstructions_dagster.defs.decontamination.assets import BENCHMARK_NGRAMS, load_index
 from fineinstructions_dagster.defs.metadata import (
     control_metadata,
     explore_links,
@@ -26,7 +27,7 @@ from fineinstructions_dagster.defs.metadata import (
     throughput_metadata,
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
-from fineinstructions_dagster.defs.resources import PipelineResource, StorageResource
+from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
 from fineinstructions_dagster.defs.settings import GATE_SETTINGS
 from fineinstructions_dagster.lib.chunks import (
     ChunkOutput,
@@ -44,6 +45,7 @@ from fineinstructions_dagster.stages import report as report_stage
 from fineinstructions_dagster.stages.controls import control_figures, wilson_lower_bound
 from fineinstructions_dagster.stages.pairs import (
     QUARANTINED_TABLES,
+    benchmark_overlap_counts,
     gate_controls,
     rejection_counts,
     select_pairs,
@@ -60,7 +62,7 @@ CONTROL_OUTCOMES = "control_outcomes"
 LINEAGE_ID_COLUMNS = ["pair_id", "judgement_id", "instantiation_id", "match_id", "template_id", "query_id",
                       "doc_id"]
 _COMMON = {"deps": [AssetKey("judgements"), AssetKey("control_judgements"), "instantiations", "matches", "documents",
-                    "template_bank", GATE_SETTINGS.key],
+                    "template_bank", GATE_SETTINGS.key, BENCHMARK_NGRAMS],
            "group_name": "pairs", "automation_condition": shard_step(), "code_version": CODE_VERSION}
 
 
@@ -77,7 +79,7 @@ _COMMON = {"deps": [AssetKey("judgements"), AssetKey("control_judgements"), "ins
                                             "pairs (another document's answer, or an unused passage of its own); "
                                             "blocks the export (a warning only under the smoke profile)")])
 def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
-                     pipeline: PipelineResource):  # noqa: ANN201 - yields results
+                     pipeline: PipelineResource, inputs: InputsResource):  # noqa: ANN201 - yields results
     """The instruction/answer pairs of one shard that pass every gate (judge threshold, grounding, relevance,
     validity), each with the ids of its judgement, instantiation, match, template, query and document and the
     run ids of every step; joined `chunk_rows` judgements at a time. The shard's control pairs go through the same
@@ -86,9 +88,12 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     gates = cfg.final_gates()
     store = storage.store()
     bank = store.read("template_bank").select("template_id", "template", "query_ids", "run_id")
-    # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part.
+    benchmarks, index_metadata = load_index(store, pipeline, inputs)
+    # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part; nor
+    # may a part made against other benchmark files.
     definition = definition_hash("fineinstructions", CODE_VERSION, GATE_SETTINGS.version({"pipeline": pipeline}),
-                                 bank.select("template_id", "run_id").sort("template_id").rows())
+                                 bank.select("template_id", "run_id").sort("template_id").rows(),
+                                 index_metadata["benchmarks_version"])
 
     def one(shard: str) -> list[MaterializeResult]:
         source = store.file("judgements", shard)
@@ -97,7 +102,7 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
         def process(chunk: pl.DataFrame) -> ChunkOutput:
             ids = chunk["doc_id"]  # every upstream table of the shard is sorted by doc_id: read that range only
             inst, found, docs = (rows_for(upstream[t], "doc_id", ids) for t in upstream)
-            pairs, rejected, stats = select_pairs(chunk, inst, found, docs, bank, gates, context.run_id)
+            pairs, rejected, stats = select_pairs(chunk, inst, found, docs, bank, gates, context.run_id, benchmarks)
             return ChunkOutput(pairs, rejected, stats)
 
         def process_controls(chunk: pl.DataFrame) -> ChunkOutput:
@@ -118,7 +123,7 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
         figures = shard_control_figures(store, shard)
         check = control_check(*judged_controls_kept(store, shard), cfg.max_control_kept_share,
                               cfg.control_check_blocks, shard)
-        extra = {"profile": cfg.profile}
+        extra = {"profile": cfg.profile, **index_metadata}
         if cfg.relaxed:
             extra["warning"] = cfg.describe_relaxations()
         shard_page, links = explore_links(shard)
@@ -194,6 +199,7 @@ def dataset_report(context: AssetExecutionContext, storage: StorageResource,
         else pl.DataFrame(schema={"pair_id": pl.String})
     report = build_report(pairs)
     report["rejections"] = rejection_counts(store)
+    report["benchmark_overlaps"] = benchmark_overlap_counts(store)  # table -> benchmark -> rows removed
     cfg, paper = pipeline.config(), PipelineConfig()
 
     def current(table: str) -> pl.LazyFrame | None:

@@ -4,6 +4,7 @@ import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, MaterializeResult, asset
 
 from fineinstructions_dagster.defs.automation import input_files_replaced
+from fineinstructions_dagster.defs.decontamination.assets import BENCHMARK_NGRAMS, load_index
 from fineinstructions_dagster.defs.inputs import (
     log_skipped_inputs,
     query_sources,
@@ -29,7 +30,7 @@ QUERY_ID_UNIQUE = "query_id_unique"
     backfill_policy=batched_backfill,
     group_name="queries",
     code_version=CODE_VERSION,
-    deps=[QUERY_FILES, QUERY_SETTINGS.key],
+    deps=[QUERY_FILES, QUERY_SETTINGS.key, BENCHMARK_NGRAMS],
     automation_condition=input_files_replaced(),
     kinds={"polars", "parquet"},
     check_specs=[AssetCheckSpec(QUERY_ID_UNIQUE, asset="user_queries")],
@@ -37,21 +38,23 @@ QUERY_ID_UNIQUE = "query_id_unique"
 def user_queries(context: AssetExecutionContext, storage: StorageResource, inputs: InputsResource,
                  pipeline: PipelineResource) -> MaterializeResult:
     """Real user queries from one source: whitespace-normalised, filtered by length and a blocklist,
-    exact-deduplicated. Dropped rows go to quarantine with their reason."""
+    exact-deduplicated, and none that shares an n-gram with a benchmark item. Dropped rows go to quarantine with
+    their reason."""
 
     skipped = log_skipped_inputs(context.log, inputs.queries())
+    store = storage.store()
+    benchmarks, index_metadata = load_index(store, pipeline, inputs)
 
     def one(source: str) -> MaterializeResult:
         raw, malformed = read_partition_input(query_sources(inputs.queries()), source, inputs.queries(),
                                               "query source")
-        kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id)
+        kept, rejected, stats = clean_queries(raw, source, pipeline.config().queries, context.run_id, benchmarks)
         for reason, n in malformed.group_by("reason").len().rows():  # bad lines, counted by what was wrong
             stats.count_unread(reason, n)
-        store = storage.store()
         store.write("user_queries", kept, source)
         store.write("user_queries", pl.concat([rejected, malformed], how="diagonal_relaxed"), source, quarantine=True)
         return MaterializeResult(
-            metadata=stage_metadata(stats, kept, ["query_id", "text"], **skipped_metadata(skipped)),
+            metadata=stage_metadata(stats, kept, ["query_id", "text"], **skipped_metadata(skipped), **index_metadata),
             check_results=[AssetCheckResult(check_name=QUERY_ID_UNIQUE, passed=kept["query_id"].is_unique().all())],
         )
 

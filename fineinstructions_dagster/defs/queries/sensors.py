@@ -9,6 +9,7 @@ from fineinstructions_dagster.defs.resources import (
     LLMResource,
     PipelineResource,
     RelevanceResource,
+    StorageResource,
 )
 
 ASSETS = ["user_queries", "templates"]
@@ -16,12 +17,13 @@ ASSETS = ["user_queries", "templates"]
 
 @sensor(minimum_interval_seconds=60, default_status=DefaultSensorStatus.RUNNING,
         asset_selection=AssetSelection.assets(*ASSETS))
-def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource, pipeline: PipelineResource,
+def query_source_sensor(context: SensorEvaluationContext, inputs: InputsResource, storage: StorageResource,
+                        pipeline: PipelineResource,
                         genericizer_llm: LLMResource, instantiator_llm: LLMResource, judge_llm: LLMResource,
                         embedder: EmbedderResource, relevance: RelevanceResource) -> SensorResult | SkipReason:
     """One partition per query file, or per subfolder of query files, in the queries folder; the files' and the
     stages' settings' versions where they changed (recorded before any run it requests)."""
     # (resources by name: a sensor called directly, as in tests, is given exactly its parameters)
-    return input_sensor_tick(context, INPUT_SOURCES[0], inputs, ASSETS, {
+    return input_sensor_tick(context, INPUT_SOURCES[0], inputs, storage, ASSETS, {
         "pipeline": pipeline, "genericizer_llm": genericizer_llm, "instantiator_llm": instantiator_llm,
         "judge_llm": judge_llm, "embedder": embedder, "relevance": relevance})

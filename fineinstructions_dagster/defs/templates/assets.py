@@ -10,10 +10,11 @@ from dagster import (
 )
 
 from fineinstructions_dagster.defs.automation import input_files_replaced, over_every_partition
+from fineinstructions_dagster.defs.decontamination.assets import BENCHMARK_NGRAMS, load_index
 from fineinstructions_dagster.defs.metadata import for_each_partition, stage_metadata
 from fineinstructions_dagster.defs.partitions import batched_backfill, query_source_partitions
 from fineinstructions_dagster.defs.queries.assets import user_queries
-from fineinstructions_dagster.defs.resources import LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.resources import InputsResource, LLMResource, PipelineResource, StorageResource
 from fineinstructions_dagster.defs.settings import TEMPLATE_SETTINGS
 from fineinstructions_dagster.lib.versions import code_version
 from fineinstructions_dagster.llm.cache import GenerationStats
@@ -32,7 +33,7 @@ BANK_IDS_RESOLVE = "template_ids_unique_with_source_queries"
 @asset(
     partitions_def=query_source_partitions,
     backfill_policy=batched_backfill,
-    deps=[user_queries, TEMPLATE_SETTINGS.key],
+    deps=[user_queries, TEMPLATE_SETTINGS.key, BENCHMARK_NGRAMS],
     automation_condition=input_files_replaced(),  # its query source's files replaced, user_queries re-made
     group_name="templates", code_version=CODE_VERSION,
     kinds={"vllm", "parquet"},
@@ -40,11 +41,13 @@ BANK_IDS_RESOLVE = "template_ids_unique_with_source_queries"
     check_specs=[AssetCheckSpec(TEMPLATES_HAVE_SLOTS, asset="templates")],
 )
 def templates(context: AssetExecutionContext, storage: StorageResource, genericizer_llm: LLMResource,
-              pipeline: PipelineResource) -> MaterializeResult:
+              pipeline: PipelineResource, inputs: InputsResource) -> MaterializeResult:
     """The genericizer's template and compatible document description for each query; outputs that
-    do not parse or validate go to quarantine with the reason and the raw model output."""
+    do not parse or validate, or share an n-gram with a benchmark item, go to quarantine with the reason (and the
+    raw model output, or the benchmark item)."""
     cfg = pipeline.config()
     store = storage.store()
+    benchmarks, index_metadata = load_index(store, pipeline, inputs)
 
     def one(source: str) -> MaterializeResult:
         queries = store.read("user_queries", source)
@@ -53,14 +56,15 @@ def templates(context: AssetExecutionContext, storage: StorageResource, generici
             kept, quarantined, stats = genericize_queries(queries, llm, cfg.genericizer_sampling,
                                                           cfg.max_template_chars, cfg.max_description_chars,
                                                           context.run_id,
-                                                          cfg.format_for("genericizer", llm.engine.info.model))
+                                                          cfg.format_for("genericizer", llm.engine.info.model),
+                                                          benchmarks)
         store.write("templates", kept, source)
         store.write("templates", quarantined, source, quarantine=True)
         return MaterializeResult(
             metadata=stage_metadata(stats, kept, ["template_id", "query_id", "template",
                                                   "compatible_document_description"],
                                     model=llm.engine.info.model, profile=cfg.profile,
-                                    llm_deterministic=runs_deterministically(llm.engine.info)),
+                                    llm_deterministic=runs_deterministically(llm.engine.info), **index_metadata),
             check_results=[AssetCheckResult(check_name=TEMPLATES_HAVE_SLOTS,
                                             passed=bool(kept.height == 0 or kept["n_slots"].min() >= 1))],
         )
