@@ -4,12 +4,12 @@ corpus documents) and where it leaves (the final pairs' instructions and answers
 A text is contaminated when it shares one normalised word n-gram (13 words by default, as NeMo Curator's task
 decontamination and the GPT-3 paper use) with an item of a benchmark. Normalisation: lower case, every separator
 character (whitespace and punctuation, `SEPARATORS`) a word boundary. The same normalisation is written in SQL for
-the dbt test over the exported pairs (dbt_quality/tests/generic/no_benchmark_overlap.sql, given `SEPARATORS` as a
-var), so both sides agree on what an n-gram is.
+the dbt test over the exported pairs (dbt_quality/tests/generic/no_benchmark_overlap.sql, given `SEPARATOR_CLASS`
+as a var), so both sides agree on what an n-gram is.
 
 The lookup is a hash join: every n-gram of a batch of texts is hashed from its words' hashes (Polars, no Python
 per row), tested against a bitmap of the benchmark hashes (numpy: one gather per n-gram, so that the exact join
-only sees the few per cent that may match), then semi-joined with the benchmark's n-gram hashes. The hashes are
+only sees the few per cent that may match), then joined with the benchmark's n-gram hashes. The hashes are
 Polars' and stable only within one Polars version, so the stored table records the scheme it was hashed under.
 """
 

@@ -84,6 +84,43 @@ class Gates:
                 pl.lit(self.min_fill_in_answer, pl.Float64).alias("selected_min_fill_in_answer")]
 
 
+@dataclass(frozen=True)
+class DocumentBudgets:
+    """How much of the dataset one document may supply, applied to the pairs that pass every gate: its best-judged
+    pairs first (judge score, then grounding, then relevance, then pair id), at most `max_pairs` of them, and no
+    more tokens of instructions and answers than `max_token_ratio` times the document's own. 0: no cap."""
+
+    max_pairs: int = 0
+    max_token_ratio: float = 0.0
+
+    @property
+    def on(self) -> bool:
+        return self.max_pairs > 0 or self.max_token_ratio > 0
+
+
+def over_document_budgets(pairs: pl.DataFrame, pair_tokens: pl.Series, document_tokens: pl.DataFrame,
+                          budgets: DocumentBudgets) -> pl.DataFrame:
+    """Per pair (pair_id): `pair_tokens` (its instruction's and answer's tokens, aligned with `pairs`), the
+    document's tokens (`document_tokens`: doc_id, document_tokens) and the reason it is over a budget, or null:
+    `over_pairs_per_document` past the first max_pairs of its document, `over_document_tokens` once the pairs
+    before it and itself hold more tokens than max_token_ratio x the document's. Ranked best first, so the pairs
+    kept are the best of their document and the cut is a prefix (tokens only grow)."""
+    ranked = (pairs.select("pair_id", "doc_id", "judge_score", "grounding", "relevance")
+              .with_columns(pair_tokens.alias("pair_tokens"))
+              .join(document_tokens, on="doc_id", how="left")
+              .sort(["doc_id", "judge_score", "grounding", "relevance", "pair_id"],
+                    descending=[False, True, True, True, False], nulls_last=True))
+    rank = pl.int_range(1, pl.len() + 1).over("doc_id")
+    tokens_so_far = pl.col("pair_tokens").cum_sum().over("doc_id")
+    reason = (pl.when(pl.lit(budgets.max_pairs > 0) & (rank > budgets.max_pairs))
+              .then(pl.lit("over_pairs_per_document"))
+              .when(pl.lit(budgets.max_token_ratio > 0)
+                    & (tokens_so_far > pl.col("document_tokens") * budgets.max_token_ratio))
+              .then(pl.lit("over_document_tokens"))
+              .otherwise(pl.lit(None, pl.String)))
+    return ranked.select("pair_id", "pair_tokens", "document_tokens", reason.alias("reason"))
+
+
 def select_pairs(
     judgements: pl.DataFrame, instantiations: pl.DataFrame, matches: pl.DataFrame, documents: pl.DataFrame,
     bank: pl.DataFrame, gates: Gates, run_id: str = "", benchmarks: BenchmarkIndex | None = None,

@@ -95,6 +95,7 @@ def test_the_unsupported_file_is_listed_in_the_run_metadata(bad_run):
 
 
 def test_a_batched_run_records_the_partitions_that_succeeded(tmp_path, sample_inputs, monkeypatch):
+    from fineinstructions_dagster.defs.decontamination.assets import benchmark_ngrams
     from fineinstructions_dagster.defs.queries.assets import user_queries
     from fineinstructions_dagster.defs.resources import build_resources
 
@@ -104,6 +105,7 @@ def test_a_batched_run_records_the_partitions_that_succeeded(tmp_path, sample_in
     monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(tmp_path / "root"))
     monkeypatch.setenv("FINEINSTRUCTIONS_QUERIES", str(queries))
     with DagsterInstance.ephemeral() as instance:
+        assert materialize([benchmark_ngrams], instance=instance, resources=build_resources()).success
         instance.add_dynamic_partitions("query_source", ["broken", "python_faq"])
         result = materialize([user_queries], instance=instance, resources=build_resources(), raise_on_error=False,
                              tags={"dagster/asset_partition_range_start": "broken",

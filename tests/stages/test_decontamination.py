@@ -156,3 +156,4 @@ def test_candidates_the_bitmap_lets_through_that_are_no_benchmark_hash_are_not_o
     df = pl.DataFrame({"id": ["a", "b"], "text": [" ".join(f"w{i}" for i in range(40)), ITEM]})
     assert mark_overlaps(df, index, ["text"], "id")["benchmark_item"].to_list() == [None, "b/1"]
     assert mark_overlaps(df.head(1), index, ["text"], "id")["benchmark_item"].to_list() == [None]
+
