@@ -215,12 +215,15 @@ class BenchmarkIndex:
         """Per row of `df` (identified by `key`, unique) that shares an n-gram with a benchmark in any of
         `columns` (checked separately: no n-gram spans two columns), its first one: key, benchmark,
         benchmark_item, benchmark_ngram. Rows without overlap are absent."""
+        columns = list(columns)
         schema = {key: df.schema[key], **OVERLAP_COLUMNS}
         if not len(self) or df.height == 0:
             return pl.DataFrame(schema=schema)
+        # rows by an integer index: n-gram boundaries are found by comparing it, cheaper than a string key
+        rows = df.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_r"), key, *columns)
         found = []
         for order, col in enumerate(columns):
-            grams = ngram_hashes(df.select(key, col), col, key, self.n).with_row_index("_pos")
+            grams = ngram_hashes(rows.select("_r", col), col, "_r", self.n).with_row_index("_pos")
             cands = self._candidates(grams)
             # the (small) candidates are the join's build side; the benchmark hashes probe it
             hits = self.items.join(cands, on="ngram_hash", how="inner") if cands.height else cands.clear()
@@ -228,14 +231,15 @@ class BenchmarkIndex:
                 found.append(hits.with_columns(pl.lit(order).alias("_col"), pl.lit(col).alias("_column")))
         if not found:
             return pl.DataFrame(schema=schema)
-        first = pl.concat(found).sort("_col", "_pos").unique(key, keep="first", maintain_order=True)
+        first = pl.concat(found).sort("_col", "_pos").unique("_r", keep="first", maintain_order=True)
         # the n-gram's text, from the rows it was found in (few): their n-grams again, with the words
         texts = pl.concat([
-            ngram_hashes(df.join(part.select(key), on=key, how="semi").select(key, col), col, key, self.n,
+            ngram_hashes(rows.join(part.select("_r"), on="_r", how="semi").select("_r", col), col, "_r", self.n,
                          with_text=True).with_columns(pl.lit(col).alias("_column"))
             for part in first.partition_by("_column") for col in [part["_column"][0]]])
-        texts = texts.unique([key, "ngram_hash", "_column"], keep="first")
-        return (first.join(texts, on=[key, "ngram_hash", "_column"], how="left").sort("_col", "_pos")
+        texts = texts.unique(["_r", "ngram_hash", "_column"], keep="first")
+        return (first.join(texts, on=["_r", "ngram_hash", "_column"], how="left")
+                .join(rows.select("_r", key), on="_r", how="left").sort("_col", "_pos")
                 .select(key, pl.col("benchmark").cast(pl.String), pl.col("benchmark_item").cast(pl.String),
                         pl.col("ngram").alias("benchmark_ngram")))
 
