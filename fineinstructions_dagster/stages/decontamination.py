@@ -19,6 +19,7 @@ import io
 import json
 import string
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ _WORD_SEED = 0x5EED
 # One odd 64-bit multiplier per position in the n-gram (wrapping u64 arithmetic): the n-gram hash depends on order.
 _MULTIPLIERS = [((0x9E3779B97F4A7C15 * (2 * j + 1)) | 1) & 0xFFFF_FFFF_FFFF_FFFF for j in range(64)]
 _BITMAP_BITS = 28  # 32 MiB: a few per cent false candidates at 10M benchmark n-grams
+_ROWS_PER_THREAD = 5_000  # below this a thread's start costs more than it saves
 
 
 def hash_scheme(n: int) -> str:
@@ -211,6 +213,15 @@ class BenchmarkIndex:
         hit = (self.bitmap[(top >> np.uint64(3)).astype(np.int64)] >> (top & np.uint64(7)).astype(np.uint8)) & 1
         return grams.filter(pl.Series(hit.astype(bool)))
 
+    def _hits(self, rows: pl.DataFrame, col: str) -> pl.DataFrame:
+        """The n-grams of `col` (rows by `_r`) that are a benchmark's: _pos (order within these rows), _r,
+        ngram_hash, benchmark, benchmark_item."""
+        grams = ngram_hashes(rows.select("_r", col), col, "_r", self.n).with_row_index("_pos")
+        cands = self._candidates(grams)
+        # the (small) candidates are the join's build side; the benchmark hashes probe it
+        return self.items.join(cands, on="ngram_hash", how="inner") if cands.height else \
+            cands.join(self.items, on="ngram_hash", how="inner")
+
     def first_overlaps(self, df: pl.DataFrame, columns: Iterable[str], key: str) -> pl.DataFrame:
         """Per row of `df` (identified by `key`, unique) that shares an n-gram with a benchmark in any of
         `columns` (checked separately: no n-gram spans two columns), its first one: key, benchmark,
@@ -221,17 +232,20 @@ class BenchmarkIndex:
             return pl.DataFrame(schema=schema)
         # rows by an integer index: n-gram boundaries are found by comparing it, cheaper than a string key
         rows = df.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("_r"), key, *columns)
+        # Polars splits one string column on one thread: slices of rows on every thread (1.6x on 2 cores)
+        k = max(1, min(pl.thread_pool_size(), rows.height // _ROWS_PER_THREAD))
+        step = -(-rows.height // k)
+        slices = [rows.slice(i * step, step) for i in range(k)]
         found = []
-        for order, col in enumerate(columns):
-            grams = ngram_hashes(rows.select("_r", col), col, "_r", self.n).with_row_index("_pos")
-            cands = self._candidates(grams)
-            # the (small) candidates are the join's build side; the benchmark hashes probe it
-            hits = self.items.join(cands, on="ngram_hash", how="inner") if cands.height else cands.clear()
-            if hits.height:
-                found.append(hits.with_columns(pl.lit(order).alias("_col"), pl.lit(col).alias("_column")))
+        with ThreadPoolExecutor(k) as pool:
+            for order, col in enumerate(columns):
+                for hits in pool.map(lambda part, c=col: self._hits(part, c), slices):
+                    if hits.height:
+                        found.append(hits.with_columns(pl.lit(order).alias("_col"), pl.lit(col).alias("_column")))
         if not found:
             return pl.DataFrame(schema=schema)
-        first = pl.concat(found).sort("_col", "_pos").unique("_r", keep="first", maintain_order=True)
+        # per row, its first overlap: the first column, then the first position in the row
+        first = pl.concat(found).sort("_col", "_r", "_pos").unique("_r", keep="first", maintain_order=True)
         # the n-gram's text, from the rows it was found in (few): their n-grams again, with the words
         texts = pl.concat([
             ngram_hashes(rows.join(part.select("_r"), on="_r", how="semi").select("_r", col), col, "_r", self.n,
@@ -239,7 +253,7 @@ class BenchmarkIndex:
             for part in first.partition_by("_column") for col in [part["_column"][0]]])
         texts = texts.unique(["_r", "ngram_hash", "_column"], keep="first")
         return (first.join(texts, on=["_r", "ngram_hash", "_column"], how="left")
-                .join(rows.select("_r", key), on="_r", how="left").sort("_col", "_pos")
+                .join(rows.select("_r", key), on="_r", how="left").sort("_r")
                 .select(key, pl.col("benchmark").cast(pl.String), pl.col("benchmark_item").cast(pl.String),
                         pl.col("ngram").alias("benchmark_ngram")))
 
