@@ -8,6 +8,8 @@ is missing or was built for other files, and the input sensors hold new sources 
 step ever runs against benchmarks other than those in force; one that would (a step launched by hand) fails,
 naming what to materialize first."""
 
+from pathlib import Path
+
 import polars as pl
 from dagster import (
     AssetExecutionContext,
@@ -42,7 +44,7 @@ def benchmark_texts(pipeline: PipelineResource, inputs: InputsResource) -> tuple
     found, skipped = benchmark_sources(inputs.benchmarks(), cfg.builtin)
     frames, counts = [], {}
     for name, files in found.items():
-        texts, n = read_benchmark(name, [(f, open(local_input(f), "rb").read()) for f in files])
+        texts, n = read_benchmark(name, [(f, Path(local_input(f)).read_bytes()) for f in files])
         frames.append(texts)
         counts[name] = {"files": len(files), **n}
     empty = pl.DataFrame(schema={"benchmark": pl.String, "item_id": pl.String, "field": pl.String, "text": pl.String})
@@ -79,11 +81,13 @@ def benchmark_ngrams(context: AssetExecutionContext, storage: StorageResource, p
     words, which no n-gram can find, go to quarantine (`shorter_than_ngram`). Also read by the dbt test that no
     exported pair overlaps a benchmark."""
     cfg = pipeline.config().decontamination
+    # the version before the files are read: a file replaced meanwhile leaves it older than the files, so the
+    # sensor builds again, never the other way round
+    version = benchmarks_version(pipeline, inputs)
     texts, counts, skipped = benchmark_texts(pipeline, inputs)
     for s in skipped:
         context.log.warning(f"benchmark folder: not read: {s.path}: {s.reason}")
     ngrams, short = build_benchmark_ngrams(texts, cfg.ngram)
-    version = benchmarks_version(pipeline, inputs)
     store = storage.store()
     with store.publish(BENCHMARK_NGRAMS) as tmp:  # the version inside the file: the two cannot disagree
         ngrams.write_parquet(tmp, compression="zstd", statistics=True, metadata={VERSION_KEY: version})
