@@ -85,7 +85,7 @@ def _model_resolves(name: str, offline: bool) -> str | None:
 def problems() -> list[str]:
     """Every problem found with the current settings (environment), one line each; empty when a run can start."""
     from fineinstructions_dagster.config import PROFILES, profile_config
-    from fineinstructions_dagster.defs.inputs import corpus_shards, folder_exists, query_sources
+    from fineinstructions_dagster.defs.inputs import benchmark_sources, corpus_shards, folder_exists, query_sources
     from fineinstructions_dagster.defs.resources import ROLES, LLMResource, env_value
 
     out: list[str] = []
@@ -100,6 +100,16 @@ def problems() -> list[str]:
                            ".ndjson)")
         except Exception as e:  # noqa: BLE001 - e.g. no S3 credentials: said, not raised
             out.append(f"{var}: cannot list {folder}: {type(e).__name__}: {e}")
+    benchmarks = env_value("FINEINSTRUCTIONS_BENCHMARKS")  # optional: empty is the builtin HumanEval only
+    if benchmarks:
+        try:
+            if not folder_exists(benchmarks):
+                out.append(f"FINEINSTRUCTIONS_BENCHMARKS: the benchmark folder {benchmarks} does not exist")
+            elif not benchmark_sources(benchmarks, ())[0]:
+                out.append(f"FINEINSTRUCTIONS_BENCHMARKS: no benchmark files in {benchmarks} (readable: .jsonl[.gz], "
+                           ".json[.gz], .ndjson, .parquet, .arrow)")
+        except Exception as e:  # noqa: BLE001 - said, not raised
+            out.append(f"FINEINSTRUCTIONS_BENCHMARKS: cannot list {benchmarks}: {type(e).__name__}: {e}")
     profile = env_value("FINEINSTRUCTIONS_PROFILE")
     try:
         profile_config(profile)

@@ -26,6 +26,7 @@ def test_a_run_with_bad_settings_stops_in_seconds_naming_each_problem(tmp_path, 
     env = {**smoke_env(tmp_path / "root", smoke_model, sample_inputs),
            "FINEINSTRUCTIONS_QUERIES": str(tmp_path / "no-such-folder"),
            "FINEINSTRUCTIONS_CORPUS": str(tmp_path / "empty"),
+           "FINEINSTRUCTIONS_BENCHMARKS": str(tmp_path / "no-benchmarks"),
            "FINEINSTRUCTIONS_JUDGE_MODEL": str(tmp_path / "no-such-model"),
            "FINEINSTRUCTIONS_INSTANTIATOR_MODEL": "someone/not-downloaded-model"}
     proc, seconds = _run(env, tmp_path)
@@ -34,6 +35,7 @@ def test_a_run_with_bad_settings_stops_in_seconds_naming_each_problem(tmp_path, 
     assert "Traceback" not in err
     assert f"FINEINSTRUCTIONS_QUERIES: the query folder {tmp_path / 'no-such-folder'} does not exist" in err
     assert f"FINEINSTRUCTIONS_CORPUS: no corpus shard files in {tmp_path / 'empty'}" in err
+    assert f"FINEINSTRUCTIONS_BENCHMARKS: the benchmark folder {tmp_path / 'no-benchmarks'} does not exist" in err
     assert (f"judge model '{tmp_path / 'no-such-model'}' (set by FINEINSTRUCTIONS_JUDGE_MODEL): no such folder"
             in err)
     assert ("instantiator model 'someone/not-downloaded-model' (set by FINEINSTRUCTIONS_INSTANTIATOR_MODEL): not in "
@@ -53,6 +55,10 @@ def test_good_settings_have_no_problem(monkeypatch, smoke_model, sample_inputs, 
     for k, v in smoke_env(tmp_path / "root", smoke_model, sample_inputs).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert problems() == []
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "gsm8k.jsonl").write_text('{"question": "q"}\n')
+    monkeypatch.setenv("FINEINSTRUCTIONS_BENCHMARKS", str(tmp_path / "benchmarks"))
     assert problems() == []
 
 

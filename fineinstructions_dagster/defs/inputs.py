@@ -97,6 +97,8 @@ def benchmark_sources(folder: str, builtin: tuple[str, ...]) -> tuple[dict[str, 
 
     found: dict[str, list[str]] = {}
     skipped: list[SkippedInput] = []
+    if folder and not folder_exists(folder):  # configured and missing: no run may pretend it was checked
+        raise FileNotFoundError(f"benchmark folder {folder} (FINEINSTRUCTIONS_BENCHMARKS) does not exist")
     for rel, path in (list_input_files(folder) if folder else []):
         if any(part.startswith(IGNORED_PREFIXES) for part in rel.parts) or rel.name in HF_METADATA_FILES:
             continue

