@@ -117,3 +117,32 @@ def test_a_generated_answer_quoting_humaneval_is_removed_from_the_pairs(pipeline
     assert {"benchmark", "benchmark_item", "benchmark_ngram"} <= set(store.read("fineinstructions", shard,
                                                                                   quarantine=True).columns)
     assert store.read_json("dataset_report/report.json")["benchmark_overlaps"] == {}
+
+
+def test_document_budgets_keep_each_documents_best_pairs_and_the_rest_are_dropped_with_a_reason(pipeline):
+    from fineinstructions_dagster.stages.pairs import DocumentBudgets, select_pairs
+
+    store, _, run = pipeline
+    gates = profile_config("smoke").final_gates()
+    shard = run.shards[0]
+    tables = [store.read(t, shard) for t in ("judgements", "instantiations", "matches", "documents")]
+    free, _, _ = select_pairs(*tables, store.read("template_bank"), gates)
+    assert free["pair_tokens"].null_count() == free.height  # budgets off: nothing counted, nothing dropped
+
+    def words(texts: list[str]) -> list[int]:  # a tokenizer stand-in: one token per word
+        return [len(t.split()) for t in texts]
+
+    budgets = DocumentBudgets(max_pairs=1, max_token_ratio=0.5)
+    kept, rejected, stats = select_pairs(*tables, store.read("template_bank"), gates, budgets=budgets,
+                                         count_tokens=words)
+    per_doc = kept.group_by("doc_id").agg(pl.len().alias("n"), pl.col("pair_tokens").sum(),
+                                          pl.col("document_tokens").first())
+    assert (per_doc["n"] == 1).all() and (per_doc["pair_tokens"] <= 0.5 * per_doc["document_tokens"]).all()
+    dropped = rejected.filter(pl.col("reason").is_in(["over_pairs_per_document", "over_document_tokens"]))
+    print(f"{shard}: {free.height} pairs; budgets keep {kept.height}, drop "
+          f"{dropped.group_by('reason').len().sort('reason').rows()}")
+    assert kept.height + dropped.height == free.height and dropped.height > 0
+    assert stats.as_dict()["kept"] == kept.height and set(kept["selected_max_pairs_per_document"]) == {1}
+    best = (free.sort(["judge_score", "grounding", "relevance", "pair_id"], descending=[True, True, True, False],
+                      nulls_last=True).group_by("doc_id", maintain_order=True).first())
+    assert set(kept["pair_id"]) <= set(best["pair_id"])  # each document's best pair, when it fits

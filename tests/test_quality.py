@@ -132,6 +132,9 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
         .otherwise(pl.col("template_id")).alias("template_id"),
         pl.when(row == 4).then(pl.lit(f"Here is the code:\n{humaneval_prompt()}"))  # a benchmark item, by hand
         .otherwise(pl.col("answer")).alias("answer"),
+        # row 0's document (twice in the copy) was selected under a budget of one pair
+        pl.when(row == 0).then(pl.lit(1, pl.Int64)).otherwise(pl.col("selected_max_pairs_per_document"))
+        .alias("selected_max_pairs_per_document"),
     )
     corrupted.write_parquet(copy.path("fineinstructions", "faq"))
     monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(copy.root))
@@ -141,10 +144,10 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
     built = materialize(assets, selection=QUALITY_STEP, instance=instance, resources=resources, raise_on_error=False)
     expected = {"pairs_pair_id_unique", "pairs_instruction_has_no_fi_tags", "pairs_judge_score_on_judge_scale",
                 "pairs_template_id_in_template_bank", "pairs_template_share_at_most_max",
-                "pairs_answer_no_benchmark_overlap"}
+                "pairs_answer_no_benchmark_overlap", "pairs_within_document_budgets"}
     assert not built.success  # the step fails naming the failed tests; every check is recorded all the same
     build_failure = _step_failure_description(built)
-    assert build_failure.startswith("dbt build found 6 problem(s):")
+    assert build_failure.startswith("dbt build found 7 problem(s):")
     assert all(f"  - {name} failed" in build_failure for name in expected)
     recorded = _latest_checks(instance)
     assert {name for name, passed in recorded.items() if passed is False} == expected
@@ -162,7 +165,7 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
                          resources=resources, raise_on_error=False)
     assert not export.success
     description = _step_failure_description(export)
-    assert "pretraining_export [tutorial] not run: 6 blocking check(s)" in description
+    assert "pretraining_export [tutorial] not run: 7 blocking check(s)" in description
     for name in expected:
         assert f"quality/pairs: {name} (failed)" in description
     assert not copy.exists("export_chat", "tutorial")

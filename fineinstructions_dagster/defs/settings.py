@@ -139,16 +139,24 @@ def _judging(pipeline: PipelineResource, judge_llm: LLMResource, relevance: Rele
             "min_instruction_words": cfg.min_instruction_words, "relevance": relevance.identity()}
 
 
-def _gates(pipeline: PipelineResource) -> dict[str, Any]:
+def _gates(pipeline: PipelineResource, instantiator_llm: LLMResource) -> dict[str, Any]:
     cfg = pipeline.config()
+    budgets = cfg.document_budgets()
     return {"profile": cfg.profile, "gates": cfg.final_gates(), "max_control_kept_share": cfg.max_control_kept_share,
-            "control_check_blocks": cfg.control_check_blocks}
+            "control_check_blocks": cfg.control_check_blocks, "document_budgets": budgets,
+            # the budgets count tokens with the export tokenizer
+            "budget_tokenizer": budget_tokenizer(cfg, instantiator_llm) if budgets.on else ""}
+
+
+def budget_tokenizer(cfg: Any, instantiator_llm: LLMResource) -> str:
+    """The tokenizer the document budgets count with: the export's (`export_tokenizer`, else the instantiator's)."""
+    return cfg.export_tokenizer or instantiator_llm.model_name()
 
 
 def _export(pipeline: PipelineResource, instantiator_llm: LLMResource) -> dict[str, Any]:
     cfg = pipeline.config()
     # a packed sequence never crosses a chunk of `chunk_rows` pairs
-    return {"tokenizer": cfg.export_tokenizer or instantiator_llm.model_name(), "seq_len": cfg.export_seq_len,
+    return {"tokenizer": budget_tokenizer(cfg, instantiator_llm), "seq_len": cfg.export_seq_len,
             "chunk_rows": cfg.chunk_rows,
             "max_control_kept_share": cfg.max_control_kept_share, "control_check_blocks": cfg.control_check_blocks}
 

@@ -3,6 +3,7 @@ the Dagster runs that produced them; plus the dataset report."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ PAIR_COLUMNS = [
     "judgement_id", "instantiation_id", "match_id", "template_id", "query_id", "query_ids", "doc_id",
     "shard", "url", "match_score", "match_rank",
     "instantiator_model", "judge_model",
+    # the document budgets it was selected under, and its and its document's tokens (null: budgets off)
+    "pair_tokens", "document_tokens", "selected_max_pairs_per_document", "selected_max_pair_token_ratio",
     "documents_run_id", "matches_run_id", "instantiations_run_id", "judgements_run_id", "template_bank_run_id",
     "run_id",
 ]
@@ -97,6 +100,10 @@ class DocumentBudgets:
     def on(self) -> bool:
         return self.max_pairs > 0 or self.max_token_ratio > 0
 
+    def recorded(self) -> list[pl.Expr]:
+        return [pl.lit(self.max_pairs, pl.Int64).alias("selected_max_pairs_per_document"),
+                pl.lit(self.max_token_ratio, pl.Float64).alias("selected_max_pair_token_ratio")]
+
 
 def over_document_budgets(pairs: pl.DataFrame, pair_tokens: pl.Series, document_tokens: pl.DataFrame,
                           budgets: DocumentBudgets) -> pl.DataFrame:
@@ -124,10 +131,12 @@ def over_document_budgets(pairs: pl.DataFrame, pair_tokens: pl.Series, document_
 def select_pairs(
     judgements: pl.DataFrame, instantiations: pl.DataFrame, matches: pl.DataFrame, documents: pl.DataFrame,
     bank: pl.DataFrame, gates: Gates, run_id: str = "", benchmarks: BenchmarkIndex | None = None,
+    budgets: DocumentBudgets = DocumentBudgets(), count_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
-    """Join every stage's row for each judged pair and apply the final gates; last, a pair whose instruction or
-    answer shares an n-gram with a `benchmarks` item is removed (`benchmark_overlap`, naming the item). Returns
-    (pairs, rejected with reason, stats)."""
+    """Join every stage's row for each judged pair and apply the final gates; then a pair whose instruction or
+    answer shares an n-gram with a `benchmarks` item is removed (`benchmark_overlap`, naming the item); last, each
+    document's `budgets` (`count_tokens`: texts -> their token counts, the export tokenizer's). `documents` must
+    hold the documents' text when the budgets are on. Returns (pairs, rejected with reason, stats)."""
     stats = StageStats(total=judgements.height)
     # No early return for an empty shard: the same joins over the (typed) empty inputs give the same column
     # types as a full shard, so dbt and the report read every shard alike.
@@ -156,17 +165,46 @@ def select_pairs(
     pairs = (
         df.filter(pl.col("reason").is_null())
         .with_columns(content_id_expr("pair", "instantiation_id", "judgement_id").alias("pair_id"),
-                      pl.lit(run_id).alias("run_id"), *gates.recorded())
+                      pl.lit(run_id).alias("run_id"), *gates.recorded(), *budgets.recorded(),
+                      pl.lit(None, pl.Int64).alias("pair_tokens"), pl.lit(None, pl.Int64).alias("document_tokens"))
         .select(PAIR_COLUMNS).sort("pair_id")
     )
     stats.drop_counts(rejected["reason"])
     stats.kept = pairs.height
     stats.check_balanced()
     pairs, overlapping = remove_overlaps(pairs, benchmarks, ["instruction", "answer"], "pair_id", stats)
+    pairs, over_budget = apply_document_budgets(pairs, documents, budgets, count_tokens, stats)
     reported = ["judgement_id", "instantiation_id", "reason", "judge_score", "grounding", "relevance",
                 "relevance_margin"]
-    return pairs, pl.concat([rejected.select(reported), overlapping.select(*reported, *OVERLAP_COLUMNS)],
+    return pairs, pl.concat([rejected.select(reported), overlapping.select(*reported, *OVERLAP_COLUMNS),
+                             over_budget.select(*reported, "pair_tokens", "document_tokens")],
                             how="diagonal_relaxed"), stats
+
+
+def apply_document_budgets(pairs: pl.DataFrame, documents: pl.DataFrame, budgets: DocumentBudgets,
+                           count_tokens: Callable[[list[str]], list[int]] | None,
+                           stats: StageStats) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(the pairs within their documents' budgets, with pair_tokens and document_tokens; the others with
+    `reason`); `stats` (balanced) moves the others from kept to dropped by reason."""
+    if not budgets.on or pairs.height == 0:
+        return pairs, pairs.clear().with_columns(pl.lit(None, pl.String).alias("reason"), pl.lit(None, pl.Float64)
+                                                 .alias("relevance_margin"))
+    if count_tokens is None:
+        raise ValueError("document budgets are on but no tokenizer was given (count_tokens)")
+    pair_tokens = pl.Series([a + b for a, b in zip(count_tokens(pairs["instruction"].to_list()),
+                                                   count_tokens(pairs["answer"].to_list()), strict=True)],
+                            dtype=pl.Int64)
+    docs = documents.filter(pl.col("doc_id").is_in(pairs["doc_id"].unique().implode())).unique("doc_id")
+    doc_tokens = docs.select("doc_id", pl.Series("document_tokens", count_tokens(docs["text"].to_list()),
+                                                 dtype=pl.Int64))
+    verdict = over_document_budgets(pairs, pair_tokens, doc_tokens, budgets)
+    marked = pairs.drop("pair_tokens", "document_tokens").join(verdict, on="pair_id", how="left",
+                                                               maintain_order="left")
+    over = marked.filter(pl.col("reason").is_not_null()).with_columns(relevance_margin())
+    stats.kept -= over.height
+    stats.drop_counts(over["reason"])
+    stats.check_balanced()
+    return marked.filter(pl.col("reason").is_null()).select(PAIR_COLUMNS), over
 
 
 CONTROL_OUTCOME_COLUMNS = [

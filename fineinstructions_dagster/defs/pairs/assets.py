@@ -27,8 +27,8 @@ from fineinstructions_dagster.defs.metadata import (
     throughput_metadata,
 )
 from fineinstructions_dagster.defs.partitions import batched_backfill, corpus_shard_partitions
-from fineinstructions_dagster.defs.resources import InputsResource, PipelineResource, StorageResource
-from fineinstructions_dagster.defs.settings import GATE_SETTINGS
+from fineinstructions_dagster.defs.resources import InputsResource, LLMResource, PipelineResource, StorageResource
+from fineinstructions_dagster.defs.settings import GATE_SETTINGS, budget_tokenizer
 from fineinstructions_dagster.lib.chunks import (
     ChunkOutput,
     chunks_of,
@@ -43,6 +43,7 @@ from fineinstructions_dagster.stages import controls as controls_stage
 from fineinstructions_dagster.stages import pairs as pairs_stage
 from fineinstructions_dagster.stages import report as report_stage
 from fineinstructions_dagster.stages.controls import control_figures, wilson_lower_bound
+from fineinstructions_dagster.stages.export import load_tokenizer
 from fineinstructions_dagster.stages.pairs import (
     QUARANTINED_TABLES,
     benchmark_overlap_counts,
@@ -79,7 +80,8 @@ _COMMON = {"deps": [AssetKey("judgements"), AssetKey("control_judgements"), "ins
                                             "pairs (another document's answer, or an unused passage of its own); "
                                             "blocks the export (a warning only under the smoke profile)")])
 def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
-                     pipeline: PipelineResource, inputs: InputsResource):  # noqa: ANN201 - yields results
+                     pipeline: PipelineResource, inputs: InputsResource,
+                     instantiator_llm: LLMResource):  # noqa: ANN201 - yields results
     """The instruction/answer pairs of one shard that pass every gate (judge threshold, grounding, relevance,
     validity), each with the ids of its judgement, instantiation, match, template, query and document and the
     run ids of every step; joined `chunk_rows` judgements at a time. The shard's control pairs go through the same
@@ -91,7 +93,15 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     benchmarks, index_metadata = load_index(store, pipeline, inputs)
     # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part; nor
     # may a part made against other benchmark files.
-    definition = definition_hash("fineinstructions", CODE_VERSION, GATE_SETTINGS.version({"pipeline": pipeline}),
+    budgets = cfg.document_budgets()
+    count_tokens = None
+    if budgets.on:  # the export's tokenizer, loaded once per process
+        tokenizer = load_tokenizer(budget_tokenizer(cfg, instantiator_llm))
+
+        def count_tokens(texts: list[str]) -> list[int]:
+            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    gate_version = GATE_SETTINGS.version({"pipeline": pipeline, "instantiator_llm": instantiator_llm})
+    definition = definition_hash("fineinstructions", CODE_VERSION, gate_version,
                                  bank.select("template_id", "run_id").sort("template_id").rows(),
                                  index_metadata["benchmarks_version"])
 
@@ -102,7 +112,8 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
         def process(chunk: pl.DataFrame) -> ChunkOutput:
             ids = chunk["doc_id"]  # every upstream table of the shard is sorted by doc_id: read that range only
             inst, found, docs = (rows_for(upstream[t], "doc_id", ids) for t in upstream)
-            pairs, rejected, stats = select_pairs(chunk, inst, found, docs, bank, gates, context.run_id, benchmarks)
+            pairs, rejected, stats = select_pairs(chunk, inst, found, docs, bank, gates, context.run_id, benchmarks,
+                                                  budgets, count_tokens)
             return ChunkOutput(pairs, rejected, stats)
 
         def process_controls(chunk: pl.DataFrame) -> ChunkOutput:
