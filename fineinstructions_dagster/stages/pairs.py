@@ -284,8 +284,9 @@ QUARANTINED_TABLES = ("user_queries", "templates", "filtered_documents", "docume
                       "fineinstructions")
 
 
-def benchmark_overlap_counts(store: TableStore) -> dict[str, dict[str, int]]:
-    """Rows removed for sharing an n-gram with a benchmark, by table and benchmark, across every partition."""
+def _quarantine_counts(store: TableStore, column: str, only_reason: str | None = None) -> dict[str, dict[str, int]]:
+    """Quarantined rows by table and `column` across every partition (DuckDB unions differing schemas); only
+    rows of `only_reason` when given. A table whose quarantine lacks the column is left out."""
     out: dict[str, dict[str, int]] = {}
     con = duckdb.connect()
     for table in QUARANTINED_TABLES:
@@ -293,28 +294,21 @@ def benchmark_overlap_counts(store: TableStore) -> dict[str, dict[str, int]]:
         if source is None:
             continue
         rel = con.execute("SELECT * FROM read_parquet(?, union_by_name=true) LIMIT 0", [source])
-        if "benchmark" not in [d[0] for d in rel.description]:
+        if column not in [d[0] for d in rel.description]:
             continue
-        rows = con.execute("SELECT benchmark, count(*) FROM read_parquet(?, union_by_name=true) WHERE reason = ? "
-                           "GROUP BY benchmark ORDER BY benchmark", [source, OVERLAP_REASON]).fetchall()
+        where, params = ("WHERE reason = ?", [only_reason]) if only_reason else ("", [])
+        rows = con.execute(f"SELECT {column}, count(*) FROM read_parquet(?, union_by_name=true) {where} "
+                           f"GROUP BY {column} ORDER BY {column}", [source, *params]).fetchall()
         if rows:
-            out[table] = {str(b): int(n) for b, n in rows}
+            out[table] = {str(v): int(n) for v, n in rows}
     return out
+
+
+def benchmark_overlap_counts(store: TableStore) -> dict[str, dict[str, int]]:
+    """Rows removed for sharing an n-gram with a benchmark, by table and benchmark, across every partition."""
+    return _quarantine_counts(store, "benchmark", OVERLAP_REASON)
 
 
 def rejection_counts(store: TableStore) -> dict[str, dict[str, int]]:
-    """Quarantined rows by table and reason across every partition (DuckDB unions differing schemas)."""
-    out: dict[str, dict[str, int]] = {}
-    con = duckdb.connect()
-    for table in QUARANTINED_TABLES:
-        source = store.glob_if_any(table, quarantine=True)
-        if source is None:
-            continue
-        rel = con.execute("SELECT * FROM read_parquet(?, union_by_name=true) LIMIT 0", [source])
-        if "reason" not in [d[0] for d in rel.description]:
-            continue
-        rows = con.execute("SELECT reason, count(*) FROM read_parquet(?, union_by_name=true) "
-                           "GROUP BY reason ORDER BY reason", [source]).fetchall()
-        if rows:
-            out[table] = {str(r): int(n) for r, n in rows}
-    return out
+    """Quarantined rows by table and reason across every partition."""
+    return _quarantine_counts(store, "reason")
