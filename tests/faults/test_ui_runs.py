@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from fineinstructions_dagster.defs.run_health import run_worker_pid
 from tests.faults.conftest import alive, gpu_slot_holders, needs_vllm, new_home, process_tree, step_started, wait_until
@@ -39,6 +39,9 @@ def ui(tmp_path_factory, smoke_model, sample_inputs):
             DagsterInstance.from_config(str(home)) as instance:
         from dagster_graphql import DagsterGraphQLClient
 
+        # The queries job waits for benchmark_ngrams; on a new deployment benchmark_sensor builds it by itself.
+        wait_until("benchmark_sensor to build benchmark_ngrams", lambda: instance.get_latest_materialization_event(
+            AssetKey("benchmark_ngrams")), timeout=300, poll=1)
         yield DagsterGraphQLClient("127.0.0.1", port_number=server.port), instance, root, server
 
 
