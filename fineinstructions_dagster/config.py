@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from fineinstructions_dagster.llm.engines import SamplingConfig
 from fineinstructions_dagster.stages.dedup import MinhashConfig
 from fineinstructions_dagster.stages.matching import IndexConfig, MatchConfig
-from fineinstructions_dagster.stages.pairs import DocumentBudgets, Gates
+from fineinstructions_dagster.stages.pairs import Budgets, Gates
 from fineinstructions_dagster.stages.pooling import CoveragePoolingConfig
 
 PROFILES = ("paper", "demo", "smoke")
@@ -106,6 +106,10 @@ class DecontaminationConfig:
         _check(set(self.builtin) <= {"HumanEval"}, f"unknown builtin benchmarks {self.builtin}; known: HumanEval")
 
 
+# No template above this share of the pairs: the dbt guard over every pair, and by default each shard's cap.
+_MAX_TEMPLATE_SHARE = 0.2
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     profile: str = "paper"
@@ -158,13 +162,17 @@ class PipelineConfig:
     control_check_blocks: bool = True  # False: the control check only warns (smoke: relaxed gates; demo: a 135M model)
     # dbt gate on template concentration: no template above this share of the pairs (matching collapsed onto
     # a hub template). Loose by default; at paper scale (18M templates) ~0.01 is the meaningful cap.
-    max_template_share: float = 0.2
-    # Per-document budgets on the final pairs (stages/pairs.DocumentBudgets): a document's best-judged pairs first,
+    max_template_share: float = _MAX_TEMPLATE_SHARE
+    # Per-document budgets on the final pairs (stages/pairs.Budgets): a document's best-judged pairs first,
     # at most max_pairs_per_document of them (0: no cap), holding at most max_pair_token_ratio tokens (the export
     # tokenizer's) per token of the document (0: no cap). 1.0: a public reimplementation of the method never lets
     # the pairs made from a document hold more tokens than the document itself.
     max_pairs_per_document: int = 0
     max_pair_token_ratio: float = 1.0
+    # Then no template keeps more than this share of its shard's pairs (its best-judged first; at least one pair
+    # each; 0: no cap). At the global dbt guard's value (max_template_share) no shard, and so no export, can
+    # fail that guard.
+    max_template_share_per_shard: float = _MAX_TEMPLATE_SHARE
     export_tokenizer: str = ""  # tokenizer of the packed export; empty: the instantiator model's
     export_seq_len: int = 2048
     # Gates on real text: an instruction and an answer need this many words, and no answer may loop.
@@ -200,6 +208,8 @@ class PipelineConfig:
         _check(self.min_instruction_words >= 1 and self.min_answer_words >= 1, "min words must be >= 1")
         _check(self.max_pairs_per_document >= 0 and self.max_pair_token_ratio >= 0,
                "max_pairs_per_document and max_pair_token_ratio must be >= 0 (0: no cap)")
+        _check(0.0 <= self.max_template_share_per_shard <= 1.0,
+               "max_template_share_per_shard must be in [0, 1] (0: no cap)")
         _check(self.extract_answer in ("model", "ranked"), f"extract_answer must be model or ranked, got "
                                                             f"{self.extract_answer!r}")
         _check(self.max_document_chars >= 200, "max_document_chars must be >= 200")
@@ -219,8 +229,8 @@ class PipelineConfig:
     def relaxed(self) -> bool:
         return self.profile != "paper"
 
-    def document_budgets(self) -> DocumentBudgets:
-        return DocumentBudgets(self.max_pairs_per_document, self.max_pair_token_ratio)
+    def budgets(self) -> Budgets:
+        return Budgets(self.max_pairs_per_document, self.max_pair_token_ratio, self.max_template_share_per_shard)
 
     def final_gates(self) -> Gates:
         return Gates(self.judge_threshold, self.min_grounding, self.min_relevance, self.min_fill_in_document,
@@ -299,7 +309,7 @@ def profile_config(profile: str = "paper", **overrides: object) -> PipelineConfi
             # the check says so on every shard but does not stop a first run on small inputs; the paper's blocks
             control_check_blocks=False,
             # not measured for this model yet (bench-quality): off
-            max_pair_token_ratio=0.0,
+            max_pair_token_ratio=0.0, max_template_share_per_shard=0.0,
             genericizer_sampling=greedy, instantiator_sampling=SamplingConfig(max_tokens=320),
             judge_sampling=SamplingConfig(max_tokens=64),
         )
@@ -310,7 +320,7 @@ def profile_config(profile: str = "paper", **overrides: object) -> PipelineConfi
             max_document_chars=1500, max_instruction_chars=160, max_answer_chars=240, max_feedback_chars=120,
             min_grounding=0.0, judge_threshold=1, min_instruction_words=1, min_answer_words=1, min_relevance=-1.0,
             min_fill_in_document=0.0, min_fill_in_answer=0.0, min_relevance_margin=float("-inf"),
-            control_check_blocks=False, max_pair_token_ratio=0.0,
+            control_check_blocks=False, max_pair_token_ratio=0.0, max_template_share_per_shard=0.0,
             genericizer_sampling=noisy, instantiator_sampling=noisy, judge_sampling=noisy,
         )
     else:

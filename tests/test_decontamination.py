@@ -120,7 +120,7 @@ def test_a_generated_answer_quoting_humaneval_is_removed_from_the_pairs(pipeline
 
 
 def test_document_budgets_keep_each_documents_best_pairs_and_the_rest_are_dropped_with_a_reason(pipeline):
-    from fineinstructions_dagster.stages.pairs import DocumentBudgets, select_pairs
+    from fineinstructions_dagster.stages.pairs import Budgets, select_pairs
 
     store, _, run = pipeline
     gates = profile_config("smoke").final_gates()
@@ -132,7 +132,7 @@ def test_document_budgets_keep_each_documents_best_pairs_and_the_rest_are_droppe
     def words(texts: list[str]) -> list[int]:  # a tokenizer stand-in: one token per word
         return [len(t.split()) for t in texts]
 
-    budgets = DocumentBudgets(max_pairs=1, max_token_ratio=0.5)
+    budgets = Budgets(max_pairs=1, max_token_ratio=0.5)
     kept, rejected, stats = select_pairs(*tables, store.read("template_bank"), gates, budgets=budgets,
                                          count_tokens=words)
     per_doc = kept.group_by("doc_id").agg(pl.len().alias("n"), pl.col("pair_tokens").sum(),
@@ -146,3 +146,26 @@ def test_document_budgets_keep_each_documents_best_pairs_and_the_rest_are_droppe
     best = (free.sort(["judge_score", "grounding", "relevance", "pair_id"], descending=[True, True, True, False],
                       nulls_last=True).group_by("doc_id", maintain_order=True).first())
     assert set(kept["pair_id"]) <= set(best["pair_id"])  # each document's best pair, when it fits
+    # the template share cap, over the whole shard: within the share after it, the rest dropped with the reason
+    from fineinstructions_dagster.lib.stats import StageStats
+    from fineinstructions_dagster.stages.pairs import cap_template_share
+
+    share = 0.1
+    cap_stats = StageStats(total=free.height, kept=free.height)
+    capped, over = cap_template_share(free, share, cap_stats)
+    per_template = capped.group_by("template_id").len()["len"]
+    assert per_template.max() <= max(1, share * capped.height) and capped.height + over.height == free.height
+    assert set(over["reason"]) <= {"over_template_share"} and cap_stats.kept == capped.height
+    assert each_template_kept_its_best(free, capped)
+    print(f"{shard}: template share {share}: keeps {capped.height} of {free.height} (largest template "
+          f"{free.group_by('template_id').len()['len'].max()} -> {per_template.max()})")
+
+
+def each_template_kept_its_best(free: pl.DataFrame, capped: pl.DataFrame) -> bool:
+    """Each template kept its best-judged pairs: none dropped ranks above one kept."""
+    order = ["judge_score", "grounding", "relevance", "pair_id"]
+    ranked = free.sort(order, descending=[True, True, True, False], nulls_last=True).with_columns(
+        pl.col("pair_id").is_in(capped["pair_id"].implode()).alias("kept"))
+    return all(ranked.filter(pl.col("template_id") == t)["kept"].to_list() == sorted(
+        ranked.filter(pl.col("template_id") == t)["kept"].to_list(), reverse=True)
+        for t in ranked["template_id"].unique())

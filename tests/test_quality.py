@@ -120,7 +120,8 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
     assert faq.height >= 5
     hub = faq["template_id"][4]  # a real template that 40 more pairs (fresh ids) will now all point at
     extra = pl.concat([faq] * (40 // faq.height + 1)).head(40).with_columns(
-        pl.format("phub{}", pl.int_range(pl.len())).alias("pair_id"), pl.lit(hub).alias("template_id"))
+        pl.format("phub{}", pl.int_range(pl.len())).alias("pair_id"), pl.lit(hub).alias("template_id"),
+        pl.lit(DEFAULT_MAX_TEMPLATE_SHARE).alias("selected_max_template_share_per_shard"))  # and over the shard's cap
     share = ((pairs["template_id"] == hub).sum() + 40) / (pairs.height + 41)
     assert pairs.height + 41 >= TEMPLATE_SHARE_MIN_PAIRS and share > DEFAULT_MAX_TEMPLATE_SHARE
     row = pl.int_range(pl.len())
@@ -144,10 +145,11 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
     built = materialize(assets, selection=QUALITY_STEP, instance=instance, resources=resources, raise_on_error=False)
     expected = {"pairs_pair_id_unique", "pairs_instruction_has_no_fi_tags", "pairs_judge_score_on_judge_scale",
                 "pairs_template_id_in_template_bank", "pairs_template_share_at_most_max",
-                "pairs_answer_no_benchmark_overlap", "pairs_within_document_budgets"}
+                "pairs_answer_no_benchmark_overlap", "pairs_within_document_budgets",
+                "pairs_within_template_share_per_shard"}
     assert not built.success  # the step fails naming the failed tests; every check is recorded all the same
     build_failure = _step_failure_description(built)
-    assert build_failure.startswith("dbt build found 7 problem(s):")
+    assert build_failure.startswith("dbt build found 8 problem(s):")
     assert all(f"  - {name} failed" in build_failure for name in expected)
     recorded = _latest_checks(instance)
     assert {name for name, passed in recorded.items() if passed is False} == expected
@@ -165,7 +167,7 @@ def test_corrupted_output_fails_the_named_checks_and_blocks_the_export(pipeline,
                          resources=resources, raise_on_error=False)
     assert not export.success
     description = _step_failure_description(export)
-    assert "pretraining_export [tutorial] not run: 7 blocking check(s)" in description
+    assert "pretraining_export [tutorial] not run: 8 blocking check(s)" in description
     for name in expected:
         assert f"quality/pairs: {name} (failed)" in description
     assert not copy.exists("export_chat", "tutorial")

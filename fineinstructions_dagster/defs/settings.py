@@ -39,6 +39,7 @@ from fineinstructions_dagster.defs.resources import (
     PipelineResource,
     RelevanceResource,
 )
+from fineinstructions_dagster.stages.decontamination import hash_scheme
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def _decontamination(pipeline: PipelineResource, inputs: InputsResource) -> dict
     cfg = pipeline.config().decontamination
     found, _ = benchmark_sources(inputs.benchmarks(), cfg.builtin)
     # the benchmark files' versions: a benchmark file added, replaced or removed changes what is decontaminated
-    return {"decontamination": cfg, "benchmarks": benchmark_versions(found)}
+    # and how the n-grams are hashed (a Polars upgrade changes the word hashes: the table is built again)
+    return {"decontamination": cfg, "benchmarks": benchmark_versions(found), "hash_scheme": hash_scheme(cfg.ngram)}
 
 
 def _queries(pipeline: PipelineResource) -> dict[str, Any]:
@@ -141,15 +143,15 @@ def _judging(pipeline: PipelineResource, judge_llm: LLMResource, relevance: Rele
 
 def _gates(pipeline: PipelineResource, instantiator_llm: LLMResource) -> dict[str, Any]:
     cfg = pipeline.config()
-    budgets = cfg.document_budgets()
+    budgets = cfg.budgets()
     return {"profile": cfg.profile, "gates": cfg.final_gates(), "max_control_kept_share": cfg.max_control_kept_share,
-            "control_check_blocks": cfg.control_check_blocks, "document_budgets": budgets,
-            # the budgets count tokens with the export tokenizer
-            "budget_tokenizer": budget_tokenizer(cfg, instantiator_llm) if budgets.on else ""}
+            "control_check_blocks": cfg.control_check_blocks, "budgets": budgets,
+            # the token budget counts with the export tokenizer
+            "budget_tokenizer": budget_tokenizer(cfg, instantiator_llm) if budgets.counts_tokens else ""}
 
 
 def budget_tokenizer(cfg: Any, instantiator_llm: LLMResource) -> str:
-    """The tokenizer the document budgets count with: the export's (`export_tokenizer`, else the instantiator's)."""
+    """The tokenizer the token budget counts with: the export's (`export_tokenizer`, else the instantiator's)."""
     return cfg.export_tokenizer or instantiator_llm.model_name()
 
 

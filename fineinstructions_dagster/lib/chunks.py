@@ -147,13 +147,16 @@ def run_chunked(
     definition: str, process: Callable[[pl.DataFrame], ChunkOutput], empty_kept: pl.DataFrame,
     empty_quarantined: pl.DataFrame, rows_total: int, report: Callable[[Progress], None] | None = None,
     side_tables: dict[str, pl.DataFrame] | None = None,
+    finish: Callable[[pl.LazyFrame], pl.DataFrame] | None = None,
 ) -> ChunkedRun:
     """Process `chunks` (each a frame with `id_column`) into parts, skipping parts that exist, then publish the
     partition of `table` (and its quarantine) whole. `definition`: `definition_hash(...)` of the stage's
     config, model and prompt; with the chunk's ids it names the part, so a changed config never reuses a part.
     Two runs of one partition on one working copy take turns (a lock per partition), so the second never lists
     parts the first then publishes and removes. `side_tables` (table -> its empty frame): tables each chunk also
-    writes (`ChunkOutput.side`), kept as parts beside the chunk's and published with the partition."""
+    writes (`ChunkOutput.side`), kept as parts beside the chunk's and published with the partition. `finish`:
+    a rule over the whole partition (every kept part's rows) that returns rows to move to the quarantine (with
+    `id_column` and a `reason`); it runs on the parts, so a resumed run moves the same rows."""
     side_tables = side_tables or {}
     with file_lock(store.root / PARTS_DIR / table / f".{partition}.lock"):
         folder = f"{PARTS_DIR}/{table}/{partition}"
@@ -199,8 +202,26 @@ def run_chunked(
             if report is not None:
                 report(Progress(table, partition, run.rows, rows_total, run.chunks, run.chunks_resumed,
                                 time.monotonic() - started, tokens, run.rows_processed))
-        store.write_parts(table, kept_parts, empty_kept, partition)
-        store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True)
+        moved = finish(pl.scan_parquet(kept_parts)) if finish is not None and kept_parts else None
+        if moved is not None and moved.height:
+            total.kept -= moved.height
+            total.drop_counts(moved["reason"])
+            ids = moved.lazy().select(pl.col(id_column))
+
+            def without(rows: pl.LazyFrame) -> pl.LazyFrame:
+                return rows.join(ids, on=id_column, how="anti", maintain_order="left")
+
+            def with_moved(rows: pl.LazyFrame) -> pl.LazyFrame:
+                names = rows.collect_schema().names()
+                extra = moved.lazy().select([c for c in moved.columns if c in names])
+                return pl.concat([rows, extra], how="diagonal_relaxed").select(names)
+
+            store.write_parts(table, kept_parts, empty_kept, partition, transform=without)
+            store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True,
+                              transform=with_moved)
+        else:
+            store.write_parts(table, kept_parts, empty_kept, partition)
+            store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True)
         for t, empty in side_tables.items():
             store.write_parts(t, side_parts[t], empty, partition)
         store.remove_dir(folder)

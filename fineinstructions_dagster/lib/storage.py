@@ -33,7 +33,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -612,12 +612,16 @@ class TableStore:
             yield tmp
 
     def write_parts(self, table: str, parts: list[Path], empty: pl.DataFrame, partition: str = UNPARTITIONED,
-                    quarantine: bool = False) -> Path:
-        """Stream part files (written batch by batch) into one partition file, atomically."""
+                    quarantine: bool = False,
+                    transform: Callable[[pl.LazyFrame], pl.LazyFrame] | None = None) -> Path:
+        """Stream part files (written batch by batch) into one partition file, atomically; `transform`: applied to
+        the parts' rows on the way (e.g. rows moved by a shard-level rule)."""
         target = self.path(table, partition, quarantine)
         with self._published(target) as tmp:
             if parts:
-                pl.scan_parquet(parts).sink_parquet(tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+                rows = pl.scan_parquet(parts)
+                (transform(rows) if transform else rows).sink_parquet(tmp, compression="zstd",
+                                                                      row_group_size=ROW_GROUP_ROWS)
             else:
                 empty.write_parquet(tmp, compression="zstd")
         return target

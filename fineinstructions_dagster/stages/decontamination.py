@@ -7,14 +7,16 @@ character (whitespace and punctuation, `SEPARATORS`) a word boundary. The same n
 the dbt test over the exported pairs (dbt_quality/tests/generic/no_benchmark_overlap.sql, given `SEPARATOR_CLASS`
 as a var), so both sides agree on what an n-gram is.
 
-The lookup is a hash join: every n-gram of a batch of texts is hashed from its words' hashes (Polars, no Python
-per row), tested against a bitmap of the benchmark hashes (numpy: one gather per n-gram, so that the exact join
-only sees the few per cent that may match), then joined with the benchmark's n-gram hashes. The hashes are
-Polars' and stable only within one Polars version, so the stored table records the scheme it was hashed under.
+The lookup is a hash join: every n-gram of a batch of texts is hashed from its words' hashes (Polars hashes the
+words, numpy rolls them into n-gram hashes; no Python per row), tested against a bitmap of the benchmark hashes
+(numpy: one gather per n-gram, so that the exact join only sees the few per cent that may match), then joined
+with the benchmark's n-gram hashes. The word hashes are Polars' and stable only within one Polars version, so the
+stored table records the scheme it was hashed under (and the benchmarks' settings version includes it).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import string
@@ -47,15 +49,16 @@ NGRAM_SCHEMA = {"ngram_hash": pl.UInt64(), "benchmark": pl.String(), "item_id": 
                 "ngram": pl.String(), "hash_scheme": pl.String()}
 OVERLAP_COLUMNS = {"benchmark": pl.String(), "benchmark_item": pl.String(), "benchmark_ngram": pl.String()}
 _WORD_SEED = 0x5EED
-# One odd 64-bit multiplier per position in the n-gram (wrapping u64 arithmetic): the n-gram hash depends on order.
-_MULTIPLIERS = [((0x9E3779B97F4A7C15 * (2 * j + 1)) | 1) & 0xFFFF_FFFF_FFFF_FFFF for j in range(64)]
+# An n-gram's hash is a polynomial in its words' hashes, sum(h_j * B^j) mod 2^64 (order matters); B is odd.
+_BASE = 0x9E3779B97F4A7C15
+_BASE_INVERSE = pow(_BASE, -1, 1 << 64)
 _BITMAP_BITS = 28  # 32 MiB: a few per cent false candidates at 10M benchmark n-grams
 _ROWS_PER_THREAD = 5_000  # below this a thread's start costs more than it saves
 
 
 def hash_scheme(n: int) -> str:
     """What the stored hashes mean: the n and the Polars version that hashed the words."""
-    return f"polars-{pl.__version__}/n={n}/seed={_WORD_SEED}"
+    return f"polars-{pl.__version__}/n={n}/seed={_WORD_SEED}/poly"
 
 
 def words_expr(col: str) -> pl.Expr:
@@ -67,43 +70,98 @@ def words_expr(col: str) -> pl.Expr:
 
 
 _NON_ASCII_SEPARATORS = [s for s in SEPARATORS if not s.isascii()]
-# byte -> byte: ASCII separators to a space, every other byte as it is
-_ASCII_TO_SPACE = bytes(32 if b < 128 and chr(b) in SEPARATORS else b for b in range(256))
+# byte -> byte: ASCII separators to a space, ASCII capitals to lower case, every other byte as it is
+_ASCII_MAP = bytes(32 if b < 128 and chr(b) in SEPARATORS else ord(chr(b).lower()) if 65 <= b <= 90 else b
+                   for b in range(256))
 
 
 def _separators_to_spaces(texts: pl.Series) -> pl.Series:
-    """Lower case, every separator a space. The ASCII ones by `bytes.translate` over the UTF-8 buffer (written by
-    hand: 20x faster than a regex or Aho-Corasick pass over the column; no ASCII byte occurs inside a multi-byte
-    character, so the text stays valid UTF-8), the few non-ASCII ones by Polars."""
-    lower = texts.fill_null("").str.to_lowercase().str.replace_many(_NON_ASCII_SEPARATORS,
-                                                                    [" "] * len(_NON_ASCII_SEPARATORS))
-    arr = lower.to_arrow()
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    arr = arr.cast(pa.large_string())
+    """Lower case, every separator a space. Over the UTF-8 buffer with `bytes.translate` (written by hand: 20x
+    faster than a regex or Aho-Corasick pass over the column; no ASCII byte occurs inside a multi-byte character,
+    so the text stays valid UTF-8); rows with non-ASCII characters (Unicode lower case, the non-ASCII separators)
+    first through Polars."""
+    texts = texts.fill_null("")
+    arr = _large_string(texts)
     validity, offsets, data = arr.buffers()
     if data is None:  # only empty strings
-        return lower
-    mapped = data.to_pybytes().translate(_ASCII_TO_SPACE)
+        return texts
+    raw = np.frombuffer(data, dtype=np.uint8)
+    bounds = np.frombuffer(offsets, dtype=np.int64)[arr.offset: arr.offset + len(arr) + 1]
+    high = np.flatnonzero(raw[bounds[0]: bounds[-1]] >= 128) + bounds[0]
+    if high.size:  # the rows holding a non-ASCII byte
+        rows = np.unique(np.searchsorted(bounds, high, side="right") - 1)
+        fixed = (texts.gather(rows).str.to_lowercase()
+                 .str.replace_many(_NON_ASCII_SEPARATORS, [" "] * len(_NON_ASCII_SEPARATORS)))
+        texts = texts.scatter(rows, fixed)
+        arr = _large_string(texts)
+        validity, offsets, data = arr.buffers()
+    mapped = data.to_pybytes().translate(_ASCII_MAP)
     out = pl.from_arrow(pa.LargeStringArray.from_buffers(len(arr), offsets, pa.py_buffer(mapped), validity,
                                                          offset=arr.offset))
     assert isinstance(out, pl.Series)
     return out
 
 
+def _large_string(texts: pl.Series) -> pa.LargeStringArray:
+    arr = texts.to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.cast(pa.large_string())
+
+
+def _powers(base: int, count: int) -> np.ndarray:
+    """base^0 .. base^(count-1) mod 2^64 (numpy's unsigned products wrap)."""
+    out = np.full(count, base, dtype=np.uint64)
+    if count:
+        out[0] = 1
+    return np.cumprod(out, dtype=np.uint64)
+
+
+_BLOCK = 1 << 16  # words per prefix sum: the powers' table stays small (and in cache) whatever the batch
+
+
+@functools.lru_cache(maxsize=8)
+def _block_powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return _powers(_BASE, _BLOCK + n - 1), _powers(_BASE_INVERSE, _BLOCK)
+
+
+def _rolling(h: np.ndarray, n: int) -> np.ndarray:
+    """The hash of every window of n consecutive word hashes, sum(h[i+j] * B^j) mod 2^64, from prefix sums
+    (written by hand: 3 passes over the words instead of 2n shifted products): (P[i+n] - P[i]) * B^-i, B odd and so
+    invertible mod 2^64; block by block, so that i stays below _BLOCK."""
+    count = h.size - n + 1
+    out = np.empty(max(count, 0), dtype=np.uint64)
+    up, down = _block_powers(n)
+    for start in range(0, max(count, 0), _BLOCK):
+        seg = h[start: start + _BLOCK + n - 1]
+        m = seg.size - n + 1
+        prefix = np.zeros(seg.size + 1, dtype=np.uint64)
+        np.cumsum(seg * up[: seg.size], out=prefix[1:])
+        out[start: start + m] = (prefix[n:] - prefix[:m]) * down[:m]
+    return out
+
+
+def _ngrams(texts: pl.Series, n: int) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """(the words: _i (row), _w; the n-gram hashes, one per word that starts a window of n words, windows that
+    cross rows included; whether each window is within one row)."""
+    words = (pl.DataFrame({"_i": pl.int_range(texts.len(), dtype=pl.UInt32, eager=True),
+                           "_w": _separators_to_spaces(texts).str.split(" ")})
+             .explode("_w").filter(pl.col("_w") != ""))
+    row = words["_i"].to_numpy()
+    grams = _rolling(words["_w"].hash(_WORD_SEED).to_numpy(), n)
+    return words, grams, row[n - 1:] == row[: grams.size]
+
+
 def ngram_hashes(df: pl.DataFrame, col: str, key: str, n: int, with_text: bool = False) -> pl.DataFrame:
     """Every n-gram of `col` per row: (key, ngram_hash[, ngram]). Rows with fewer than n words have none."""
-    words = (df.select(key, _separators_to_spaces(df[col]).str.split(" ").alias("_w")).lazy()
-             .explode("_w").filter(pl.col("_w") != "")
-             .with_columns(pl.col("_w").hash(_WORD_SEED).alias("_h")))
-    grams = words.with_columns(
-        pl.sum_horizontal([pl.col("_h").shift(-j) * pl.lit(_MULTIPLIERS[j], pl.UInt64) for j in range(n)])
-        .alias("ngram_hash"),
-        pl.col(key).shift(-(n - 1)).alias("_last"),  # the n-gram's last word is in the same row
-        *([pl.concat_str([pl.col("_w").shift(-j) for j in range(n)], separator=" ").alias("ngram")]
-          if with_text else []),
-    ).filter(pl.col("_last") == pl.col(key))
-    return grams.select(key, "ngram_hash", *(["ngram"] if with_text else [])).collect()
+    words, grams, within = _ngrams(df[col], n)
+    row = words["_i"].to_numpy()[: grams.size][within]
+    out = pl.DataFrame({"_i": row, "ngram_hash": grams[within]})
+    if with_text:
+        text = words.select(pl.concat_str([pl.col("_w").shift(-j) for j in range(n)], separator=" ")
+                            .alias("ngram")).head(grams.size).filter(pl.Series(within))
+        out = out.with_columns(text["ngram"])
+    return out.select(df[key].gather(out["_i"]).alias(key), "ngram_hash", *(["ngram"] if with_text else []))
 
 
 def benchmark_name(path: str) -> str:
@@ -208,19 +266,27 @@ class BenchmarkIndex:
     def __len__(self) -> int:
         return self.items.height
 
-    def _candidates(self, grams: pl.DataFrame) -> pl.DataFrame:
-        top = grams["ngram_hash"].to_numpy() >> np.uint64(64 - _BITMAP_BITS)
-        hit = (self.bitmap[(top >> np.uint64(3)).astype(np.int64)] >> (top & np.uint64(7)).astype(np.uint8)) & 1
-        return grams.filter(pl.Series(hit.astype(bool)))
+    def _maybe(self, hashes: np.ndarray) -> np.ndarray:
+        """Whether each hash may be a benchmark's: its top bits' bit in the bitmap (no false negatives)."""
+        top = hashes >> np.uint64(64 - _BITMAP_BITS)
+        return ((self.bitmap[(top >> np.uint64(3)).astype(np.intp)] >> (top & np.uint64(7)).astype(np.uint8))
+                & 1).astype(bool)
 
-    def _hits(self, rows: pl.DataFrame, col: str) -> pl.DataFrame:
-        """The n-grams of `col` (rows by `_r`) that are a benchmark's: _pos (order within these rows), _r,
-        ngram_hash, benchmark, benchmark_item."""
-        grams = ngram_hashes(rows.select("_r", col), col, "_r", self.n).with_row_index("_pos")
-        cands = self._candidates(grams)
+    def _first_hits(self, rows: pl.DataFrame, col: str) -> pl.DataFrame:
+        """Per row of `rows` (by `_r`) whose `col` has an n-gram of a benchmark, the first: _r, _pos (its place in
+        the row), benchmark, benchmark_item, benchmark_ngram (its words). The bitmap filters the n-grams before any
+        frame is built of them; the text is cut from the words already split."""
+        words, grams, within = _ngrams(rows[col], self.n)
+        pos = np.flatnonzero(within & self._maybe(grams))
+        cands = pl.DataFrame({"_pos": pos, "_r": rows["_r"].gather(words["_i"].gather(pos)),
+                              "ngram_hash": grams[pos]})
         # the (small) candidates are the join's build side; the benchmark hashes probe it
-        return self.items.join(cands, on="ngram_hash", how="inner") if cands.height else \
-            cands.join(self.items, on="ngram_hash", how="inner")
+        hits = (self.items.join(cands, on="ngram_hash", how="inner") if cands.height else
+                cands.join(self.items, on="ngram_hash", how="inner"))
+        first = hits.sort("_pos").unique("_r", keep="first", maintain_order=True)
+        at = (first["_pos"].to_numpy()[:, None] + np.arange(self.n)).ravel()  # the window's n words
+        text = words["_w"].gather(at).reshape((first.height, self.n)).arr.join(" ")
+        return first.select("_r", "_pos", "benchmark", "benchmark_item", text.alias("benchmark_ngram"))
 
     def first_overlaps(self, df: pl.DataFrame, columns: Iterable[str], key: str) -> pl.DataFrame:
         """Per row of `df` (identified by `key`, unique) that shares an n-gram with a benchmark in any of
@@ -239,23 +305,16 @@ class BenchmarkIndex:
         found = []
         with ThreadPoolExecutor(k) as pool:
             for order, col in enumerate(columns):
-                for hits in pool.map(lambda part, c=col: self._hits(part, c), slices):
+                for hits in pool.map(lambda part, c=col: self._first_hits(part, c), slices):
                     if hits.height:
-                        found.append(hits.with_columns(pl.lit(order).alias("_col"), pl.lit(col).alias("_column")))
+                        found.append(hits.with_columns(pl.lit(order).alias("_col")))
         if not found:
             return pl.DataFrame(schema=schema)
         # per row, its first overlap: the first column, then the first position in the row
         first = pl.concat(found).sort("_col", "_r", "_pos").unique("_r", keep="first", maintain_order=True)
-        # the n-gram's text, from the rows it was found in (few): their n-grams again, with the words
-        texts = pl.concat([
-            ngram_hashes(rows.join(part.select("_r"), on="_r", how="semi").select("_r", col), col, "_r", self.n,
-                         with_text=True).with_columns(pl.lit(col).alias("_column"))
-            for part in first.partition_by("_column") for col in [part["_column"][0]]])
-        texts = texts.unique(["_r", "ngram_hash", "_column"], keep="first")
-        return (first.join(texts, on=["_r", "ngram_hash", "_column"], how="left")
-                .join(rows.select("_r", key), on="_r", how="left").sort("_r")
+        return (first.join(rows.select("_r", key), on="_r", how="left").sort("_r")
                 .select(key, pl.col("benchmark").cast(pl.String), pl.col("benchmark_item").cast(pl.String),
-                        pl.col("ngram").alias("benchmark_ngram")))
+                        "benchmark_ngram"))
 
 
 def mark_overlaps(df: pl.DataFrame, index: BenchmarkIndex, columns: Iterable[str], key: str,

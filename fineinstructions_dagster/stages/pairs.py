@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 
 from fineinstructions_dagster.lib.ids import content_id_expr
@@ -29,11 +30,17 @@ PAIR_COLUMNS = [
     "judgement_id", "instantiation_id", "match_id", "template_id", "query_id", "query_ids", "doc_id",
     "shard", "url", "match_score", "match_rank",
     "instantiator_model", "judge_model",
-    # the document budgets it was selected under, and its and its document's tokens (null: budgets off)
+    # the budgets it was selected under, and its and its document's tokens (null: token budget off)
     "pair_tokens", "document_tokens", "selected_max_pairs_per_document", "selected_max_pair_token_ratio",
+    "selected_max_template_share_per_shard",
     "documents_run_id", "matches_run_id", "instantiations_run_id", "judgements_run_id", "template_bank_run_id",
     "run_id",
 ]
+
+
+# a final-gate rejection's columns in the pairs' quarantine (with the overlap's or the budgets' where they apply)
+REJECTED_COLUMNS = ["judgement_id", "instantiation_id", "reason", "judge_score", "grounding", "relevance",
+                    "relevance_margin"]
 
 
 def relevance_margin() -> pl.Expr:
@@ -88,25 +95,63 @@ class Gates:
 
 
 @dataclass(frozen=True)
-class DocumentBudgets:
-    """How much of the dataset one document may supply, applied to the pairs that pass every gate: its best-judged
-    pairs first (judge score, then grounding, then relevance, then pair id), at most `max_pairs` of them, and no
-    more tokens of instructions and answers than `max_token_ratio` times the document's own. 0: no cap."""
+class Budgets:
+    """How much of the dataset one document, and one template, may supply, applied to the pairs that pass every
+    gate, best-judged first (judge score, then grounding, then relevance, then pair id): a document keeps at most
+    `max_pairs` pairs holding no more tokens than `max_token_ratio` times its own; then no template keeps more than
+    `max_template_share` of the shard's pairs. 0: no cap."""
 
     max_pairs: int = 0
     max_token_ratio: float = 0.0
+    max_template_share: float = 0.0
 
     @property
-    def on(self) -> bool:
+    def per_document(self) -> bool:
         return self.max_pairs > 0 or self.max_token_ratio > 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.max_token_ratio > 0
 
     def recorded(self) -> list[pl.Expr]:
         return [pl.lit(self.max_pairs, pl.Int64).alias("selected_max_pairs_per_document"),
-                pl.lit(self.max_token_ratio, pl.Float64).alias("selected_max_pair_token_ratio")]
+                pl.lit(self.max_token_ratio, pl.Float64).alias("selected_max_pair_token_ratio"),
+                pl.lit(self.max_template_share, pl.Float64).alias("selected_max_template_share_per_shard")]
+
+
+_BEST_FIRST = (["judge_score", "grounding", "relevance", "pair_id"], [True, True, True, False])
+
+
+def template_cap(counts: np.ndarray, max_share: float) -> int:
+    """The most pairs one template may keep in a shard whose templates have `counts` pairs each, so that no
+    template holds more than `max_share` of what the shard keeps: the largest c with c <= max_share x
+    sum(min(count, c)) (the set of such c is 0..c*, as c - max_share x kept(c) is convex), at least 1 (a template
+    keeps its best pair: a shard of few templates is capped no lower)."""
+    if max_share <= 0 or counts.size == 0:
+        return int(counts.max(initial=0))
+    ranked = np.sort(counts)
+    below = np.concatenate([[0], np.cumsum(ranked)])  # pairs of the templates with fewer than c
+    caps = np.arange(1, int(ranked[-1]) + 1)
+    at = np.searchsorted(ranked, caps, side="left")
+    kept = below[at] + caps * (ranked.size - at)
+    ok = caps[caps <= max_share * kept]
+    return int(ok[-1]) if ok.size else 1
+
+
+def over_template_share(pairs: pl.DataFrame, max_share: float) -> pl.DataFrame:
+    """Per pair (pair_id): `over_template_share` past the first `template_cap` pairs of its template in the shard
+    (best-judged first), else null."""
+    counts = pairs.group_by("template_id").len()["len"].to_numpy()
+    cap = template_cap(counts, max_share)
+    rank = pl.int_range(1, pl.len() + 1).over("template_id")
+    return (pairs.select("pair_id", "template_id", *_BEST_FIRST[0][:-1])
+            .sort(_BEST_FIRST[0], descending=_BEST_FIRST[1], nulls_last=True)
+            .select("pair_id", pl.when(rank > cap).then(pl.lit("over_template_share")).otherwise(None)
+                    .cast(pl.String).alias("reason")))
 
 
 def over_document_budgets(pairs: pl.DataFrame, pair_tokens: pl.Series, document_tokens: pl.DataFrame,
-                          budgets: DocumentBudgets) -> pl.DataFrame:
+                          budgets: Budgets) -> pl.DataFrame:
     """Per pair (pair_id): `pair_tokens` (its instruction's and answer's tokens, aligned with `pairs`), the
     document's tokens (`document_tokens`: doc_id, document_tokens) and the reason it is over a budget, or null:
     `over_pairs_per_document` past the first max_pairs of its document, `over_document_tokens` once the pairs
@@ -115,8 +160,7 @@ def over_document_budgets(pairs: pl.DataFrame, pair_tokens: pl.Series, document_
     ranked = (pairs.select("pair_id", "doc_id", "judge_score", "grounding", "relevance")
               .with_columns(pair_tokens.alias("pair_tokens"))
               .join(document_tokens, on="doc_id", how="left")
-              .sort(["doc_id", "judge_score", "grounding", "relevance", "pair_id"],
-                    descending=[False, True, True, True, False], nulls_last=True))
+              .sort(["doc_id", *_BEST_FIRST[0]], descending=[False, *_BEST_FIRST[1]], nulls_last=True))
     rank = pl.int_range(1, pl.len() + 1).over("doc_id")
     tokens_so_far = pl.col("pair_tokens").cum_sum().over("doc_id")
     reason = (pl.when(pl.lit(budgets.max_pairs > 0) & (rank > budgets.max_pairs))
@@ -131,12 +175,13 @@ def over_document_budgets(pairs: pl.DataFrame, pair_tokens: pl.Series, document_
 def select_pairs(
     judgements: pl.DataFrame, instantiations: pl.DataFrame, matches: pl.DataFrame, documents: pl.DataFrame,
     bank: pl.DataFrame, gates: Gates, run_id: str = "", benchmarks: BenchmarkIndex | None = None,
-    budgets: DocumentBudgets = DocumentBudgets(), count_tokens: Callable[[list[str]], list[int]] | None = None,
+    budgets: Budgets = Budgets(), count_tokens: Callable[[list[str]], list[int]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, StageStats]:
     """Join every stage's row for each judged pair and apply the final gates; then a pair whose instruction or
     answer shares an n-gram with a `benchmarks` item is removed (`benchmark_overlap`, naming the item); last, each
-    document's `budgets` (`count_tokens`: texts -> their token counts, the export tokenizer's). `documents` must
-    hold the documents' text when the budgets are on. Returns (pairs, rejected with reason, stats)."""
+    document's `budgets` (`count_tokens`: texts -> their token counts, the export tokenizer's). The template
+    share cap is the whole shard's (`cap_template_share`, after this). `documents` must hold the documents' text
+    when the token budget is on. Returns (pairs, rejected with reason, stats)."""
     stats = StageStats(total=judgements.height)
     # No early return for an empty shard: the same joins over the (typed) empty inputs give the same column
     # types as a full shard, so dbt and the report read every shard alike.
@@ -174,29 +219,31 @@ def select_pairs(
     stats.check_balanced()
     pairs, overlapping = remove_overlaps(pairs, benchmarks, ["instruction", "answer"], "pair_id", stats)
     pairs, over_budget = apply_document_budgets(pairs, documents, budgets, count_tokens, stats)
-    reported = ["judgement_id", "instantiation_id", "reason", "judge_score", "grounding", "relevance",
-                "relevance_margin"]
-    return pairs, pl.concat([rejected.select(reported), overlapping.select(*reported, *OVERLAP_COLUMNS),
-                             over_budget.select(*reported, "pair_tokens", "document_tokens")],
+    return pairs, pl.concat([rejected.select(REJECTED_COLUMNS), overlapping.select(*REJECTED_COLUMNS, *OVERLAP_COLUMNS),
+                             over_budget.select(*REJECTED_COLUMNS, "pair_tokens", "document_tokens")],
                             how="diagonal_relaxed"), stats
 
 
-def apply_document_budgets(pairs: pl.DataFrame, documents: pl.DataFrame, budgets: DocumentBudgets,
+def apply_document_budgets(pairs: pl.DataFrame, documents: pl.DataFrame, budgets: Budgets,
                            count_tokens: Callable[[list[str]], list[int]] | None,
                            stats: StageStats) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(the pairs within their documents' budgets, with pair_tokens and document_tokens; the others with
-    `reason`); `stats` (balanced) moves the others from kept to dropped by reason."""
-    if not budgets.on or pairs.height == 0:
+    """(the pairs within their documents' budgets, with pair_tokens and document_tokens where the token budget is
+    on; the others with `reason`); `stats` (balanced) moves the others from kept to dropped by reason."""
+    if not budgets.per_document or pairs.height == 0:
         return pairs, pairs.clear().with_columns(pl.lit(None, pl.String).alias("reason"), pl.lit(None, pl.Float64)
                                                  .alias("relevance_margin"))
-    if count_tokens is None:
-        raise ValueError("document budgets are on but no tokenizer was given (count_tokens)")
-    pair_tokens = pl.Series([a + b for a, b in zip(count_tokens(pairs["instruction"].to_list()),
-                                                   count_tokens(pairs["answer"].to_list()), strict=True)],
-                            dtype=pl.Int64)
-    docs = documents.filter(pl.col("doc_id").is_in(pairs["doc_id"].unique().implode())).unique("doc_id")
-    doc_tokens = docs.select("doc_id", pl.Series("document_tokens", count_tokens(docs["text"].to_list()),
-                                                 dtype=pl.Int64))
+    if budgets.counts_tokens:
+        if count_tokens is None:
+            raise ValueError("the token budget is on but no tokenizer was given (count_tokens)")
+        pair_tokens = pl.Series([a + b for a, b in zip(count_tokens(pairs["instruction"].to_list()),
+                                                       count_tokens(pairs["answer"].to_list()), strict=True)],
+                                dtype=pl.Int64)
+        docs = documents.filter(pl.col("doc_id").is_in(pairs["doc_id"].unique().implode())).unique("doc_id")
+        doc_tokens = docs.select("doc_id", pl.Series("document_tokens", count_tokens(docs["text"].to_list()),
+                                                     dtype=pl.Int64))
+    else:
+        pair_tokens = pl.Series([None] * pairs.height, dtype=pl.Int64)
+        doc_tokens = pl.DataFrame(schema={"doc_id": pl.String, "document_tokens": pl.Int64})
     verdict = over_document_budgets(pairs, pair_tokens, doc_tokens, budgets)
     marked = pairs.drop("pair_tokens", "document_tokens").join(verdict, on="pair_id", how="left",
                                                                maintain_order="left")
@@ -205,6 +252,30 @@ def apply_document_budgets(pairs: pl.DataFrame, documents: pl.DataFrame, budgets
     stats.drop_counts(over["reason"])
     stats.check_balanced()
     return marked.filter(pl.col("reason").is_null()).select(PAIR_COLUMNS), over
+
+
+def template_share_overflow(pairs: pl.DataFrame | pl.LazyFrame, max_share: float) -> pl.DataFrame:
+    """The pairs of a whole shard (after every other gate and budget) that its template's share cap drops, as
+    quarantine rows (REJECTED_COLUMNS and the tokens, reason `over_template_share`). Applied once per shard, not
+    per chunk: a template's pairs span the shard. Reads only the columns it needs (not the texts)."""
+    pairs = pairs.lazy().select("pair_id", "template_id", *(c for c in REJECTED_COLUMNS if c != "reason"),
+                                "pair_tokens", "document_tokens")
+    pairs = pairs.collect() if max_share > 0 else pairs.head(0).collect()
+    verdict = over_template_share(pairs, max_share)
+    return (pairs.join(verdict.filter(pl.col("reason").is_not_null()), on="pair_id", how="inner",
+                       maintain_order="left")
+            .select(*REJECTED_COLUMNS, "pair_tokens", "document_tokens"))
+
+
+def cap_template_share(pairs: pl.DataFrame, max_share: float,
+                       stats: StageStats) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(the shard's pairs within the template share cap; the others, as `template_share_overflow`); `stats`
+    (balanced) moves the others from kept to dropped."""
+    over = template_share_overflow(pairs, max_share)
+    stats.kept -= over.height
+    stats.drop_counts(over["reason"])
+    stats.check_balanced()
+    return pairs.join(over.select("judgement_id"), on="judgement_id", how="anti", maintain_order="left"), over
 
 
 CONTROL_OUTCOME_COLUMNS = [

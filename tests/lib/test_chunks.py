@@ -128,3 +128,33 @@ def test_two_runs_of_one_partition_take_turns(tmp_path, matches):
     reference = TableStore(tmp_path / "ref")
     run(reference, matches, [])
     assert store.read("doubled", "s1").equals(reference.read("doubled", "s1"))
+
+
+def test_a_rule_over_the_whole_partition_moves_rows_to_the_quarantine_before_the_publish(tmp_path, matches):
+    """`finish` sees every part's rows (a rule no chunk can apply alone) and the rows it returns are published
+    in the quarantine, not the table; a killed run's resume moves the same rows."""
+    def largest_per_remainder(rows: pl.LazyFrame) -> pl.DataFrame:  # all but the 10 largest n of each n % 7
+        ranked = rows.with_columns(pl.col("n").rank("ordinal", descending=True).over(pl.col("n") % 7).alias("r"))
+        return ranked.filter(pl.col("r") > 10).select("match_id", "doc_id", "n", pl.lit("over_cap")
+                                                      .alias("reason")).collect()
+
+    def go(store: TableStore, fail_at: int | None = None):
+        empty, calls = pl.read_parquet(matches, n_rows=0), []
+        return run_chunked(store, "doubled", "s1", chunks_of(matches, 100, "doc_id"), "match_id", "v1",
+                           lambda c: double(c, calls, fail_at), empty.with_columns(pl.lit(0).alias("n2")),
+                           empty.with_columns(pl.lit("").alias("reason")), 3000, finish=largest_per_remainder)
+
+    store = TableStore(tmp_path / "root")
+    with pytest.raises(RuntimeError, match="killed"):
+        go(store, fail_at=5)
+    done = go(store)
+    kept, quarantined = store.read("doubled", "s1"), store.read("doubled", "s1", quarantine=True)
+    assert kept.group_by(pl.col("n") % 7).len()["len"].max() == 10 and kept.height == 70  # 10 of each remainder
+    assert kept["match_id"].is_sorted() and set(kept.columns) == {"match_id", "doc_id", "n", "n2"}
+    moved = quarantined.filter(pl.col("reason") == "over_cap")
+    total = pl.read_parquet(matches).height
+    assert moved.height + kept.height + quarantined.filter(pl.col("reason") == "multiple_of_three").height == total
+    assert done.stats.kept == 70 and done.stats.dropped["over_cap"] == moved.height and done.stats.total == total
+    reference = TableStore(tmp_path / "ref")
+    go(reference)
+    assert reference.read("doubled", "s1").equals(kept)

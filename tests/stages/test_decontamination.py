@@ -159,3 +159,30 @@ def test_candidates_the_bitmap_lets_through_that_are_no_benchmark_hash_are_not_o
     assert mark_overlaps(df, index, ["text"], "id")["benchmark_item"].to_list() == [None, "b/1"]
     assert mark_overlaps(df.head(1), index, ["text"], "id")["benchmark_item"].to_list() == [None]
 
+
+
+def test_the_fast_normalisation_and_rolling_hash_agree_with_their_plain_definitions():
+    import numpy as np
+
+    from fineinstructions_dagster.stages.decontamination import (
+        _BASE,
+        _BLOCK,
+        _rolling,
+        _separators_to_spaces,
+        words_expr,
+    )
+
+    rows = ["Plain ASCII, with  DOUBLE  spaces -- and (brackets).", "\u00c9T\u00c9 \u201cQuoted\u201d\u2014dash",
+            "", "\u0130stanbul ALL CAPS\u00a0nbsp", "tabs\tand\nnewlines", "x" * 3, "\u4e2d\u6587\u3001\u6587"] * 50
+    s = pl.Series("t", rows)
+    fast = _separators_to_spaces(s).str.split(" ").list.eval(pl.element().filter(pl.element() != ""))
+    assert fast.to_list() == pl.DataFrame({"t": rows}).select(words_expr("t"))["t"].to_list()
+    rng = np.random.default_rng(1)
+    for size in (5, 13, 1000, _BLOCK + 50):  # across a block boundary too
+        h = rng.integers(0, 2**63, size, dtype=np.uint64)
+        got = _rolling(h, 13)
+        picks = [0, (size - 13) // 2, size - 13] if size >= 13 else []
+        assert got.size == max(size - 12, 0)
+        for i in picks:
+            want = sum(int(h[i + j]) * pow(_BASE, j, 1 << 64) for j in range(13)) % (1 << 64)
+            assert int(got[i]) == want

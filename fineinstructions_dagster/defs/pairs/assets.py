@@ -51,6 +51,7 @@ from fineinstructions_dagster.stages.pairs import (
     rejection_counts,
     select_pairs,
     shard_controls,
+    template_share_overflow,
 )
 from fineinstructions_dagster.stages.pairs import dataset_report as build_report
 from fineinstructions_dagster.stages.report import stage_quality
@@ -93,9 +94,9 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     benchmarks, index_metadata = load_index(store, pipeline, inputs)
     # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part; nor
     # may a part made against other benchmark files.
-    budgets = cfg.document_budgets()
+    budgets = cfg.budgets()
     count_tokens = None
-    if budgets.on:  # the export's tokenizer, loaded once per process
+    if budgets.counts_tokens:  # the export's tokenizer, loaded once per process
         tokenizer = load_tokenizer(budget_tokenizer(cfg, instantiator_llm))
 
         def count_tokens(texts: list[str]) -> list[int]:
@@ -121,9 +122,12 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
             return ChunkOutput(outcomes, outcomes.head(0), stats)
 
         empty = process(pl.read_parquet(source, n_rows=0))
+        def template_share(pairs: pl.LazyFrame) -> pl.DataFrame:  # a template's pairs span the shard's chunks
+            return template_share_overflow(pairs.collect(), budgets.max_template_share)
+
         run = run_chunked(store, "fineinstructions", shard, chunks_of(source, cfg.chunk_rows, "doc_id"),
                           "judgement_id", definition, process, empty.kept, empty.quarantined, count_rows(source),
-                          progress_reporter(context))
+                          progress_reporter(context), finish=template_share)
         control_source = store.file("control_judgements", shard)
         empty_controls = process_controls(pl.read_parquet(control_source, n_rows=0)).kept
         control_run = run_chunked(store, CONTROL_OUTCOMES, shard, chunks_of(control_source, cfg.chunk_rows, None),
