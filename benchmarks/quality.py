@@ -124,6 +124,74 @@ def match_score_sweep(real: pl.DataFrame, min_relevance: float) -> dict[str, dic
             for t in (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35)}
 
 
+NO_BUDGETS = {"max_pairs_per_document": 0, "max_pair_token_ratio": 0.0, "max_template_share_per_shard": 0.0}
+PAIRS_PER_DOCUMENT_SWEEP = (1, 2, 3, 5)
+TOKEN_RATIO_SWEEP = (0.25, 0.5, 1.0, 2.0)
+TEMPLATE_SHARE_SWEEP = (0.02, 0.05, 0.1, 0.2)
+
+
+def budget_sweep(store, cfg) -> dict[str, object]:  # noqa: ANN001
+    """The per-document and per-template budgets over the pairs the run kept (the profile's gates passed): per
+    setting, the pairs it keeps and the mean relevance margin of those kept and those dropped (a budget keeps a
+    document's or template's best-judged pairs first: does it drop the weaker ones?); and the distributions the
+    budgets cut: pairs per document, the ratio of a document's pairs' tokens to its own (the export tokenizer's), a
+    template's largest share of a shard."""
+    from fineinstructions_dagster.defs.resources import build_resources
+    from fineinstructions_dagster.defs.settings import budget_tokenizer
+    from fineinstructions_dagster.lib.stats import StageStats
+    from fineinstructions_dagster.stages.export import load_tokenizer
+    from fineinstructions_dagster.stages.pairs import Budgets, apply_document_budgets, cap_template_share
+
+    budgeted = ("selected_max_pairs_per_document", "selected_max_pair_token_ratio",
+                "selected_max_template_share_per_shard")
+    pairs = _read_all(store, "fineinstructions")
+    if pairs.height == 0:
+        return {}
+    if pairs.select(pl.col(c).max() for c in budgeted).row(0) != (0, 0.0, 0.0):
+        return {"note": "the run applied budgets: measured only on a run without them"}
+    documents = _read_all(store, "documents").select("doc_id", "text")
+    tokenizer = load_tokenizer(budget_tokenizer(cfg, build_resources()["instantiator_llm"]))
+
+    def count_tokens(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+    def kept_with(budgets: Budgets) -> dict[str, object]:
+        kept, over = apply_document_budgets(pairs, documents, budgets, count_tokens,
+                                            StageStats(total=pairs.height, kept=pairs.height))
+        if budgets.max_template_share > 0:
+            capped = [cap_template_share(part, budgets.max_template_share, StageStats(total=part.height,
+                                                                                      kept=part.height))
+                      for part in kept.partition_by("shard")]
+            kept = pl.concat([k for k, _ in capped])
+            over = pl.concat([over.select("instantiation_id"), *[o.select("instantiation_id") for _, o in capped]])
+        dropped = pairs.filter(pl.col("instantiation_id").is_in(over["instantiation_id"].implode()))
+        return {"pairs_kept": kept.height, "kept_share": round(kept.height / pairs.height, 4),
+                "kept_mean_relevance_margin": round(float(kept["relevance_margin"].mean() or 0), 4),
+                "dropped_mean_relevance_margin": round(float(dropped["relevance_margin"].mean()), 4)
+                if dropped.height else None}
+
+    tokens, _ = apply_document_budgets(pairs, documents, Budgets(max_token_ratio=1e9), count_tokens,
+                                       StageStats(total=pairs.height, kept=pairs.height))
+    per_doc = tokens.group_by("doc_id").agg(pl.len().alias("pairs"),
+                                            (pl.col("pair_tokens").sum() / pl.col("document_tokens").first())
+                                            .alias("ratio"))
+    shares = pairs.group_by("shard", "template_id").len().with_columns(
+        (pl.col("len") / pl.col("len").sum().over("shard")).alias("share"))
+    q = (0.5, 0.9, 0.99, 1.0)
+    return {
+        "pairs": pairs.height, "documents": per_doc.height,
+        "pairs_per_document": {f"p{int(x * 100)}": float(per_doc["pairs"].quantile(x, "higher")) for x in q}
+        | {"mean": round(float(per_doc["pairs"].mean()), 3)},
+        "token_ratio": {f"p{int(x * 100)}": round(float(per_doc["ratio"].quantile(x, "higher")), 4) for x in q},
+        "largest_template_share_per_shard": round(float(shares["share"].max()), 4),
+        "as_configured": {"budgets": str(cfg.budgets()), **kept_with(cfg.budgets())},
+        "max_pairs_per_document": {str(v): kept_with(Budgets(max_pairs=v)) for v in PAIRS_PER_DOCUMENT_SWEEP},
+        "max_pair_token_ratio": {str(v): kept_with(Budgets(max_token_ratio=v)) for v in TOKEN_RATIO_SWEEP},
+        "max_template_share_per_shard": {str(v): kept_with(Budgets(max_template_share=v))
+                                         for v in TEMPLATE_SHARE_SWEEP},
+    }
+
+
 def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **overrides: object) -> dict[str, object]:
     from dagster import DagsterInstance
 
@@ -140,8 +208,9 @@ def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **over
     if run:
         with tempfile.TemporaryDirectory() as home:
             os.environ["DAGSTER_HOME"] = home
+            # the budgets off in the run, so that each is measured on every pair the gates kept (budget_sweep)
             result = run_pipeline(DagsterInstance.ephemeral(), log=lambda line: print(f"  [{profile}] {line}"),
-                                  pipeline_overrides={"control_share": 1.0, **overrides})
+                                  pipeline_overrides={"control_share": 1.0, **NO_BUDGETS, **overrides})
         failures = [f.describe() for f in result.failures]
     seconds = time.perf_counter() - started
     cfg = profile_config(profile, **overrides)
@@ -174,6 +243,7 @@ def run_profile(profile: str, root: Path, sample: Path, run: bool = True, **over
         str(t): {k: v for k, v in summary(*gated(real, controls, replace(gates, min_relevance_margin=t))).items()
                  if k.endswith("kept_share")} for t in MARGIN_SWEEP}
     out["match_score_sweep"] = match_sweep
+    out["budgets"] = budget_sweep(store, cfg)
     if cfg.instantiator_format == "extract" and cfg.extract_answer == "model":
         out["answers_by_ranking_alone"] = without_llm_answers(store, real, RelevanceResource().scorer(),
                                                               cfg.max_document_chars)
@@ -252,6 +322,14 @@ def main() -> None:
         for i, rep_row in enumerate(r.get("repeats", [])[1:], start=2):
             print(f"{profile[:8]:<8} {f'run {i}, as configured':<22} "
                   + " ".join(f"{str(rep_row.get(c, '')):>16}" for c in cols))
+    print(f"\n{'profile':<8} {'budget':<34} {'pairs kept':>10} {'kept share':>10} {'kept margin':>11} "
+          f"{'dropped margin':>14}")
+    for profile, r in [*results["profiles"].items(), *results["variants"].items()]:  # type: ignore[union-attr]
+        sweep = r.get("budgets") or {}
+        for name in ("max_pairs_per_document", "max_pair_token_ratio", "max_template_share_per_shard"):
+            for value, row in sweep.get(name, {}).items():
+                print(f"{profile[:8]:<8} {f'{name}={value}':<34} {row['pairs_kept']:>10} {row['kept_share']:>10} "
+                      f"{row['kept_mean_relevance_margin']:>11} {str(row['dropped_mean_relevance_margin']):>14}")
     print(f"\nwritten to {RESULTS}")
 
 

@@ -259,6 +259,9 @@ class PipelineResource(ConfigurableResource):
     control_check_blocks: bool | None = None
     extract_answer: str | None = None
     chunk_rows: int | None = None
+    max_pairs_per_document: int | None = None
+    max_pair_token_ratio: float | None = None
+    max_template_share_per_shard: float | None = None
 
     def config(self) -> PipelineConfig:
         return profile_config(setting("FINEINSTRUCTIONS_PROFILE", self.profile),
@@ -270,7 +273,9 @@ class PipelineResource(ConfigurableResource):
                               min_match_score=self.min_match_score,
                               control_share=self.control_share, max_control_kept_share=self.max_control_kept_share,
                               control_check_blocks=self.control_check_blocks, extract_answer=self.extract_answer,
-                              chunk_rows=self.chunk_rows)
+                              chunk_rows=self.chunk_rows, max_pairs_per_document=self.max_pairs_per_document,
+                              max_pair_token_ratio=self.max_pair_token_ratio,
+                              max_template_share_per_shard=self.max_template_share_per_shard)
 
 
 def build_resources() -> dict[str, ConfigurableResource]:
