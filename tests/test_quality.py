@@ -255,3 +255,40 @@ def test_dbt_failures_are_summarized_by_test_name():
         "1 node(s) skipped (downstream of an error)",
     ]
     assert summarize_dbt_failures(results[:1]) == []
+
+
+def test_budgets_on_drop_pairs_by_reason_in_the_report_and_dbt_checks_every_pair_against_them(pipeline, tmp_path,
+                                                                                             monkeypatch):
+    """The pairs step with every budget on, as an operator sets them (PipelineResource): each document keeps its
+    best pair if it holds at most 0.3 of the document's tokens, each template one pair per shard (a share of 0.01
+    of a small shard is a cap of one); the report counts the pairs each budget dropped, and dbt build passes with
+    every pair checked against the budgets it records."""
+    from fineinstructions_dagster.defs.resources import PipelineResource
+
+    store, _, run = pipeline
+    copy = _copy_root(store, tmp_path / "root")
+    monkeypatch.setenv("FINEINSTRUCTIONS_ROOT", str(copy.root))
+    instance = _fresh_instance(run.shards)
+    assets = _all_assets()
+    budgets = {"max_pairs_per_document": 1, "max_pair_token_ratio": 0.3, "max_template_share_per_shard": 0.01}
+    resources = {**build_resources(), "pipeline": PipelineResource(**budgets)}
+    before = pl.read_parquet(store.glob("fineinstructions")).height
+    for shard in run.shards:
+        assert materialize(assets, selection=AssetSelection.assets("fineinstructions", "control_outcomes"),
+                           partition_key=shard, instance=instance, resources=resources).success
+    assert materialize(assets, selection=AssetSelection.assets("dataset_report"), instance=instance,
+                       resources=resources).success
+    dropped = copy.read_json("dataset_report/report.json")["rejections"]["fineinstructions"]
+    print(f"budgets {budgets}: {before} pairs -> {copy.read_json('dataset_report/report.json')['pairs']}, dropped "
+          f"{ {r: n for r, n in dropped.items() if r.startswith('over_')} }")
+    assert dropped.get("over_pairs_per_document", 0) > 0 and dropped.get("over_document_tokens", 0) > 0
+    pairs = pl.read_parquet(copy.glob("fineinstructions"))
+    assert pairs.height == pairs.select("shard", "template_id").n_unique() and pairs.height > 0
+    assert pairs.height == before - sum(dropped.get(r, 0) for r in ("over_pairs_per_document",
+                                                                    "over_document_tokens", "over_template_share"))
+    assert pairs.select("selected_max_pairs_per_document", "selected_max_pair_token_ratio",
+                        "selected_max_template_share_per_shard").unique().rows() == [(1, 0.3, 0.01)]
+    built = materialize(assets, selection=QUALITY_STEP, instance=instance, resources=resources)
+    assert built.success and all(e.passed for e in built.get_asset_check_evaluations())
+    assert {"pairs_within_document_budgets", "pairs_within_template_share_per_shard"} <= {
+        e.check_name for e in built.get_asset_check_evaluations()}
