@@ -46,6 +46,10 @@ def test_one_search_opens_the_pair_page_with_its_whole_chain(pipeline, client):
     assert client.get("/search", params={"q": pair["url"]}).url.path in (f"/document/{pair['doc_id']}", "/search")
     missing = client.get("/search", params={"q": "p0000000000000000"})
     assert missing.status_code == 404 and "nothing under this root" in missing.text
+    # a shard key that is no file name is a shard that does not exist, not a path to read (nor a 500)
+    for bad in ("..%2F..%2Fetc", "..%2F..%2Fetc%2Fpasswd", "faq%00", "a%20b"):
+        unsafe = client.get(f"/shard/{bad}")
+        assert unsafe.status_code == 404 and "no shard is named" in unsafe.text, bad
 
 
 def test_document_pages_list_pairs_or_say_why_none(pipeline, client):

@@ -11,7 +11,7 @@ from typing import Any
 
 import duckdb
 
-from fineinstructions_dagster.lib.storage import TableStore
+from fineinstructions_dagster.lib.storage import TableStore, check_partition_key
 from fineinstructions_dagster.stages.controls import control_figures
 from fineinstructions_dagster.stages.lineage import LineageError, trace_pair
 from fineinstructions_dagster.stages.pairs import shard_controls
@@ -193,6 +193,10 @@ class Explorer:
         return self.store.partitions("fineinstructions")
 
     def shard(self, shard: str) -> dict[str, Any]:
+        try:  # a key that is no file name (`../../etc`) names no shard: never a path to read
+            check_partition_key(shard)
+        except ValueError as e:
+            raise LineageError(f"no shard is named {shard!r}: {e}") from e
         source = self._source("fineinstructions", shard)
         if source is None:
             raise LineageError(f"shard {shard!r} has no fineinstructions table under {self.store.root}")
