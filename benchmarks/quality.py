@@ -139,7 +139,7 @@ def budget_sweep(store, cfg) -> dict[str, object]:  # noqa: ANN001
     from fineinstructions_dagster.defs.resources import build_resources
     from fineinstructions_dagster.defs.settings import budget_tokenizer
     from fineinstructions_dagster.lib.stats import StageStats
-    from fineinstructions_dagster.stages.export import load_tokenizer
+    from fineinstructions_dagster.stages.export import token_counter
     from fineinstructions_dagster.stages.pairs import Budgets, apply_document_budgets, cap_template_share
 
     budgeted = ("selected_max_pairs_per_document", "selected_max_pair_token_ratio",
@@ -150,10 +150,7 @@ def budget_sweep(store, cfg) -> dict[str, object]:  # noqa: ANN001
     if pairs.select(pl.col(c).max() for c in budgeted).row(0) != (0, 0.0, 0.0):
         return {"note": "the run applied budgets: measured only on a run without them"}
     documents = _read_all(store, "documents").select("doc_id", "text")
-    tokenizer = load_tokenizer(budget_tokenizer(cfg, build_resources()["instantiator_llm"]))
-
-    def count_tokens(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    count_tokens = token_counter(budget_tokenizer(cfg, build_resources()["instantiator_llm"]))
 
     def kept_with(budgets: Budgets) -> dict[str, object]:
         kept, over = apply_document_budgets(pairs, documents, budgets, count_tokens,

@@ -203,25 +203,21 @@ def run_chunked(
                 report(Progress(table, partition, run.rows, rows_total, run.chunks, run.chunks_resumed,
                                 time.monotonic() - started, tokens, run.rows_processed))
         moved = finish(pl.scan_parquet(kept_parts)) if finish is not None and kept_parts else None
+        without = with_moved = None
         if moved is not None and moved.height:
             total.kept -= moved.height
             total.drop_counts(moved["reason"])
-            ids = moved.lazy().select(pl.col(id_column))
 
             def without(rows: pl.LazyFrame) -> pl.LazyFrame:
-                return rows.join(ids, on=id_column, how="anti", maintain_order="left")
+                return rows.join(moved.lazy().select(id_column), on=id_column, how="anti", maintain_order="left")
 
             def with_moved(rows: pl.LazyFrame) -> pl.LazyFrame:
                 names = rows.collect_schema().names()
                 extra = moved.lazy().select([c for c in moved.columns if c in names])
                 return pl.concat([rows, extra], how="diagonal_relaxed").select(names)
-
-            store.write_parts(table, kept_parts, empty_kept, partition, transform=without)
-            store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True,
-                              transform=with_moved)
-        else:
-            store.write_parts(table, kept_parts, empty_kept, partition)
-            store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True)
+        store.write_parts(table, kept_parts, empty_kept, partition, transform=without)
+        store.write_parts(table, quarantined_parts, empty_quarantined, partition, quarantine=True,
+                          transform=with_moved)
         for t, empty in side_tables.items():
             store.write_parts(t, side_parts[t], empty, partition)
         store.remove_dir(folder)

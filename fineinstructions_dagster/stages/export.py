@@ -14,6 +14,7 @@ counted (`dropped_longer_than_sequence`), never cut.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,15 @@ def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
+
+
+def token_counter(name: str) -> Callable[[list[str]], list[int]]:
+    """texts -> their token counts under tokenizer `name` (no special tokens): what the budgets count with."""
+    tokenizer = load_tokenizer(name)
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    return count
 
 
 def _render(tok: Any, instruction: str, answer: str) -> tuple[str, str]:

@@ -119,7 +119,9 @@ class Budgets:
                 pl.lit(self.max_template_share, pl.Float64).alias("selected_max_template_share_per_shard")]
 
 
-_BEST_FIRST = (["judge_score", "grounding", "relevance", "pair_id"], [True, True, True, False])
+# a document's or template's best-judged pairs first: the order the budgets keep them in
+BEST_FIRST = ["judge_score", "grounding", "relevance", "pair_id"]
+BEST_FIRST_DESCENDING = [True, True, True, False]
 
 
 def template_cap(counts: np.ndarray, max_share: float) -> int:
@@ -144,8 +146,8 @@ def over_template_share(pairs: pl.DataFrame, max_share: float) -> pl.DataFrame:
     counts = pairs.group_by("template_id").len()["len"].to_numpy()
     cap = template_cap(counts, max_share)
     rank = pl.int_range(1, pl.len() + 1).over("template_id")
-    return (pairs.select("pair_id", "template_id", *_BEST_FIRST[0][:-1])
-            .sort(_BEST_FIRST[0], descending=_BEST_FIRST[1], nulls_last=True)
+    return (pairs.select("template_id", *BEST_FIRST)
+            .sort(BEST_FIRST, descending=BEST_FIRST_DESCENDING, nulls_last=True)
             .select("pair_id", pl.when(rank > cap).then(pl.lit("over_template_share")).otherwise(None)
                     .cast(pl.String).alias("reason")))
 
@@ -160,7 +162,7 @@ def over_document_budgets(pairs: pl.DataFrame, pair_tokens: pl.Series, document_
     ranked = (pairs.select("pair_id", "doc_id", "judge_score", "grounding", "relevance")
               .with_columns(pair_tokens.alias("pair_tokens"))
               .join(document_tokens, on="doc_id", how="left")
-              .sort(["doc_id", *_BEST_FIRST[0]], descending=[False, *_BEST_FIRST[1]], nulls_last=True))
+              .sort(["doc_id", *BEST_FIRST], descending=[False, *BEST_FIRST_DESCENDING], nulls_last=True))
     rank = pl.int_range(1, pl.len() + 1).over("doc_id")
     tokens_so_far = pl.col("pair_tokens").cum_sum().over("doc_id")
     reason = (pl.when(pl.lit(budgets.max_pairs > 0) & (rank > budgets.max_pairs))

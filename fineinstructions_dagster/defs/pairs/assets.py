@@ -1,5 +1,7 @@
 """`fineinstructions` (the final pairs of a shard) and `dataset_report` (the whole dataset)."""
 
+from functools import partial
+
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -43,7 +45,7 @@ from fineinstructions_dagster.stages import controls as controls_stage
 from fineinstructions_dagster.stages import pairs as pairs_stage
 from fineinstructions_dagster.stages import report as report_stage
 from fineinstructions_dagster.stages.controls import control_figures, wilson_lower_bound
-from fineinstructions_dagster.stages.export import load_tokenizer
+from fineinstructions_dagster.stages.export import token_counter
 from fineinstructions_dagster.stages.pairs import (
     QUARANTINED_TABLES,
     benchmark_overlap_counts,
@@ -95,12 +97,8 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
     # The bank's rows are joined into every pair (query ids, bank run): a changed bank must not reuse a part; nor
     # may a part made against other benchmark files.
     budgets = cfg.budgets()
-    count_tokens = None
-    if budgets.counts_tokens:  # the export's tokenizer, loaded once per process
-        tokenizer = load_tokenizer(budget_tokenizer(cfg, instantiator_llm))
-
-        def count_tokens(texts: list[str]) -> list[int]:
-            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    # the export's tokenizer, loaded once per process
+    count_tokens = token_counter(budget_tokenizer(cfg, instantiator_llm)) if budgets.counts_tokens else None
     gate_version = GATE_SETTINGS.version({"pipeline": pipeline, "instantiator_llm": instantiator_llm})
     definition = definition_hash("fineinstructions", CODE_VERSION, gate_version,
                                  bank.select("template_id", "run_id").sort("template_id").rows(),
@@ -122,9 +120,9 @@ def fineinstructions(context: AssetExecutionContext, storage: StorageResource,
             return ChunkOutput(outcomes, outcomes.head(0), stats)
 
         empty = process(pl.read_parquet(source, n_rows=0))
-        def template_share(pairs: pl.LazyFrame) -> pl.DataFrame:  # a template's pairs span the shard's chunks
-            return template_share_overflow(pairs.collect(), budgets.max_template_share)
-
+        # a template's pairs span the shard's chunks: its share is capped once over all of them
+        template_share = (partial(template_share_overflow, max_share=budgets.max_template_share)
+                          if budgets.max_template_share > 0 else None)
         run = run_chunked(store, "fineinstructions", shard, chunks_of(source, cfg.chunk_rows, "doc_id"),
                           "judgement_id", definition, process, empty.kept, empty.quarantined, count_rows(source),
                           progress_reporter(context), finish=template_share)
